@@ -1,0 +1,49 @@
+// Input checks shared by every gradvar kernel. Each message starts with
+// "gradvar.<op>: " and names the offending argument, so a user sees which call and
+// which tensor is wrong. Shape problems raise ValueError, dtype problems TypeError.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#define GRADVAR_CHECK(cond, op, ...) TORCH_CHECK_VALUE(cond, "gradvar.", op, ": ", __VA_ARGS__)
+#define GRADVAR_CHECK_TYPE(cond, op, ...) TORCH_CHECK_TYPE(cond, "gradvar.", op, ": ", __VA_ARGS__)
+
+namespace gradvar {
+
+// float32 / float64 only, same dtype and device as `like`.
+inline void check_float_like(const char* op, const at::Tensor& t, const char* name,
+                             const at::Tensor& like, const char* like_name) {
+  GRADVAR_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, name,
+                     " must be float32 or float64, got ", t.scalar_type());
+  GRADVAR_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, name, " has dtype ",
+                     t.scalar_type(), " but ", like_name, " has dtype ", like.scalar_type());
+  GRADVAR_CHECK(t.device() == like.device(), op, name, " is on ", t.device(), " but ",
+                like_name, " is on ", like.device());
+}
+
+// input [N, *, in] and grad_output [N, *, out]: same rank >= 2, same N > 0, same middle dims.
+inline void check_samples_pair(const char* op, const at::Tensor& input, const char* input_name,
+                               const at::Tensor& grad_output, const char* grad_name) {
+  GRADVAR_CHECK(input.dim() >= 2, op, input_name,
+                " must have shape [N, *, features] (at least 2 dims), got shape ", input.sizes());
+  GRADVAR_CHECK(grad_output.dim() == input.dim(), op, grad_name, " must have the same number of dims as ",
+                input_name, " ([N, *, features]), got shapes ", grad_output.sizes(), " and ", input.sizes());
+  GRADVAR_CHECK(grad_output.size(0) == input.size(0), op, "batch size (dim 0) of ", grad_name, " (",
+                grad_output.size(0), ") does not match ", input_name, " (", input.size(0), ")");
+  GRADVAR_CHECK(input.size(0) > 0, op, input_name, " has an empty batch (N = 0)");
+  for (int64_t d = 1; d + 1 < input.dim(); ++d) {
+    GRADVAR_CHECK(grad_output.size(d) == input.size(d), op, "middle dims of ", grad_name, " ",
+                  grad_output.sizes(), " do not match those of ", input_name, " ", input.sizes());
+  }
+  check_float_like(op, input, input_name, input, input_name);
+  check_float_like(op, grad_output, grad_name, input, input_name);
+}
+
+inline void check_same_shape(const char* op, const at::Tensor& t, const char* name,
+                             const at::Tensor& like, const char* like_name) {
+  GRADVAR_CHECK(t.sizes() == like.sizes(), op, name, " must have the shape of ", like_name, " ",
+                like.sizes(), ", got ", t.sizes());
+}
+
+}  // namespace gradvar

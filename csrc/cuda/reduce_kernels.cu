@@ -1,0 +1,83 @@
+// CUDA kernels for the core's elementwise reductions (the GEMMs run in cuBLAS via at::bmm).
+// Lean includes on purpose: no ATen/ATen.h, no CUDAContext.h.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+#include "../outer_product_stats.h"
+
+namespace gradvar {
+namespace {
+
+// moment[j] += sum_k g[k, j] * gb[k, j]; sum[j] += sum_k g[k, j] (sum may be null).
+// g, gb: [rows, F] contiguous. One thread per column j: coalesced loads, no atomics,
+// the same summation order on every run.
+template <typename scalar_t>
+__global__ void accumulate_products_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ gb,
+                                           scalar_t* __restrict__ moment, scalar_t* __restrict__ sum,
+                                           int64_t rows, int64_t F) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < F; j += int64_t(gridDim.x) * blockDim.x) {
+    scalar_t m = 0, s = 0;
+    for (int64_t k = 0; k < rows; ++k) {
+      const scalar_t v = g[k * F + j];
+      m += v * gb[k * F + j];
+      s += v;
+    }
+    moment[j] += m;
+    if (sum != nullptr) sum[j] += s;
+  }
+}
+
+// out[k * out_stride] = sum_j a[k, j] * b[k, j]. One block per row k, tree reduction in shared memory.
+template <typename scalar_t, int kThreads>
+__global__ void rowwise_dot_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                                   scalar_t* __restrict__ out, int64_t out_stride, int64_t F) {
+  __shared__ scalar_t partial[kThreads];
+  const int64_t row = blockIdx.x;
+  scalar_t acc = 0;
+  for (int64_t j = threadIdx.x; j < F; j += kThreads) acc += a[row * F + j] * b[row * F + j];
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int width = kThreads / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[row * out_stride] = partial[0];
+}
+
+}  // namespace
+
+void accumulate_products_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& g, const at::Tensor& gb) {
+  const c10::cuda::CUDAGuard guard(g.device());
+  const int64_t rows = g.size(0), F = g.size(1);
+  if (F == 0) return;
+  constexpr int kThreads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>((F + kThreads - 1) / kThreads, 65535));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "accumulate_products_cuda", [&] {
+    accumulate_products_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), gb.const_data_ptr<scalar_t>(), moment.mutable_data_ptr<scalar_t>(),
+        sum.defined() ? sum.mutable_data_ptr<scalar_t>() : nullptr, rows, F);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void rowwise_dot_cuda(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t rows = a.size(0), F = a.size(1);
+  if (rows == 0) return;
+  constexpr int kThreads = 256;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "rowwise_dot_cuda", [&] {
+    rowwise_dot_kernel<scalar_t, kThreads><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+        out.stride(0), F);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace gradvar

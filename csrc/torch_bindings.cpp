@@ -1,0 +1,34 @@
+// The gradvar operator library: every schema, with one line on what it computes, and the
+// kernels behind each dispatch key. Shapes: input [N, *, in], grad_output [N, *, out];
+// a sample's Linear weight gradient is g_n = sum over * of grad_output[n]^T input[n] ([out, in]).
+#include <torch/library.h>
+
+#include "outer_product_stats.h"
+
+TORCH_LIBRARY(gradvar, m) {
+  // sum_n g_n**2                                   -> [out, in]
+  m.def("linear_second_moment(Tensor input, Tensor grad_output) -> Tensor");
+  // sum_n g_n**2 / N - (sum_n g_n / N)**2, >= 0     -> [out, in]
+  m.def("linear_variance(Tensor input, Tensor grad_output) -> Tensor");
+  // ||g_n||_F**2 per sample                          -> [N]
+  m.def("linear_batch_l2(Tensor input, Tensor grad_output) -> Tensor");
+  // sum_n g_n * h_n with h_n from (other_input, other_grad_output) (backward helper) -> [out, in]
+  m.def("linear_cross_moment(Tensor input, Tensor grad_output, Tensor other_input, Tensor other_grad_output) -> Tensor");
+  // left[n] @ (weight * g_n), left [N, *, out], weight [out, in] (backward helper) -> [N, *, in]
+  m.def("weighted_gradient_product(Tensor left, Tensor input, Tensor grad_output, Tensor weight) -> Tensor");
+}
+
+namespace {
+// The kernels are device-agnostic ATen code with device-specific reductions inside, so the
+// same functions serve every backend we register.
+void register_kernels(torch::Library& m) {
+  m.impl("linear_second_moment", &gradvar::linear_second_moment);
+  m.impl("linear_variance", &gradvar::linear_variance);
+  m.impl("linear_batch_l2", &gradvar::linear_batch_l2);
+  m.impl("linear_cross_moment", &gradvar::linear_cross_moment);
+  m.impl("weighted_gradient_product", &gradvar::weighted_gradient_product);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradvar, CPU, m) { register_kernels(m); }
+TORCH_LIBRARY_IMPL(gradvar, CUDA, m) { register_kernels(m); }

@@ -1,0 +1,39 @@
+"""gradvar_ext: statistics of per-sample gradients (second moment, variance, squared norms) of
+``nn.Linear`` layers, computed by fused kernels without materialising per-sample gradients,
+and differentiable to any order.
+
+Importing the package registers the ``torch.ops.gradvar.*`` ops (compiled kernels, or the
+pure-torch reference with a warning when they cannot be built); :func:`backend` says which.
+"""
+
+from __future__ import annotations
+
+from . import _loader
+
+_loader.load()
+
+from . import reference  # noqa: E402
+from ._loader import backend  # noqa: E402
+from .ops import (  # noqa: E402
+    bias_batch_l2,
+    bias_second_moment,
+    bias_variance,
+    linear_batch_l2,
+    linear_cross_moment,
+    linear_second_moment,
+    linear_variance,
+    weighted_gradient_product,
+)
+
+__all__ = [
+    "backend",
+    "bias_batch_l2",
+    "bias_second_moment",
+    "bias_variance",
+    "linear_batch_l2",
+    "linear_cross_moment",
+    "linear_second_moment",
+    "linear_variance",
+    "reference",
+    "weighted_gradient_product",
+]

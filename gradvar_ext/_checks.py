@@ -1,0 +1,73 @@
+"""Argument checks for the Python paths (fake kernels, reference kernels, package functions).
+
+Mirrors ``csrc/checks.h``: messages start with ``gradvar.<op>: `` and name the argument;
+shape problems raise ValueError, dtype problems TypeError.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def fail(op: str, message: str, kind: type[Exception] = ValueError) -> None:
+    raise kind(f"gradvar.{op}: {message}")
+
+
+def check_float_like(op: str, t: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        fail(op, f"{name} must be float32 or float64, got {t.dtype}", TypeError)
+    if t.dtype != like.dtype:
+        fail(op, f"{name} has dtype {t.dtype} but {like_name} has dtype {like.dtype}", TypeError)
+    if t.device != like.device:
+        fail(op, f"{name} is on {t.device} but {like_name} is on {like.device}")
+
+
+def check_samples_pair(op: str, input: torch.Tensor, input_name: str, grad_output: torch.Tensor, grad_name: str) -> None:
+    """``input`` [N, *, in] and ``grad_output`` [N, *, out]: same rank >= 2, same N > 0, same middle dims."""
+    if input.dim() < 2:
+        fail(op, f"{input_name} must have shape [N, *, features] (at least 2 dims), got shape {list(input.shape)}")
+    if grad_output.dim() != input.dim():
+        fail(
+            op,
+            f"{grad_name} must have the same number of dims as {input_name} ([N, *, features]), "
+            f"got shapes {list(grad_output.shape)} and {list(input.shape)}",
+        )
+    if grad_output.shape[0] != input.shape[0]:
+        fail(
+            op,
+            f"batch size (dim 0) of {grad_name} ({grad_output.shape[0]}) does not match {input_name} ({input.shape[0]})",
+        )
+    if input.shape[0] == 0:
+        fail(op, f"{input_name} has an empty batch (N = 0)")
+    if grad_output.shape[1:-1] != input.shape[1:-1]:
+        fail(
+            op,
+            f"middle dims of {grad_name} {list(grad_output.shape)} do not match those of {input_name} {list(input.shape)}",
+        )
+    check_float_like(op, input, input_name, input, input_name)
+    check_float_like(op, grad_output, grad_name, input, input_name)
+
+
+def check_same_shape(op: str, t: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
+    if t.shape != like.shape:
+        fail(op, f"{name} must have the shape of {like_name} {list(like.shape)}, got {list(t.shape)}")
+
+
+def check_cross_moment(op: str, input, grad_output, other_input, other_grad_output) -> None:
+    check_samples_pair(op, input, "input", grad_output, "grad_output")
+    check_same_shape(op, other_input, "other_input", input, "input")
+    check_same_shape(op, other_grad_output, "other_grad_output", grad_output, "grad_output")
+    check_float_like(op, other_input, "other_input", input, "input")
+    check_float_like(op, other_grad_output, "other_grad_output", input, "input")
+
+
+def check_weighted_gradient_product(op: str, left, input, grad_output, weight) -> None:
+    check_samples_pair(op, input, "input", grad_output, "grad_output")
+    check_same_shape(op, left, "left", grad_output, "grad_output")
+    check_float_like(op, left, "left", input, "input")
+    expected = [grad_output.shape[-1], input.shape[-1]]
+    if weight.dim() != 2 or list(weight.shape) != expected:
+        fail(op, f"weight must have shape [out, in] = {expected}, got {list(weight.shape)}")
+    check_float_like(op, weight, "weight", input, "input")

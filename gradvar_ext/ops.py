@@ -1,0 +1,206 @@
+"""Fake (meta) kernels, autograd formulas and the documented Python entry points of the ops.
+
+Every backward is written with two ops of the same library,
+
+    linear_cross_moment(X, G, Xb, Gb)      = sum_n (G_n^T X_n) * (Gb_n^T Xb_n)
+    weighted_gradient_product(Z, P, Q, W)  = Z_n (W * (Q_n^T P_n))            (per sample n)
+
+and the backward of each of those two is again written with the two of them, so gradients
+of any order stay inside the kernels and never materialise per-sample gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _checks
+
+_ops = torch.ops.gradvar
+
+
+def _flat(t: Tensor) -> Tensor:
+    """[N, *, F] -> [N * T, F]: all positions of all samples as rows."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _per_sample(weights: Tensor, like: Tensor) -> Tensor:
+    """A [N] vector shaped to broadcast over a [N, *, F] tensor."""
+    return weights.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+# ---------------------------------------------------------------- fake kernels
+@torch.library.register_fake("gradvar::linear_second_moment")
+def _(input: Tensor, grad_output: Tensor) -> Tensor:
+    _checks.check_samples_pair("linear_second_moment", input, "input", grad_output, "grad_output")
+    return input.new_empty((grad_output.shape[-1], input.shape[-1]))
+
+
+@torch.library.register_fake("gradvar::linear_variance")
+def _(input: Tensor, grad_output: Tensor) -> Tensor:
+    _checks.check_samples_pair("linear_variance", input, "input", grad_output, "grad_output")
+    return input.new_empty((grad_output.shape[-1], input.shape[-1]))
+
+
+@torch.library.register_fake("gradvar::linear_batch_l2")
+def _(input: Tensor, grad_output: Tensor) -> Tensor:
+    _checks.check_samples_pair("linear_batch_l2", input, "input", grad_output, "grad_output")
+    return input.new_empty((input.shape[0],))
+
+
+@torch.library.register_fake("gradvar::linear_cross_moment")
+def _(input: Tensor, grad_output: Tensor, other_input: Tensor, other_grad_output: Tensor) -> Tensor:
+    _checks.check_cross_moment("linear_cross_moment", input, grad_output, other_input, other_grad_output)
+    return input.new_empty((grad_output.shape[-1], input.shape[-1]))
+
+
+@torch.library.register_fake("gradvar::weighted_gradient_product")
+def _(left: Tensor, input: Tensor, grad_output: Tensor, weight: Tensor) -> Tensor:
+    _checks.check_weighted_gradient_product("weighted_gradient_product", left, input, grad_output, weight)
+    return input.new_empty(input.shape)
+
+
+# ---------------------------------------------------------------- autograd
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _second_moment_backward(ctx, grad: Tensor):
+    # d/dX_n <W, sum_n g_n^2> = 2 G_n (W * g_n);  d/dG_n = 2 X_n (W * g_n)^T
+    x, g = ctx.saved_tensors
+    grad_x = 2 * _ops.weighted_gradient_product(g, x, g, grad) if ctx.needs_input_grad[0] else None
+    grad_g = 2 * _ops.weighted_gradient_product(x, g, x, grad.t()) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_g
+
+
+def _variance_backward(ctx, grad: Tensor):
+    # variance = S / N - M^2 with M = sum_n g_n / N = G_flat^T X_flat / N, so
+    # d/dX_n = (2 / N) [G_n (W * g_n) - G_n (W * M)], likewise for G with W^T.
+    x, g = ctx.saved_tensors
+    n = x.shape[0]
+    weighted_mean = grad * (_flat(g).t() @ _flat(x)) / n  # W * M, differentiable torch ops
+    grad_x = grad_g = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (2 / n) * (_ops.weighted_gradient_product(g, x, g, grad) - (_flat(g) @ weighted_mean).reshape(x.shape))
+    if ctx.needs_input_grad[1]:
+        grad_g = (2 / n) * (
+            _ops.weighted_gradient_product(x, g, x, grad.t()) - (_flat(x) @ weighted_mean.t()).reshape(g.shape)
+        )
+    return grad_x, grad_g
+
+
+def _batch_l2_backward(ctx, grad: Tensor):
+    # d/dX_n sum_n w_n ||g_n||^2 = 2 w_n G_n g_n;  d/dG_n = 2 w_n X_n g_n^T  (weight of ones)
+    x, g = ctx.saved_tensors
+    grad_x = grad_g = None
+    if ctx.needs_input_grad[0]:
+        ones = x.new_ones((g.shape[-1], x.shape[-1]))
+        grad_x = 2 * _ops.weighted_gradient_product(_per_sample(grad, g) * g, x, g, ones)
+    if ctx.needs_input_grad[1]:
+        ones = x.new_ones((x.shape[-1], g.shape[-1]))
+        grad_g = 2 * _ops.weighted_gradient_product(_per_sample(grad, x) * x, g, x, ones)
+    return grad_x, grad_g
+
+
+def _cross_moment_backward(ctx, grad: Tensor):
+    # L = sum_n <W * g_n, h_n>, g_n = G_n^T X_n, h_n = Gb_n^T Xb_n
+    x, g, xb, gb = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    wgp = _ops.weighted_gradient_product
+    return (
+        wgp(g, xb, gb, grad) if need[0] else None,
+        wgp(x, gb, xb, grad.t()) if need[1] else None,
+        wgp(gb, x, g, grad) if need[2] else None,
+        wgp(xb, g, x, grad.t()) if need[3] else None,
+    )
+
+
+def _weighted_gradient_product_backward(ctx, grad: Tensor):
+    # out_n = Z_n (W * Q_n^T P_n); L = sum_n <U_n, out_n> = sum_n <W * (Z_n^T U_n), Q_n^T P_n>
+    z, p, q, w = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    wgp = _ops.weighted_gradient_product
+    return (
+        wgp(grad, q, p, w.t()) if need[0] else None,  # U_n (W * Q_n^T P_n)^T
+        wgp(q, grad, z, w) if need[1] else None,  # Q_n (W * Z_n^T U_n)
+        wgp(p, z, grad, w.t()) if need[2] else None,  # P_n (W * Z_n^T U_n)^T
+        _ops.linear_cross_moment(grad, z, p, q) if need[3] else None,  # sum_n (Z_n^T U_n) * (Q_n^T P_n)
+    )
+
+
+for _name, _backward in (
+    ("linear_second_moment", _second_moment_backward),
+    ("linear_variance", _variance_backward),
+    ("linear_batch_l2", _batch_l2_backward),
+    ("linear_cross_moment", _cross_moment_backward),
+    ("weighted_gradient_product", _weighted_gradient_product_backward),
+):
+    torch.library.register_autograd(f"gradvar::{_name}", _backward, setup_context=_save_inputs)
+
+
+# ---------------------------------------------------------------- public functions
+def linear_second_moment(input: Tensor, grad_output: Tensor) -> Tensor:
+    """Sum over samples of the squared per-sample weight gradients of a Linear layer.
+
+    Args:
+        input: the layer's input, ``[N, *, in_features]``.
+        grad_output: the gradient of the loss w.r.t. the layer's output, ``[N, *, out_features]``
+            (same ``*``). Sample n's weight gradient is ``g_n = sum_* grad_output[n]^T input[n]``.
+
+    Returns:
+        ``sum_n g_n ** 2``, shaped like the weight ``[out_features, in_features]``. Differentiable
+        (any order) w.r.t. both arguments. BackPACK's ``SumGradSquared``.
+    """
+    return _ops.linear_second_moment(input, grad_output)
+
+
+def linear_variance(input: Tensor, grad_output: Tensor) -> Tensor:
+    """Variance over samples of the per-sample weight gradients of a Linear layer.
+
+    ``sum_n g_n**2 / N - (sum_n g_n / N) ** 2`` (BackPACK's ``Variance``; equal to
+    ``torch.var(per_sample_grads, dim=0, unbiased=False)``), ``[out_features, in_features]``,
+    never negative, exactly 0 for N = 1. Arguments as in :func:`linear_second_moment`.
+    """
+    return _ops.linear_variance(input, grad_output)
+
+
+def linear_batch_l2(input: Tensor, grad_output: Tensor) -> Tensor:
+    """Squared Frobenius norm ``||g_n||**2`` of each sample's weight gradient, ``[N]`` (BackPACK's ``BatchL2Grad``).
+
+    Arguments as in :func:`linear_second_moment`.
+    """
+    return _ops.linear_batch_l2(input, grad_output)
+
+
+def linear_cross_moment(input: Tensor, grad_output: Tensor, other_input: Tensor, other_grad_output: Tensor) -> Tensor:
+    """``sum_n g_n * h_n`` for two per-sample gradients ``g_n`` (from ``input, grad_output``) and
+    ``h_n`` (from ``other_input, other_grad_output``, same shapes). ``[out, in]``. Used by backward formulas."""
+    return _ops.linear_cross_moment(input, grad_output, other_input, other_grad_output)
+
+
+def weighted_gradient_product(left: Tensor, input: Tensor, grad_output: Tensor, weight: Tensor) -> Tensor:
+    """Per sample, ``left[n] @ (weight * g_n)``: ``left`` ``[N, *, out]``, ``weight`` ``[out, in]``,
+    result shaped like ``input`` ``[N, *, in]``. The vector-Jacobian product of the statistics."""
+    return _ops.weighted_gradient_product(left, input, grad_output, weight)
+
+
+def _ones_input(op: str, grad_output: Tensor) -> Tensor:
+    """A Linear layer's bias is a weight column fed by a constant 1: its statistics are the
+    weight statistics with ``input = 1`` ([N, *, 1])."""
+    _checks.check_samples_pair(op, grad_output, "grad_output", grad_output, "grad_output")
+    return grad_output.new_ones(grad_output.shape[:-1] + (1,)).detach()
+
+
+def bias_second_moment(grad_output: Tensor) -> Tensor:
+    """``sum_n b_n ** 2`` for the per-sample bias gradients ``b_n = sum_* grad_output[n]``: ``[out_features]``."""
+    return _ops.linear_second_moment(_ones_input("bias_second_moment", grad_output), grad_output)[:, 0]
+
+
+def bias_variance(grad_output: Tensor) -> Tensor:
+    """Variance over samples of the per-sample bias gradients: ``[out_features]``, never negative."""
+    return _ops.linear_variance(_ones_input("bias_variance", grad_output), grad_output)[:, 0]
+
+
+def bias_batch_l2(grad_output: Tensor) -> Tensor:
+    """``||b_n||**2`` per sample for the per-sample bias gradients: ``[N]``."""
+    return _ops.linear_batch_l2(_ones_input("bias_batch_l2", grad_output), grad_output)

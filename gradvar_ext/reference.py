@@ -1,0 +1,84 @@
+"""Pure-torch reference implementations of every ``gradvar`` op.
+
+They materialise the per-sample gradients ``[N, out, in]`` with plain, differentiable torch
+ops: simple enough to be right by inspection, which is why the tests compare the kernels with
+them. They also serve as the kernels when the compiled extension cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+
+
+def _as_samples(t: torch.Tensor) -> torch.Tensor:
+    """[N, *, F] -> [N, T, F] with T the product of the middle dims (1 if none)."""
+    positions = 1
+    for size in t.shape[1:-1]:
+        positions *= size
+    return t.reshape(t.shape[0], positions, t.shape[-1])
+
+
+def per_sample_gradients(input: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """Per-sample Linear weight gradients ``g_n = sum_t grad_output[n, t]^T input[n, t]``: [N, out, in]."""
+    return torch.einsum("nto,nti->noi", _as_samples(grad_output), _as_samples(input))
+
+
+def linear_second_moment(input: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    _checks.check_samples_pair("linear_second_moment", input, "input", grad_output, "grad_output")
+    return per_sample_gradients(input, grad_output).square().sum(0)
+
+
+def linear_variance(input: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    _checks.check_samples_pair("linear_variance", input, "input", grad_output, "grad_output")
+    return per_sample_gradients(input, grad_output).var(dim=0, unbiased=False)
+
+
+def linear_batch_l2(input: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    _checks.check_samples_pair("linear_batch_l2", input, "input", grad_output, "grad_output")
+    return per_sample_gradients(input, grad_output).square().sum((1, 2))
+
+
+def linear_cross_moment(
+    input: torch.Tensor, grad_output: torch.Tensor, other_input: torch.Tensor, other_grad_output: torch.Tensor
+) -> torch.Tensor:
+    _checks.check_cross_moment("linear_cross_moment", input, grad_output, other_input, other_grad_output)
+    g = per_sample_gradients(input, grad_output)
+    return (g * per_sample_gradients(other_input, other_grad_output)).sum(0)
+
+
+def weighted_gradient_product(
+    left: torch.Tensor, input: torch.Tensor, grad_output: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    _checks.check_weighted_gradient_product("weighted_gradient_product", left, input, grad_output, weight)
+    h = weight * per_sample_gradients(input, grad_output)
+    return torch.einsum("nto,noi->nti", _as_samples(left), h).reshape(input.shape)
+
+
+# Bias statistics: the per-sample bias gradient is grad_output[n] summed over the middle dims.
+def per_sample_bias_gradients(grad_output: torch.Tensor) -> torch.Tensor:
+    """Per-sample bias gradients: [N, out]."""
+    return _as_samples(grad_output).sum(1)
+
+
+def bias_second_moment(grad_output: torch.Tensor) -> torch.Tensor:
+    return per_sample_bias_gradients(grad_output).square().sum(0)
+
+
+def bias_variance(grad_output: torch.Tensor) -> torch.Tensor:
+    return per_sample_bias_gradients(grad_output).var(dim=0, unbiased=False)
+
+
+def bias_batch_l2(grad_output: torch.Tensor) -> torch.Tensor:
+    return per_sample_bias_gradients(grad_output).square().sum(1)
+
+
+# The ops the compiled extension provides, by name; the fallback registers these as kernels.
+OPS = {
+    "linear_second_moment": linear_second_moment,
+    "linear_variance": linear_variance,
+    "linear_batch_l2": linear_batch_l2,
+    "linear_cross_moment": linear_cross_moment,
+    "weighted_gradient_product": weighted_gradient_product,
+}
