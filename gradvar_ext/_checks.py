@@ -24,7 +24,9 @@ def check_float_like(op: str, t: torch.Tensor, name: str, like: torch.Tensor, li
         fail(op, f"{name} is on {t.device} but {like_name} is on {like.device}")
 
 
-def check_samples_pair(op: str, input: torch.Tensor, input_name: str, grad_output: torch.Tensor, grad_name: str) -> None:
+def check_samples_pair(
+    op: str, input: torch.Tensor, input_name: str, grad_output: torch.Tensor, grad_name: str
+) -> None:
     """``input`` [N, *, in] and ``grad_output`` [N, *, out]: same rank >= 2, same N > 0, same middle dims."""
     if input.dim() < 2:
         fail(op, f"{input_name} must have shape [N, *, features] (at least 2 dims), got shape {list(input.shape)}")
@@ -37,14 +39,16 @@ def check_samples_pair(op: str, input: torch.Tensor, input_name: str, grad_outpu
     if grad_output.shape[0] != input.shape[0]:
         fail(
             op,
-            f"batch size (dim 0) of {grad_name} ({grad_output.shape[0]}) does not match {input_name} ({input.shape[0]})",
+            f"batch size (dim 0) of {grad_name} ({grad_output.shape[0]}) "
+            f"does not match {input_name} ({input.shape[0]})",
         )
     if input.shape[0] == 0:
         fail(op, f"{input_name} has an empty batch (N = 0)")
     if grad_output.shape[1:-1] != input.shape[1:-1]:
         fail(
             op,
-            f"middle dims of {grad_name} {list(grad_output.shape)} do not match those of {input_name} {list(input.shape)}",
+            f"middle dims of {grad_name} {list(grad_output.shape)} "
+            f"do not match those of {input_name} {list(input.shape)}",
         )
     check_float_like(op, input, input_name, input, input_name)
     check_float_like(op, grad_output, grad_name, input, input_name)

@@ -62,7 +62,9 @@ def _load_jit() -> None:
     )
     os.makedirs(build_dir, exist_ok=True)
     if not os.path.exists(os.path.join(build_dir, f"{name}.so")):
-        print(f"gradvar_ext: compiling the C++{'/CUDA' if with_cuda else ''} kernels into {build_dir} (first import only)")
+        print(
+            f"gradvar_ext: compiling the C++{'/CUDA' if with_cuda else ''} kernels into {build_dir} (first import only)"
+        )
     args = _build.compile_args(with_cuda)
     cpp_extension.load(
         name=name,

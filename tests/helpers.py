@@ -1,0 +1,42 @@
+"""Comparison helpers shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+import gradvar_ext
+from gradvar_ext import reference
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+def call(op: str, *args):
+    return getattr(torch.ops.gradvar, op)(*args)
+
+
+def expected(op: str, *args):
+    """The reference, computed in float64 on the same values."""
+    return reference.OPS[op](*(a.detach().double() for a in args))
+
+
+def assert_matches(actual: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> None:
+    """|actual - want| <= tol * (|want| + scale), scale defaulting to max |want| (relative to the result's size)."""
+    assert actual.dtype == dtype, (actual.dtype, dtype)
+    assert actual.shape == want.shape, (actual.shape, want.shape)
+    want = want.to(actual.device)
+    if scale is None:
+        scale = want.abs().max().item() if want.numel() else 0.0
+    err = (actual.double() - want).abs()
+    bound = TOLERANCE[dtype] * (want.abs() + scale + 1e-30)
+    assert torch.all(err <= bound), f"max error {err.max().item():.3g}, worst ratio {(err / bound).max().item():.3g}"
+
+
+def scale_for(op: str, args) -> float | None:
+    """Variance cancels: its rounding error is relative to the second moment / N, not to itself."""
+    if op != "linear_variance":
+        return None
+    x, g = (a.detach().double() for a in args)
+    return (reference.linear_second_moment(x, g) / x.shape[0]).max().item()
+
+
+__all__ = ["assert_matches", "call", "expected", "gradvar_ext", "scale_for"]

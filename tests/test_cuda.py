@@ -1,0 +1,83 @@
+"""The same checks on CUDA tensors. Skipped where no GPU is visible (CI); run on a lent GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradvar_ext
+
+from helpers import assert_matches, call, expected, scale_for
+from samples import ALL_CASES, GRAD_CASES, MULTI_CHUNK_CASES, OPS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DTYPES = (torch.float64, torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 tolerance assumes true float32 GEMMs
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_matches_reference(op, dtype):
+    torch.manual_seed(10)
+    for case in ALL_CASES + MULTI_CHUNK_CASES:
+        args = case.args(op, dtype, device="cuda")
+        out = call(op, *args)
+        assert out.is_cuda
+        assert_matches(out, expected(op, *(a.cpu() for a in args)), dtype, scale_for(op, [a.cpu() for a in args]))
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_gradcheck_gradgradcheck_opcheck(op, case):
+    torch.manual_seed(11)
+    args = case.args(op, torch.float64, device="cuda", requires_grad=True)
+    fn = getattr(torch.ops.gradvar, op)
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+    torch.library.opcheck(fn.default, args)
+
+
+def test_cuda_bias_functions():
+    torch.manual_seed(12)
+    g = torch.randn(7, 3, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    for name in ("bias_second_moment", "bias_variance", "bias_batch_l2"):
+        fn = getattr(gradvar_ext, name)
+        torch.testing.assert_close(fn(g).cpu(), getattr(gradvar_ext.reference, name)(g.detach().cpu()))
+        assert torch.autograd.gradgradcheck(fn, (g,))
+
+
+def test_cuda_device_mismatch_is_named():
+    x = torch.randn(4, 5, device="cuda")
+    g = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="gradvar.linear_variance: grad_output is on cpu but input is on cuda"):
+        torch.ops.gradvar.linear_variance(x, g)
+
+
+def test_cuda_runs_on_the_current_stream_and_is_deterministic():
+    torch.manual_seed(13)
+    x = torch.randn(150, 3, 200, device="cuda")
+    g = torch.randn(150, 3, 180, device="cuda")
+    want = {op: call(op, x, g) for op in ("linear_variance", "linear_batch_l2")}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = {op: call(op, x, g) for op in want}
+    stream.synchronize()
+    for op in want:
+        assert torch.equal(got[op], want[op]), op
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_non_default_device():
+    x = torch.randn(6, 2, 5, device="cuda:1")
+    g = torch.randn(6, 2, 3, device="cuda:1")
+    out = torch.ops.gradvar.linear_variance(x, g)
+    assert out.device == x.device
+    torch.testing.assert_close(out.cpu(), gradvar_ext.reference.linear_variance(x.cpu(), g.cpu()))

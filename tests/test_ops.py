@@ -1,0 +1,146 @@
+"""Kernels vs the pure-torch reference, gradcheck + gradgradcheck, opcheck: every op, many shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradvar_ext
+from gradvar_ext import reference
+
+from helpers import assert_matches, call, expected, scale_for
+from samples import ALL_CASES, GRAD_CASES, MIDDLES, MULTI_CHUNK_CASES, N_VALUES, OPS, Case
+
+DTYPES = (torch.float64, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("middle", MIDDLES, ids=str)
+@pytest.mark.parametrize("n", N_VALUES)
+@pytest.mark.parametrize("op", OPS)
+def test_matches_reference(op, n, middle, dtype):
+    torch.manual_seed(n)
+    for case in (c for c in ALL_CASES if c.n == n and c.middle == middle):
+        args = case.args(op, dtype)
+        assert_matches(call(op, *args), expected(op, *args), dtype, scale_for(op, args))
+
+
+@pytest.mark.parametrize("case", MULTI_CHUNK_CASES, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_matches_reference_over_several_chunks(op, case):
+    torch.manual_seed(0)
+    args = case.args(op, torch.float64)
+    assert_matches(call(op, *args), expected(op, *args), torch.float64, scale_for(op, args))
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck_and_gradgradcheck(op, case):
+    torch.manual_seed(1)
+    args = case.args(op, torch.float64, requires_grad=True)
+    fn = getattr(torch.ops.gradvar, op)
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
+@pytest.mark.parametrize("case", GRAD_CASES[1:4], ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_gradients_match_autograd_through_reference(op, case):
+    """First and second derivatives of our autograd formulas vs plain autograd through the reference."""
+    torch.manual_seed(2)
+    args = case.args(op, torch.float64, requires_grad=True)
+    ours, ref = call(op, *args), reference.OPS[op](*args)
+    upstream = torch.randn_like(ref)
+    g_ours = torch.autograd.grad(ours, args, upstream, create_graph=True)
+    g_ref = torch.autograd.grad(ref, args, upstream, create_graph=True)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    probes = [torch.randn_like(g) for g in g_ref]
+    gg_ours = torch.autograd.grad(g_ours, args, probes, allow_unused=True)
+    gg_ref = torch.autograd.grad(g_ref, args, probes, allow_unused=True)
+    for a, b in zip(gg_ours, gg_ref):
+        a = torch.zeros_like(b) if a is None and b is not None else a
+        b = torch.zeros_like(a) if b is None and a is not None else b
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(op, case):
+    torch.manual_seed(3)
+    args = case.args(op, torch.float64, requires_grad=True)
+    torch.library.opcheck(getattr(torch.ops.gradvar, op).default, args)
+
+
+# ---------------------------------------------------------------- bias statistics
+BIAS_FUNCTIONS = ("bias_second_moment", "bias_variance", "bias_batch_l2")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", BIAS_FUNCTIONS)
+def test_bias_matches_reference(name, dtype):
+    torch.manual_seed(4)
+    for case in ALL_CASES[::3]:
+        g = case.args("linear_second_moment", dtype)[1]
+        want = getattr(reference, name)(g.double())
+        scale = None
+        if name == "bias_variance":
+            scale = (reference.bias_second_moment(g.double()) / g.shape[0]).max().item()
+        assert_matches(getattr(gradvar_ext, name)(g), want, dtype, scale)
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+@pytest.mark.parametrize("name", BIAS_FUNCTIONS)
+def test_bias_gradcheck_and_gradgradcheck(name, case):
+    torch.manual_seed(5)
+    g = case.args("linear_second_moment", torch.float64, requires_grad=True)[1]
+    fn = getattr(gradvar_ext, name)
+    assert torch.autograd.gradcheck(fn, (g,))
+    assert torch.autograd.gradgradcheck(fn, (g,))
+    torch.testing.assert_close(
+        torch.autograd.grad(fn(g).sum(), g)[0], torch.autograd.grad(getattr(reference, name)(g).sum(), g)[0]
+    )
+
+
+# ---------------------------------------------------------------- variance properties
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("middle", MIDDLES, ids=str)
+def test_variance_of_one_sample_is_exactly_zero(middle, dtype):
+    x, g = Case(1, middle, 5, 3).args("linear_variance", dtype)
+    assert torch.equal(gradvar_ext.linear_variance(x, g), torch.zeros(3, 5, dtype=dtype))
+    assert torch.equal(gradvar_ext.bias_variance(g), torch.zeros(3, dtype=dtype))
+
+
+@pytest.mark.parametrize("middle", MIDDLES, ids=str)
+def test_variance_never_negative_under_cancellation(middle):
+    """Large identical per-sample gradients plus tiny noise: S/N and mean^2 nearly cancel in float32."""
+    torch.manual_seed(6)
+    x = 1000 + torch.randn(64, *middle, 9) * 1e-3
+    g = 1000 + torch.randn(64, *middle, 7) * 1e-3
+    var = gradvar_ext.linear_variance(x, g)
+    assert var.min().item() >= 0
+    assert gradvar_ext.bias_variance(g).min().item() >= 0
+
+
+def test_identical_samples_have_zero_variance_in_float64():
+    x = torch.randn(1, 3, 6, dtype=torch.float64).expand(10, 3, 6)
+    g = torch.randn(1, 3, 4, dtype=torch.float64).expand(10, 3, 4)
+    var = gradvar_ext.linear_variance(x, g)
+    sm = gradvar_ext.linear_second_moment(x, g)
+    assert var.max().item() <= 1e-12 * sm.max().item()
+
+
+def test_batch_l2_sums_to_trace_of_second_moment():
+    torch.manual_seed(7)
+    for middle in MIDDLES:
+        x, g = Case(9, middle, 16, 12).args("linear_batch_l2", torch.float64)
+        torch.testing.assert_close(
+            gradvar_ext.linear_batch_l2(x, g).sum(), gradvar_ext.linear_second_moment(x, g).sum()
+        )
+
+
+def test_results_are_deterministic():
+    x, g = Case(150, (3,), 200, 180).args("linear_variance", torch.float32)
+    for op in ("linear_variance", "linear_batch_l2"):
+        assert torch.equal(call(op, x, g), call(op, x, g))
