@@ -16,9 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("_gradvar_build", os.path.join(HERE, "gradvar_ext", "_build.py"))
 _build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_build)
-_build.prepare_cuda_environment()
-
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+SKIP_BUILD = os.environ.get("GRADVAR_EXT_SKIP_BUILD", "") not in ("", "0")
 
 
 class BuildPyWithSources(build_py):
@@ -32,18 +30,24 @@ class BuildPyWithSources(build_py):
 
 
 def extensions():
-    if os.environ.get("GRADVAR_EXT_SKIP_BUILD", "") not in ("", "0"):
-        return []
+    """The compiled module, and the build_ext command for it (torch is imported only to build)."""
+    if SKIP_BUILD:
+        return [], {}
+    _build.prepare_cuda_environment()  # before torch.utils.cpp_extension reads CUDA_HOME
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
     with_cuda = _build.want_cuda()
     kind = CUDAExtension if with_cuda else CppExtension
-    return [
-        kind(
-            name="gradvar_ext._C",
-            sources=[os.path.relpath(s, HERE) for s in _build.sources(os.path.join(HERE, "csrc"), with_cuda)],
-            extra_compile_args=_build.compile_args(with_cuda),
-            include_dirs=_build.include_dirs() if with_cuda else [],
-        )
-    ]
+    module = kind(
+        name="gradvar_ext._C",
+        sources=[os.path.relpath(s, HERE) for s in _build.sources(os.path.join(HERE, "csrc"), with_cuda)],
+        extra_compile_args=_build.compile_args(with_cuda),
+        include_dirs=_build.include_dirs() if with_cuda else [],
+    )
+    return [module], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+EXT_MODULES, EXT_COMMANDS = extensions()
 
 
 setup(
@@ -53,7 +57,7 @@ setup(
     packages=find_packages(include=["gradvar_ext", "gradvar_ext.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True), "build_py": BuildPyWithSources},
+    ext_modules=EXT_MODULES,
+    cmdclass={**EXT_COMMANDS, "build_py": BuildPyWithSources},
     zip_safe=False,
 )

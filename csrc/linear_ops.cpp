@@ -1,6 +1,6 @@
 // Linear front door: a Linear layer's per-sample weight gradient is the outer product
-// g_n = sum_t grad_output[n, t]^T input[n, t] over its middle dims t, so every op here
-// checks its arguments, views them as [N, T, features] and calls the core.
+// g_n = sum_t grad_output[n, t]^T input[n, t] over its middle dims t (one group), so every
+// op here checks its arguments, views them as [N, T, features] factors and calls the core.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 
@@ -10,38 +10,37 @@
 namespace gradvar {
 namespace {
 
-// [N, *, F] -> [N, T, F], T = prod(*) (1 when there are no middle dims). Contiguous.
-at::Tensor as_samples(const at::Tensor& t) {
+// [N, *, F] -> factors [N, T, F], T = prod(*) (1 when there are no middle dims); chunks are views.
+Factors linear_factors(const at::Tensor& t) {
   int64_t positions = 1;
   for (int64_t d = 1; d + 1 < t.dim(); ++d) positions *= t.size(d);
-  return t.reshape({t.size(0), positions, t.size(-1)}).contiguous();
+  const auto samples = t.reshape({t.size(0), positions, t.size(-1)}).contiguous();
+  return Factors{t.size(0), 1, positions, t.size(-1), t.options(), false,
+                 [samples](int64_t start, int64_t n) { return samples.narrow(0, start, n); }};
 }
+
+at::Tensor weight_of_group(const at::Tensor& moment) { return moment.squeeze(0); }
 
 }  // namespace
 
 at::Tensor linear_second_moment(const at::Tensor& input, const at::Tensor& grad_output) {
   check_samples_pair("linear_second_moment", input, "input", grad_output, "grad_output");
   c10::OptionalDeviceGuard guard(input.device());
-  const auto X = as_samples(input), G = as_samples(grad_output);
-  return std::get<0>(reduce_outer_products(X, G, X, G, /*same_pair=*/true, /*with_sum=*/false));
+  const auto X = linear_factors(input), G = linear_factors(grad_output);
+  return weight_of_group(std::get<0>(reduce_outer_products(X, G, nullptr, nullptr, /*with_sum=*/false)));
 }
 
-// variance = moment / N - (sum / N)^2, clamped at 0 (rounding can dip below); N = 1 gives 0.
 at::Tensor linear_variance(const at::Tensor& input, const at::Tensor& grad_output) {
   check_samples_pair("linear_variance", input, "input", grad_output, "grad_output");
   c10::OptionalDeviceGuard guard(input.device());
-  const auto X = as_samples(input), G = as_samples(grad_output);
-  const int64_t N = X.size(0);
-  if (N == 1) return at::zeros({G.size(2), X.size(2)}, X.options());
-  auto [moment, sum] = reduce_outer_products(X, G, X, G, /*same_pair=*/true, /*with_sum=*/true);
-  auto mean = sum.div_(N);
-  return moment.div_(N).sub_(mean.square_()).clamp_min_(0);
+  const auto X = linear_factors(input), G = linear_factors(grad_output);
+  return weight_of_group(variance_from_moments(X, G));
 }
 
 at::Tensor linear_batch_l2(const at::Tensor& input, const at::Tensor& grad_output) {
   check_samples_pair("linear_batch_l2", input, "input", grad_output, "grad_output");
   c10::OptionalDeviceGuard guard(input.device());
-  return outer_product_squared_norms(as_samples(input), as_samples(grad_output));
+  return outer_product_squared_norms(linear_factors(input), linear_factors(grad_output));
 }
 
 at::Tensor linear_cross_moment(const at::Tensor& input, const at::Tensor& grad_output,
@@ -53,9 +52,9 @@ at::Tensor linear_cross_moment(const at::Tensor& input, const at::Tensor& grad_o
   check_float_like(op, other_input, "other_input", input, "input");
   check_float_like(op, other_grad_output, "other_grad_output", input, "input");
   c10::OptionalDeviceGuard guard(input.device());
-  return std::get<0>(reduce_outer_products(as_samples(input), as_samples(grad_output),
-                                           as_samples(other_input), as_samples(other_grad_output),
-                                           /*same_pair=*/false, /*with_sum=*/false));
+  const auto Xb = linear_factors(other_input), Gb = linear_factors(other_grad_output);
+  return weight_of_group(std::get<0>(
+      reduce_outer_products(linear_factors(input), linear_factors(grad_output), &Xb, &Gb, /*with_sum=*/false)));
 }
 
 at::Tensor weighted_gradient_product(const at::Tensor& left, const at::Tensor& input,
@@ -69,9 +68,13 @@ at::Tensor weighted_gradient_product(const at::Tensor& left, const at::Tensor& i
                 "], got ", weight.sizes());
   check_float_like(op, weight, "weight", input, "input");
   c10::OptionalDeviceGuard guard(input.device());
-  return weighted_outer_product_apply(as_samples(left), as_samples(input), as_samples(grad_output),
-                                      weight.contiguous())
-      .view(input.sizes());
+  const auto P = linear_factors(input);
+  at::Tensor out = at::empty({P.samples, P.positions, P.features}, input.options());
+  weighted_outer_product_apply(linear_factors(left), P, linear_factors(grad_output), weight.unsqueeze(0),
+                               [&out](int64_t start, int64_t n, const at::Tensor& values) {
+                                 out.narrow(0, start, n).copy_(values);
+                               });
+  return out.view(input.sizes());
 }
 
 }  // namespace gradvar

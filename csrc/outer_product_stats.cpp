@@ -1,6 +1,7 @@
 // The one core: statistics of per-sample outer products g_n = G_n^T X_n, reduced over
 // samples, without holding all N of them. Device-agnostic ATen (cuBLAS / CPU BLAS via
-// at::mm and at::bmm); the elementwise reductions go to the cpu/ and cuda/ kernels.
+// at::bmm); the elementwise reductions go to the cpu/ and cuda/ kernels.
+// Shapes: per sample and group, X_n [T, I], G_n [T, O], g_n [O, I]; results [groups, O, I].
 #include "outer_product_stats.h"
 
 #include <ATen/ATen.h>
@@ -10,13 +11,22 @@
 namespace gradvar {
 namespace {
 
-// Scratch budget for the per-chunk tensors ([chunk, out, in] gradients, [chunk, T, T] Gram
-// matrices). Extra memory of every op is bounded by this, whatever N is.
+// Scratch budget for everything formed per chunk of samples (per-sample gradients, Gram
+// matrices, unfolded patches, weighted products). Extra memory stays under it whatever N is.
 constexpr int64_t kChunkBytes = int64_t(32) << 20;
 
-int64_t samples_per_chunk(int64_t elems_per_sample, int64_t copies, const at::Tensor& like) {
-  const int64_t bytes = std::max<int64_t>(1, elems_per_sample * copies * like.element_size());
-  return std::max<int64_t>(1, kChunkBytes / bytes);
+int64_t chunk_samples(int64_t elems_per_sample, const Factors& like) {
+  const int64_t element_size = static_cast<int64_t>(c10::elementSize(like.options.dtype().toScalarType()));
+  const int64_t bytes = std::max<int64_t>(1, elems_per_sample * element_size);
+  return std::clamp<int64_t>(kChunkBytes / bytes, 1, like.samples);
+}
+
+// Elements that chunk() allocates per sample (0 when it returns views).
+int64_t formed(const Factors& f) { return f.materialises ? f.groups * f.positions * f.features : 0; }
+
+// All samples at once with one position each: [groups, N, features].
+at::Tensor by_group(const Factors& f) {
+  return f.chunk(0, f.samples).reshape({f.samples, f.groups, f.features}).transpose(0, 1);
 }
 
 void accumulate_products(at::Tensor& moment, at::Tensor& sum, const at::Tensor& g, const at::Tensor& gb) {
@@ -24,8 +34,8 @@ void accumulate_products(at::Tensor& moment, at::Tensor& sum, const at::Tensor& 
   if (g.is_cuda()) return accumulate_products_cuda(moment, sum, g, gb);
 #endif
   if (g.is_cpu()) return accumulate_products_cpu(moment, sum, g, gb);
-  moment.add_((g * gb).sum(0));
-  if (sum.defined()) sum.add_(g.sum(0));
+  moment.add_((g * gb).sum(0).view_as(moment));
+  if (sum.defined()) sum.add_(g.sum(0).view_as(sum));
 }
 
 void rowwise_dot(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
@@ -38,63 +48,75 @@ void rowwise_dot(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 
 }  // namespace
 
-// moment = sum_n (G_n^T X_n) * (Gb_n^T Xb_n), sum = sum_n G_n^T X_n.   X, Xb [N,T,I]; G, Gb [N,T,O].
-// T == 1: two GEMMs over the batch, (G*Gb)^T (X*Xb) and G^T X; extra memory O(N (I + O)).
-// T > 1: per chunk of c samples, bmm -> [c, O, I] (twice if the pairs differ), then a fused
-//        multiply-accumulate; extra memory <= kChunkBytes + O(O I).
-std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const at::Tensor& X, const at::Tensor& G,
-                                                         const at::Tensor& Xb, const at::Tensor& Gb,
-                                                         bool same_pair, bool with_sum) {
-  const int64_t N = X.size(0), T = X.size(1), I = X.size(2), O = G.size(2);
+// moment = sum_n (G_n^T X_n) * (Gb_n^T Xb_n), sum = sum_n G_n^T X_n.
+// T == 1: batched GEMMs over all samples, (G*Gb)^T (X*Xb) and G^T X; extra memory O(N (I + O)).
+// T > 1: per chunk of c samples, bmm -> [c*groups, O, I] (twice if the pairs differ), then a
+//        fused multiply-accumulate; extra memory <= kChunkBytes + O(groups O I).
+std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const Factors& G, const Factors* Xb,
+                                                         const Factors* Gb, bool with_sum) {
+  const bool same = Xb == nullptr;
+  const int64_t N = X.samples, groups = X.groups, T = X.positions, I = X.features, O = G.features;
   if (T == 1) {
-    const auto x = X.view({N, I}), g = G.view({N, O});
-    at::Tensor moment = same_pair ? at::mm(g.square().t(), x.square())
-                                  : at::mm((g * Gb.view({N, O})).t(), x * Xb.view({N, I}));
-    at::Tensor sum = with_sum ? at::mm(g.t(), x) : at::Tensor();
+    const auto x = by_group(X), g = by_group(G);
+    at::Tensor moment = same ? at::bmm(g.square().transpose(1, 2), x.square())
+                             : at::bmm((g * by_group(*Gb)).transpose(1, 2), x * by_group(*Xb));
+    at::Tensor sum = with_sum ? at::bmm(g.transpose(1, 2), x) : at::Tensor();
     return {moment, sum};
   }
-  at::Tensor moment = at::zeros({O, I}, X.options());
-  at::Tensor sum = with_sum ? at::zeros({O, I}, X.options()) : at::Tensor();
-  const int64_t chunk = std::min(N, samples_per_chunk(O * I, same_pair ? 1 : 2, X));
-  at::Tensor buf = at::empty({chunk, O, I}, X.options());
-  at::Tensor buf_b = same_pair ? buf : at::empty({chunk, O, I}, X.options());
+  at::Tensor moment = at::zeros({groups, O, I}, X.options);
+  at::Tensor sum = with_sum ? at::zeros({groups, O, I}, X.options) : at::Tensor();
+  const int64_t per_sample = groups * O * I * (same ? 1 : 2) + formed(X) + formed(G) +
+                             (same ? 0 : formed(*Xb) + formed(*Gb));
+  const int64_t chunk = chunk_samples(per_sample, X);
+  at::Tensor buf = at::empty({chunk * groups, O, I}, X.options);
+  at::Tensor buf_b = same ? buf : at::empty({chunk * groups, O, I}, X.options);
   for (int64_t start = 0; start < N; start += chunk) {
     const int64_t n = std::min(chunk, N - start);
-    auto g = buf.narrow(0, 0, n);
-    at::bmm_out(g, G.narrow(0, start, n).transpose(1, 2), X.narrow(0, start, n));
+    auto g = buf.narrow(0, 0, n * groups);
+    at::bmm_out(g, G.chunk(start, n).transpose(1, 2), X.chunk(start, n));
     auto gb = g;
-    if (!same_pair) {
-      gb = buf_b.narrow(0, 0, n);
-      at::bmm_out(gb, Gb.narrow(0, start, n).transpose(1, 2), Xb.narrow(0, start, n));
+    if (!same) {
+      gb = buf_b.narrow(0, 0, n * groups);
+      at::bmm_out(gb, Gb->chunk(start, n).transpose(1, 2), Xb->chunk(start, n));
     }
-    accumulate_products(moment, sum, g.view({n, O * I}), gb.view({n, O * I}));
+    accumulate_products(moment, sum, g.view({n, groups * O * I}), gb.view({n, groups * O * I}));
   }
   return {moment, sum};
 }
 
-// l2[n] = ||G_n^T X_n||_F^2.   X [N,T,I], G [N,T,O] -> [N].
-// T == 1: ||x_n||^2 ||g_n||^2. T > 1: whichever is cheaper per sample, the ghost norm
-// <X_n X_n^T, G_n G_n^T> (T^2 (I + O) flops, [c, T, T] scratch) or the direct ||G_n^T X_n||^2
-// (T I O flops, [c, O, I] scratch); chunked so scratch <= kChunkBytes.
-at::Tensor outer_product_squared_norms(const at::Tensor& X, const at::Tensor& G) {
-  const int64_t N = X.size(0), T = X.size(1), I = X.size(2), O = G.size(2);
-  if (T == 1) return X.view({N, I}).square().sum(1) * G.view({N, O}).square().sum(1);
-  at::Tensor out = at::empty({N}, X.options());
+at::Tensor variance_from_moments(const Factors& X, const Factors& G) {
+  const int64_t N = X.samples;
+  if (N == 1) return at::zeros({X.groups, G.features, X.features}, X.options);
+  auto [moment, sum] = reduce_outer_products(X, G, nullptr, nullptr, /*with_sum=*/true);
+  auto mean = sum.div_(N);
+  return moment.div_(N).sub_(mean.square_()).clamp_min_(0);
+}
+
+// l2[n] = sum over groups of ||G_n^T X_n||_F^2.
+// T == 1: ||x_n||^2 ||g_n||^2 per group. T > 1: whichever is cheaper per sample, the ghost norm
+// <X_n X_n^T, G_n G_n^T> (T^2 (I + O) flops, [T, T] scratch) or the direct ||G_n^T X_n||^2
+// (T I O flops, [O, I] scratch); chunked so scratch <= kChunkBytes.
+at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G) {
+  const int64_t N = X.samples, groups = X.groups, T = X.positions, I = X.features, O = G.features;
+  if (T == 1) {
+    return (by_group(X).square().sum(2) * by_group(G).square().sum(2)).sum(0);
+  }
+  at::Tensor out = at::empty({N}, X.options);
   const bool ghost = T * (I + O) < I * O;
-  const int64_t per_sample = ghost ? T * T : O * I;
-  const int64_t chunk = std::min(N, samples_per_chunk(per_sample, ghost ? 2 : 1, X));
-  at::Tensor buf = at::empty({chunk, per_sample}, X.options());
-  at::Tensor buf_b = ghost ? at::empty({chunk, per_sample}, X.options()) : buf;
+  const int64_t per_group = ghost ? T * T : O * I;
+  const int64_t chunk = chunk_samples(groups * per_group * (ghost ? 2 : 1) + formed(X) + formed(G), X);
+  at::Tensor buf = at::empty({chunk, groups * per_group}, X.options);
+  at::Tensor buf_b = ghost ? at::empty({chunk, groups * per_group}, X.options) : buf;
   for (int64_t start = 0; start < N; start += chunk) {
     const int64_t n = std::min(chunk, N - start);
-    auto Xc = X.narrow(0, start, n), Gc = G.narrow(0, start, n);
+    const auto Xc = X.chunk(start, n), Gc = G.chunk(start, n);
     auto a = buf.narrow(0, 0, n), b = buf_b.narrow(0, 0, n);
     if (ghost) {
-      auto kx = a.view({n, T, T}), kg = b.view({n, T, T});
+      auto kx = a.view({n * groups, T, T}), kg = b.view({n * groups, T, T});
       at::bmm_out(kx, Xc, Xc.transpose(1, 2));
       at::bmm_out(kg, Gc, Gc.transpose(1, 2));
     } else {
-      auto g = a.view({n, O, I});
+      auto g = a.view({n * groups, O, I});
       at::bmm_out(g, Gc.transpose(1, 2), Xc);
     }
     auto out_c = out.narrow(0, start, n);
@@ -103,25 +125,30 @@ at::Tensor outer_product_squared_norms(const at::Tensor& X, const at::Tensor& G)
   return out;
 }
 
-// out_n = Z_n (W * (Q_n^T P_n)).   Z, Q [N,T,a]; P [N,T,b]; W [a,b] -> [N,T,b].
-// T == 1: out = P * ((Z * Q) W), one GEMM. T > 1: per chunk h = Q_c^T P_c ([c, a, b]),
-// h *= W, out_c = Z_c h; extra memory <= kChunkBytes.
-at::Tensor weighted_outer_product_apply(const at::Tensor& Z, const at::Tensor& P, const at::Tensor& Q,
-                                        const at::Tensor& W) {
-  const int64_t N = P.size(0), T = P.size(1), a = Q.size(2), b = P.size(2);
-  if (T == 1) return (P.view({N, b}) * at::mm(Z.view({N, a}) * Q.view({N, a}), W)).view({N, 1, b});
-  at::Tensor out = at::empty({N, T, b}, P.options());
-  const int64_t chunk = std::min(N, samples_per_chunk(a * b, 1, P));
-  at::Tensor buf = at::empty({chunk, a, b}, P.options());
+// Per sample and group, out_n = Z_n (W * (Q_n^T P_n)): Z, Q [T, a]; P [T, b]; W [groups, a, b].
+// T == 1: out = P * ((Z * Q) W), one batched GEMM. T > 1: per chunk h = Q_c^T P_c
+// ([c*groups, a, b]), h *= W, out_c = Z_c h ([c*groups, T, b]) to the sink; scratch <= kChunkBytes.
+void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Factors& Q, const at::Tensor& W,
+                                  const Sink& sink) {
+  const int64_t N = P.samples, groups = P.groups, T = P.positions, a = Q.features, b = P.features;
+  if (T == 1) {
+    const auto out = by_group(P) * at::bmm(by_group(Z) * by_group(Q), W);  // [groups, N, b]
+    sink(0, N, out.transpose(0, 1).reshape({N * groups, 1, b}));
+    return;
+  }
+  const int64_t per_sample = groups * (a * b + T * b) + formed(Z) + formed(P) + formed(Q);
+  const int64_t chunk = chunk_samples(per_sample, P);
+  at::Tensor h_buf = at::empty({chunk * groups, a, b}, P.options);
+  at::Tensor out_buf = at::empty({chunk * groups, T, b}, P.options);
   for (int64_t start = 0; start < N; start += chunk) {
     const int64_t n = std::min(chunk, N - start);
-    auto h = buf.narrow(0, 0, n);
-    at::bmm_out(h, Q.narrow(0, start, n).transpose(1, 2), P.narrow(0, start, n));
-    h.mul_(W);
-    auto out_c = out.narrow(0, start, n);
-    at::bmm_out(out_c, Z.narrow(0, start, n), h);
+    auto h = h_buf.narrow(0, 0, n * groups);
+    at::bmm_out(h, Q.chunk(start, n).transpose(1, 2), P.chunk(start, n));
+    h.view({n, groups, a, b}).mul_(W);
+    auto out = out_buf.narrow(0, 0, n * groups);
+    at::bmm_out(out, Z.chunk(start, n), h);
+    sink(start, n, out);
   }
-  return out;
 }
 
 }  // namespace gradvar

@@ -1,23 +1,42 @@
 // Statistics of per-sample outer products g_n = G_n^T X_n, reduced over samples.
-// X: [N, T, in], G: [N, T, out] (T = positions: a Linear layer's middle dims, a Conv2d
-// layer's unfolded patches). One core; the layer ops are front doors to it.
+// A layer describes its per-sample factors X_n [T, in] and G_n [T, out] (T = positions: a
+// Linear layer's middle dims, a Conv2d layer's output pixels with X_n its unfolded patches),
+// split into `groups` independent blocks, and hands them to the core a chunk of samples at a
+// time. One core; the layer ops (linear_ops.cpp, conv2d_ops.cpp) are front doors to it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+
+#include <functional>
 #include <tuple>
 
 namespace gradvar {
 
-// ---- core (device-agnostic ATen; chunked over samples) ----
-// moment = sum_n (G_n^T X_n) * (Gb_n^T Xb_n); sum = sum_n G_n^T X_n if with_sum. [out, in] each.
-std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const at::Tensor& X, const at::Tensor& G,
-                                                         const at::Tensor& Xb, const at::Tensor& Gb,
-                                                         bool same_pair, bool with_sum);
-// l2[n] = ||G_n^T X_n||_F^2. [N]
-at::Tensor outer_product_squared_norms(const at::Tensor& X, const at::Tensor& G);
-// out_n = Z_n (W * (Q_n^T P_n)). Z, Q: [N, T, a]; P: [N, T, b]; W: [a, b] -> [N, T, b].
-at::Tensor weighted_outer_product_apply(const at::Tensor& Z, const at::Tensor& P, const at::Tensor& Q,
-                                        const at::Tensor& W);
+// One factor of the per-sample gradients, materialised a chunk of samples at a time:
+// chunk(start, n) -> [n * groups, positions, features] (any strides: bmm reads views in place).
+struct Factors {
+  int64_t samples, groups, positions, features;
+  at::TensorOptions options;
+  bool materialises;  // chunk() allocates (unfolding): counted against the memory budget
+  std::function<at::Tensor(int64_t start, int64_t n)> chunk;
+};
+
+// Receives the weighted product for samples [start, start + n): values [n * groups, positions, features].
+using Sink = std::function<void(int64_t start, int64_t n, const at::Tensor& values)>;
+
+// ---- core (device-agnostic ATen; chunked over samples; extra memory <= a fixed budget) ----
+// moment = sum_n (G_n^T X_n) * (Gb_n^T Xb_n) (Xb, Gb null: the same pair); sum = sum_n G_n^T X_n
+// if with_sum. Both [groups, out, in].
+std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const Factors& G, const Factors* Xb,
+                                                         const Factors* Gb, bool with_sum);
+// The variance over samples, moment / N - (sum / N)^2, clamped at 0 (rounding can dip
+// below it); exactly 0 for N = 1. [groups, out, in]
+at::Tensor variance_from_moments(const Factors& X, const Factors& G);
+// l2[n] = ||G_n^T X_n||_F^2 summed over groups. [N]
+at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G);
+// Per sample and group, Z_n (W * (Q_n^T P_n)): Z, Q [T, a]; P [T, b]; W [groups, a, b]; sent to sink as [.., T, b].
+void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Factors& Q, const at::Tensor& W,
+                                  const Sink& sink);
 
 // ---- device kernels for the reduction steps (cpu/, cuda/) ----
 // moment[j] += sum_k g[k, j] * gb[k, j]; sum[j] += sum_k g[k, j] (sum may be undefined). g, gb: [k, F].
@@ -29,7 +48,7 @@ void accumulate_products_cuda(at::Tensor& moment, at::Tensor& sum, const at::Ten
 void rowwise_dot_cuda(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 #endif
 
-// ---- Linear front door (the registered ops) ----
+// ---- Linear front door (registered ops) ----
 at::Tensor linear_second_moment(const at::Tensor& input, const at::Tensor& grad_output);
 at::Tensor linear_variance(const at::Tensor& input, const at::Tensor& grad_output);
 at::Tensor linear_batch_l2(const at::Tensor& input, const at::Tensor& grad_output);
@@ -37,5 +56,23 @@ at::Tensor linear_cross_moment(const at::Tensor& input, const at::Tensor& grad_o
                                const at::Tensor& other_input, const at::Tensor& other_grad_output);
 at::Tensor weighted_gradient_product(const at::Tensor& left, const at::Tensor& input,
                                      const at::Tensor& grad_output, const at::Tensor& weight);
+
+// ---- Conv2d front door (registered ops); conv = (kernel_size, stride, padding, dilation) ----
+at::Tensor conv2d_second_moment(const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups);
+at::Tensor conv2d_variance(const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+at::Tensor conv2d_batch_l2(const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+at::Tensor conv2d_cross_moment(const at::Tensor& input, const at::Tensor& grad_output, const at::Tensor& other_input,
+                               const at::Tensor& other_grad_output, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups);
+at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Tensor& input,
+                                            const at::Tensor& grad_output, const at::Tensor& weight,
+                                            at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                            bool to_input);
 
 }  // namespace gradvar
