@@ -12,10 +12,20 @@ TORCH_LIBRARY(gradvar, m) {
   m.def("linear_variance(Tensor input, Tensor grad_output) -> Tensor");
   // ||g_n||_F**2 per sample                          -> [N]
   m.def("linear_batch_l2(Tensor input, Tensor grad_output) -> Tensor");
-  // sum_n g_n * h_n with h_n from (other_input, other_grad_output) (backward helper) -> [out, in]
+  // sum_n g_n * h_n, h_n from (other_input, other_grad_output) (backward helper) -> [out, in]
   m.def("linear_cross_moment(Tensor input, Tensor grad_output, Tensor other_input, Tensor other_grad_output) -> Tensor");
   // left[n] @ (weight * g_n), left [N, *, out], weight [out, in] (backward helper) -> [N, *, in]
   m.def("weighted_gradient_product(Tensor left, Tensor input, Tensor grad_output, Tensor weight) -> Tensor");
+
+  // Conv2d: input [N, C_in, H, W], grad_output [N, C_out, H_out, W_out]; g_n has the weight's
+  // shape [C_out, C_in/groups, kh, kw]; the same statistics as the Linear ops above.
+  m.def("conv2d_second_moment(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_variance(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_batch_l2(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_cross_moment(Tensor input, Tensor grad_output, Tensor other_input, Tensor other_grad_output, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // to_input: fold(left[n] @ (weight * g_n)), left like grad_output -> like input;
+  // else: unfold(left[n]) @ (weight * g_n)^T, left like input -> like grad_output (backward helper)
+  m.def("conv2d_weighted_gradient_product(Tensor left, Tensor input, Tensor grad_output, Tensor weight, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups, bool to_input) -> Tensor");
 }
 
 namespace {
@@ -27,6 +37,11 @@ void register_kernels(torch::Library& m) {
   m.impl("linear_batch_l2", &gradvar::linear_batch_l2);
   m.impl("linear_cross_moment", &gradvar::linear_cross_moment);
   m.impl("weighted_gradient_product", &gradvar::weighted_gradient_product);
+  m.impl("conv2d_second_moment", &gradvar::conv2d_second_moment);
+  m.impl("conv2d_variance", &gradvar::conv2d_variance);
+  m.impl("conv2d_batch_l2", &gradvar::conv2d_batch_l2);
+  m.impl("conv2d_cross_moment", &gradvar::conv2d_cross_moment);
+  m.impl("conv2d_weighted_gradient_product", &gradvar::conv2d_weighted_gradient_product);
 }
 }  // namespace
 

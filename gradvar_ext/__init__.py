@@ -1,5 +1,5 @@
 """gradvar_ext: statistics of per-sample gradients (second moment, variance, squared norms) of
-``nn.Linear`` layers, computed by fused kernels without materialising per-sample gradients,
+``nn.Linear`` and ``nn.Conv2d`` (and ``nn.Conv1d``) layers, computed by fused kernels without materialising per-sample gradients,
 and differentiable to any order.
 
 Importing the package registers the ``torch.ops.gradvar.*`` ops (compiled kernels, or the
@@ -14,6 +14,19 @@ _loader.load()
 
 from . import reference  # noqa: E402
 from ._loader import backend  # noqa: E402
+from .conv_ops import (  # noqa: E402
+    conv1d_batch_l2,
+    conv1d_second_moment,
+    conv1d_variance,
+    conv2d_arguments,
+    conv2d_arguments_of,
+    conv2d_batch_l2,
+    conv2d_bias_batch_l2,
+    conv2d_bias_second_moment,
+    conv2d_bias_variance,
+    conv2d_second_moment,
+    conv2d_variance,
+)
 from .ops import (  # noqa: E402
     bias_batch_l2,
     bias_second_moment,
@@ -27,6 +40,17 @@ from .ops import (  # noqa: E402
 
 __all__ = [
     "backend",
+    "conv1d_batch_l2",
+    "conv1d_second_moment",
+    "conv1d_variance",
+    "conv2d_arguments",
+    "conv2d_arguments_of",
+    "conv2d_batch_l2",
+    "conv2d_bias_batch_l2",
+    "conv2d_bias_second_moment",
+    "conv2d_bias_variance",
+    "conv2d_second_moment",
+    "conv2d_variance",
     "bias_batch_l2",
     "bias_second_moment",
     "bias_variance",

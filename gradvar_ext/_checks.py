@@ -75,3 +75,76 @@ def check_weighted_gradient_product(op: str, left, input, grad_output, weight) -
     if weight.dim() != 2 or list(weight.shape) != expected:
         fail(op, f"weight must have shape [out, in] = {expected}, got {list(weight.shape)}")
     check_float_like(op, weight, "weight", input, "input")
+
+
+def check_conv(op: str, input, input_name, grad_output, grad_name, kernel_size, stride, padding, dilation, groups):
+    """Mirror of csrc/conv2d_ops.cpp's check_conv; returns the weight shape [C_out, C_in/groups, kh, kw]."""
+    for values, name, minimum in (
+        (kernel_size, "kernel_size", 1),
+        (stride, "stride", 1),
+        (padding, "padding", 0),
+        (dilation, "dilation", 1),
+    ):
+        if len(values) != 2:
+            fail(op, f"{name} must have 2 values (height, width), got {list(values)}")
+        if min(values) < minimum:
+            fail(op, f"{name} must be >= {minimum}, got {list(values)}")
+    if groups < 1:
+        fail(op, f"groups must be >= 1, got {groups}")
+    if input.dim() != 4:
+        fail(op, f"{input_name} must have shape [N, C_in, H, W], got shape {list(input.shape)}")
+    if grad_output.dim() != 4:
+        fail(op, f"{grad_name} must have shape [N, C_out, H_out, W_out], got shape {list(grad_output.shape)}")
+    if grad_output.shape[0] != input.shape[0]:
+        fail(
+            op,
+            f"batch size (dim 0) of {grad_name} ({grad_output.shape[0]}) does not match {input_name} ({input.shape[0]})",
+        )
+    if input.shape[0] == 0:
+        fail(op, f"{input_name} has an empty batch (N = 0)")
+    for t, name in ((input, input_name), (grad_output, grad_name)):
+        if t.shape[1] % groups:
+            fail(op, f"{name} has {t.shape[1]} channels, not divisible by groups = {groups}")
+    check_float_like(op, input, input_name, input, input_name)
+    check_float_like(op, grad_output, grad_name, input, input_name)
+    expected = []
+    for d in range(2):
+        span = dilation[d] * (kernel_size[d] - 1) + 1
+        padded = input.shape[2 + d] + 2 * padding[d]
+        if padded < span:
+            fail(
+                op,
+                f"{input_name} spatial size {list(input.shape[2:])} with padding {list(padding)} is smaller than "
+                f"the dilated kernel ({list(kernel_size)}, dilation {list(dilation)})",
+            )
+        expected.append((padded - span) // stride[d] + 1)
+    if list(grad_output.shape[2:]) != expected:
+        fail(
+            op,
+            f"{grad_name} has spatial size {list(grad_output.shape[2:])} but {input_name} {list(input.shape[2:])} "
+            f"with kernel_size {list(kernel_size)}, stride {list(stride)}, padding {list(padding)}, "
+            f"dilation {list(dilation)} gives {expected}",
+        )
+    return [grad_output.shape[1], input.shape[1] // groups, kernel_size[0], kernel_size[1]]
+
+
+def check_conv_cross_moment(op, input, grad_output, other_input, other_grad_output, *conv):
+    shape = check_conv(op, input, "input", grad_output, "grad_output", *conv)
+    check_same_shape(op, other_input, "other_input", input, "input")
+    check_same_shape(op, other_grad_output, "other_grad_output", grad_output, "grad_output")
+    check_float_like(op, other_input, "other_input", input, "input")
+    check_float_like(op, other_grad_output, "other_grad_output", input, "input")
+    return shape
+
+
+def check_conv_weighted_gradient_product(op, left, input, grad_output, weight, *conv_and_to_input):
+    *conv, to_input = conv_and_to_input
+    shape = check_conv(op, input, "input", grad_output, "grad_output", *conv)
+    if to_input:
+        check_same_shape(op, left, "left (to_input=True)", grad_output, "grad_output")
+    else:
+        check_same_shape(op, left, "left (to_input=False)", input, "input")
+    check_float_like(op, left, "left", input, "input")
+    if list(weight.shape) != shape:
+        fail(op, f"weight must have the conv weight's shape {shape}, got {list(weight.shape)}")
+    check_float_like(op, weight, "weight", input, "input")

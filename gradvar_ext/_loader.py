@@ -19,6 +19,7 @@ from . import _build, reference
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
+_CONV = "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups"
 # Same schemas as csrc/torch_bindings.cpp (a test checks they agree); used only by the fallback.
 SCHEMAS = {
     "linear_second_moment": "(Tensor input, Tensor grad_output) -> Tensor",
@@ -26,6 +27,14 @@ SCHEMAS = {
     "linear_batch_l2": "(Tensor input, Tensor grad_output) -> Tensor",
     "linear_cross_moment": "(Tensor input, Tensor grad_output, Tensor other_input, Tensor other_grad_output) -> Tensor",
     "weighted_gradient_product": "(Tensor left, Tensor input, Tensor grad_output, Tensor weight) -> Tensor",
+    **{
+        f"conv2d_{stat}": f"(Tensor input, Tensor grad_output, {_CONV}) -> Tensor"
+        for stat in ("second_moment", "variance", "batch_l2")
+    },
+    "conv2d_cross_moment": "(Tensor input, Tensor grad_output, Tensor other_input, Tensor other_grad_output, "
+    f"{_CONV}) -> Tensor",
+    "conv2d_weighted_gradient_product": "(Tensor left, Tensor input, Tensor grad_output, Tensor weight, "
+    f"{_CONV}, bool to_input) -> Tensor",
 }
 
 _state: dict[str, object] = {"backend": None, "reason": None, "library": None}

@@ -8,6 +8,7 @@ them. They also serve as the kernels when the compiled extension cannot be loade
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _checks
 
@@ -74,6 +75,61 @@ def bias_batch_l2(grad_output: torch.Tensor) -> torch.Tensor:
     return per_sample_bias_gradients(grad_output).square().sum(1)
 
 
+# Conv2d: per-sample gradients from unfolded patches. conv = (kernel_size, stride, padding, dilation, groups).
+def _conv_factors(input, grad_output, kernel_size, stride, padding, dilation, groups):
+    """Unfolded input [N, groups, C_in/groups*kh*kw, L] and grad_output [N, groups, C_out/groups, L]."""
+    n, c_out = grad_output.shape[:2]
+    cols = F.unfold(input, kernel_size, dilation=dilation, padding=padding, stride=stride)
+    return cols.reshape(n, groups, -1, cols.shape[-1]), grad_output.reshape(n, groups, c_out // groups, -1)
+
+
+def conv2d_per_sample_gradients(input, grad_output, kernel_size, stride, padding, dilation, groups) -> torch.Tensor:
+    """Per-sample Conv2d weight gradients: [N, C_out, C_in/groups, kh, kw]."""
+    cols, go = _conv_factors(input, grad_output, kernel_size, stride, padding, dilation, groups)
+    g = torch.einsum("ngol,ngfl->ngof", go, cols)
+    return g.reshape(input.shape[0], grad_output.shape[1], input.shape[1] // groups, *kernel_size)
+
+
+def conv2d_second_moment(input, grad_output, *conv):
+    _checks.check_conv("conv2d_second_moment", input, "input", grad_output, "grad_output", *conv)
+    return conv2d_per_sample_gradients(input, grad_output, *conv).square().sum(0)
+
+
+def conv2d_variance(input, grad_output, *conv):
+    _checks.check_conv("conv2d_variance", input, "input", grad_output, "grad_output", *conv)
+    return conv2d_per_sample_gradients(input, grad_output, *conv).var(dim=0, unbiased=False)
+
+
+def conv2d_batch_l2(input, grad_output, *conv):
+    _checks.check_conv("conv2d_batch_l2", input, "input", grad_output, "grad_output", *conv)
+    return conv2d_per_sample_gradients(input, grad_output, *conv).square().sum((1, 2, 3, 4))
+
+
+def conv2d_cross_moment(input, grad_output, other_input, other_grad_output, *conv):
+    _checks.check_conv_cross_moment("conv2d_cross_moment", input, grad_output, other_input, other_grad_output, *conv)
+    g = conv2d_per_sample_gradients(input, grad_output, *conv)
+    return (g * conv2d_per_sample_gradients(other_input, other_grad_output, *conv)).sum(0)
+
+
+def conv2d_weighted_gradient_product(
+    left, input, grad_output, weight, kernel_size, stride, padding, dilation, groups, to_input
+):
+    conv = (kernel_size, stride, padding, dilation, groups)
+    _checks.check_conv_weighted_gradient_product(
+        "conv2d_weighted_gradient_product", left, input, grad_output, weight, *conv, to_input
+    )
+    n = input.shape[0]
+    h = (weight * conv2d_per_sample_gradients(input, grad_output, *conv)).reshape(
+        n, groups, weight.shape[0] // groups, -1
+    )
+    if to_input:  # fold(left_n^T-side product): the input gradient of a conv with weight h_n
+        go = left.reshape(n, groups, left.shape[1] // groups, -1)
+        cols = torch.einsum("ngol,ngof->ngfl", go, h).reshape(n, -1, go.shape[-1])
+        return F.fold(cols, input.shape[2:], kernel_size, dilation=dilation, padding=padding, stride=stride)
+    cols, _ = _conv_factors(left, grad_output, *conv)
+    return torch.einsum("ngfl,ngof->ngol", cols, h).reshape(grad_output.shape)
+
+
 # The ops the compiled extension provides, by name; the fallback registers these as kernels.
 OPS = {
     "linear_second_moment": linear_second_moment,
@@ -81,4 +137,9 @@ OPS = {
     "linear_batch_l2": linear_batch_l2,
     "linear_cross_moment": linear_cross_moment,
     "weighted_gradient_product": weighted_gradient_product,
+    "conv2d_second_moment": conv2d_second_moment,
+    "conv2d_variance": conv2d_variance,
+    "conv2d_batch_l2": conv2d_batch_l2,
+    "conv2d_cross_moment": conv2d_cross_moment,
+    "conv2d_weighted_gradient_product": conv2d_weighted_gradient_product,
 }

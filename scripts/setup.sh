@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-2}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
-"${pip[@]}" "torch==2.14.1" ninja pytest
+"${pip[@]}" "torch==2.14.1" ninja pytest numpy
 .venv/bin/python -c "import setuptools" 2>/dev/null || "${pip[@]}" setuptools
 # Ahead-of-time build into gradvar_ext/ (incremental: reruns take seconds).
 .venv/bin/python setup.py -q build_ext --inplace

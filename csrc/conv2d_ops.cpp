@@ -1,0 +1,199 @@
+// Conv2d front door: a convolution's per-sample weight gradient is the Linear case over
+// unfolded patches. Per sample n and group j, with L = H_out * W_out positions,
+//   X_n = unfold(input[n])^T       [L, C_in/groups * kh * kw]   (formed a chunk of samples at a time)
+//   G_n = grad_output[n]^T         [L, C_out/groups]            (a view)
+//   g_n = G_n^T X_n                [C_out/groups, C_in/groups * kh * kw] = the weight's layout,
+// so every op checks its arguments, builds these factors and calls the core.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+
+#include "checks.h"
+#include "outer_product_stats.h"
+
+namespace gradvar {
+namespace {
+
+struct ConvGeometry {
+  std::vector<int64_t> kernel, stride, padding, dilation;
+  int64_t groups, in_channels, out_channels, height, width, out_height, out_width;
+  int64_t positions() const { return out_height * out_width; }
+  int64_t patch() const { return in_channels / groups * kernel[0] * kernel[1]; }
+  bool unfold_is_view() const {
+    return kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 && stride[1] == 1 && padding[0] == 0 &&
+           padding[1] == 0;
+  }
+};
+
+void check_pair_param(const char* op, at::IntArrayRef values, const char* name, int64_t minimum) {
+  GRADVAR_CHECK(values.size() == 2, op, name, " must have 2 values (height, width), got ", values);
+  GRADVAR_CHECK(values[0] >= minimum && values[1] >= minimum, op, name, " must be >= ", minimum, ", got ", values);
+}
+
+// input [N, C_in, H, W], grad_output [N, C_out, H_out, W_out] consistent with the hyper-parameters.
+ConvGeometry check_conv(const char* op, const at::Tensor& input, const char* input_name,
+                        const at::Tensor& grad_output, const char* grad_name, at::IntArrayRef kernel_size,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_pair_param(op, kernel_size, "kernel_size", 1);
+  check_pair_param(op, stride, "stride", 1);
+  check_pair_param(op, padding, "padding", 0);
+  check_pair_param(op, dilation, "dilation", 1);
+  GRADVAR_CHECK(groups >= 1, op, "groups must be >= 1, got ", groups);
+  GRADVAR_CHECK(input.dim() == 4, op, input_name, " must have shape [N, C_in, H, W], got shape ", input.sizes());
+  GRADVAR_CHECK(grad_output.dim() == 4, op, grad_name, " must have shape [N, C_out, H_out, W_out], got shape ",
+                grad_output.sizes());
+  GRADVAR_CHECK(grad_output.size(0) == input.size(0), op, "batch size (dim 0) of ", grad_name, " (",
+                grad_output.size(0), ") does not match ", input_name, " (", input.size(0), ")");
+  GRADVAR_CHECK(input.size(0) > 0, op, input_name, " has an empty batch (N = 0)");
+  GRADVAR_CHECK(input.size(1) % groups == 0, op, input_name, " has ", input.size(1),
+                " channels, not divisible by groups = ", groups);
+  GRADVAR_CHECK(grad_output.size(1) % groups == 0, op, grad_name, " has ", grad_output.size(1),
+                " channels, not divisible by groups = ", groups);
+  check_float_like(op, input, input_name, input, input_name);
+  check_float_like(op, grad_output, grad_name, input, input_name);
+  ConvGeometry c{kernel_size.vec(), stride.vec(), padding.vec(), dilation.vec(), groups, input.size(1),
+                 grad_output.size(1), input.size(2), input.size(3), 0, 0};
+  int64_t expected[2];
+  for (int d = 0; d < 2; ++d) {
+    const int64_t span = dilation[d] * (kernel_size[d] - 1) + 1;
+    const int64_t padded = input.size(2 + d) + 2 * padding[d];
+    GRADVAR_CHECK(padded >= span, op, input_name, " spatial size ", input.sizes().slice(2), " with padding ",
+                  padding, " is smaller than the dilated kernel (", kernel_size, ", dilation ", dilation, ")");
+    expected[d] = (padded - span) / stride[d] + 1;
+  }
+  GRADVAR_CHECK(grad_output.size(2) == expected[0] && grad_output.size(3) == expected[1], op, grad_name,
+                " has spatial size ", grad_output.sizes().slice(2), " but ", input_name, " ", input.sizes().slice(2),
+                " with kernel_size ", kernel_size, ", stride ", stride, ", padding ", padding, ", dilation ", dilation,
+                " gives [", expected[0], ", ", expected[1], "]");
+  c.out_height = expected[0];
+  c.out_width = expected[1];
+  return c;
+}
+
+// Patches of an image [N, C_in, H, W]: chunk -> [n * groups, L, C_in/groups * kh * kw].
+Factors patch_factors(const at::Tensor& image, const ConvGeometry& c) {
+  const auto img = image.contiguous();
+  const int64_t g = c.groups, f = c.patch(), L = c.positions();
+  return Factors{img.size(0), g, L, f, img.options(), !c.unfold_is_view(),
+                 [img, c, g, f, L](int64_t start, int64_t n) {
+                   const auto part = img.narrow(0, start, n);
+                   const auto cols = c.unfold_is_view()
+                                         ? part.view({n, g, f, L})
+                                         : at::im2col(part, c.kernel, c.dilation, c.padding, c.stride).view({n, g, f, L});
+                   return cols.transpose(2, 3).reshape({n * g, L, f});
+                 }};
+}
+
+// Positions of a grad_output-like tensor [N, C_out, H_out, W_out]: chunk -> [n * groups, L, C_out/groups], a view.
+Factors position_factors(const at::Tensor& grad, const ConvGeometry& c) {
+  const auto go = grad.contiguous();
+  const int64_t g = c.groups, f = c.out_channels / g, L = c.positions();
+  return Factors{go.size(0), g, L, f, go.options(), false, [go, g, f, L](int64_t start, int64_t n) {
+                   return go.narrow(0, start, n).view({n, g, f, L}).transpose(2, 3).reshape({n * g, L, f});
+                 }};
+}
+
+at::IntArrayRef weight_shape_of(const ConvGeometry& c, std::vector<int64_t>& storage) {
+  storage = {c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]};
+  return storage;
+}
+
+at::Tensor as_weight(const at::Tensor& per_group, const ConvGeometry& c) {
+  std::vector<int64_t> shape;
+  return per_group.reshape(weight_shape_of(c, shape));
+}
+
+}  // namespace
+
+at::Tensor conv2d_second_moment(const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups) {
+  const auto c = check_conv("conv2d_second_moment", input, "input", grad_output, "grad_output", kernel_size, stride,
+                            padding, dilation, groups);
+  c10::OptionalDeviceGuard guard(input.device());
+  const auto X = patch_factors(input, c), G = position_factors(grad_output, c);
+  return as_weight(std::get<0>(reduce_outer_products(X, G, nullptr, nullptr, /*with_sum=*/false)), c);
+}
+
+at::Tensor conv2d_variance(const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto c = check_conv("conv2d_variance", input, "input", grad_output, "grad_output", kernel_size, stride,
+                            padding, dilation, groups);
+  c10::OptionalDeviceGuard guard(input.device());
+  return as_weight(variance_from_moments(patch_factors(input, c), position_factors(grad_output, c)), c);
+}
+
+at::Tensor conv2d_batch_l2(const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto c = check_conv("conv2d_batch_l2", input, "input", grad_output, "grad_output", kernel_size, stride,
+                            padding, dilation, groups);
+  c10::OptionalDeviceGuard guard(input.device());
+  return outer_product_squared_norms(patch_factors(input, c), position_factors(grad_output, c));
+}
+
+at::Tensor conv2d_cross_moment(const at::Tensor& input, const at::Tensor& grad_output, const at::Tensor& other_input,
+                               const at::Tensor& other_grad_output, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups) {
+  const char* op = "conv2d_cross_moment";
+  const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
+                            groups);
+  check_same_shape(op, other_input, "other_input", input, "input");
+  check_same_shape(op, other_grad_output, "other_grad_output", grad_output, "grad_output");
+  check_float_like(op, other_input, "other_input", input, "input");
+  check_float_like(op, other_grad_output, "other_grad_output", input, "input");
+  c10::OptionalDeviceGuard guard(input.device());
+  const auto Xb = patch_factors(other_input, c), Gb = position_factors(other_grad_output, c);
+  return as_weight(std::get<0>(reduce_outer_products(patch_factors(input, c), position_factors(grad_output, c), &Xb,
+                                                     &Gb, /*with_sum=*/false)),
+                   c);
+}
+
+// to_input: per sample, fold(G_left_n (W * g_n)) -> [N, C_in, H, W], left shaped like grad_output.
+// else:     per sample, X_left_n (W * g_n)^T -> [N, C_out, H_out, W_out], left shaped like input.
+at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Tensor& input,
+                                            const at::Tensor& grad_output, const at::Tensor& weight,
+                                            at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                            bool to_input) {
+  const char* op = "conv2d_weighted_gradient_product";
+  const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
+                            groups);
+  if (to_input) {
+    check_same_shape(op, left, "left (to_input=True)", grad_output, "grad_output");
+  } else {
+    check_same_shape(op, left, "left (to_input=False)", input, "input");
+  }
+  check_float_like(op, left, "left", input, "input");
+  std::vector<int64_t> shape;
+  GRADVAR_CHECK(weight.sizes() == weight_shape_of(c, shape), op, "weight must have the conv weight's shape ",
+                weight_shape_of(c, shape), ", got ", weight.sizes());
+  check_float_like(op, weight, "weight", input, "input");
+  c10::OptionalDeviceGuard guard(input.device());
+  const int64_t g = c.groups, f = c.patch(), fo = c.out_channels / g, L = c.positions();
+  const auto W = weight.reshape({g, fo, f});
+  if (to_input) {
+    at::Tensor out = at::empty(input.sizes(), input.options());
+    weighted_outer_product_apply(
+        position_factors(left, c), patch_factors(input, c), position_factors(grad_output, c), W,
+        [&](int64_t start, int64_t n, const at::Tensor& values) {  // [n*g, L, f] -> fold
+          const auto cols = values.view({n, g, L, f}).permute({0, 1, 3, 2}).reshape({n, g * f, L});
+          auto dst = out.narrow(0, start, n);
+          if (c.unfold_is_view()) {
+            dst.copy_(cols.view(dst.sizes()));
+          } else {
+            dst.copy_(at::col2im(cols, {c.height, c.width}, c.kernel, c.dilation, c.padding, c.stride));
+          }
+        });
+    return out;
+  }
+  at::Tensor out = at::empty(grad_output.sizes(), grad_output.options());
+  weighted_outer_product_apply(patch_factors(left, c), position_factors(grad_output, c), patch_factors(input, c),
+                               W.transpose(1, 2), [&](int64_t start, int64_t n, const at::Tensor& values) {
+                                 // [n*g, L, fo] -> [n, C_out, H_out, W_out]
+                                 auto dst = out.narrow(0, start, n);
+                                 dst.copy_(values.view({n, g, L, fo}).permute({0, 1, 3, 2}).reshape(dst.sizes()));
+                               });
+  return out;
+}
+
+}  // namespace gradvar

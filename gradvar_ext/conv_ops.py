@@ -1,0 +1,353 @@
+"""Conv2d (and Conv1d) statistics: fake kernels, autograd formulas and the documented functions.
+
+The backward formulas mirror the Linear ones (see ``ops.py``) with two conv ops closing the family:
+
+    conv2d_cross_moment(x, go, xb, gob)             = sum_n g_n * h_n
+    conv2d_weighted_gradient_product(left, x, go, W, to_input)
+        to_input:     fold(left_n (W * g_n))      (left like grad_output; the result like input)
+        not to_input: unfold(left)_n (W * g_n)^T  (left like input; the result like grad_output)
+
+with ``g_n`` the per-sample weight gradient from ``(x, go)``. Hyper-parameters in the ops are
+explicit ``int[2]``; the public functions also take ints, ``'same'`` / ``'valid'`` and a
+``padding_mode``, like ``nn.Conv2d``, and resolve them first (:func:`conv2d_arguments`).
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _checks
+
+_ops = torch.ops.gradvar
+IntOrPair = Union[int, tuple[int, int], list[int]]
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _pair(value, name: str, op: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    _checks.fail(op, f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+# ---------------------------------------------------------------- fake kernels
+def _fake_statistic(op: str):
+    def fake(input, grad_output, kernel_size, stride, padding, dilation, groups):
+        shape = _checks.check_conv(
+            op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation, groups
+        )
+        return input.new_empty((input.shape[0],) if op == "conv2d_batch_l2" else shape)
+
+    return fake
+
+
+for _op in ("conv2d_second_moment", "conv2d_variance", "conv2d_batch_l2"):
+    torch.library.register_fake(f"gradvar::{_op}")(_fake_statistic(_op))
+
+
+@torch.library.register_fake("gradvar::conv2d_cross_moment")
+def _(input, grad_output, other_input, other_grad_output, *conv):
+    shape = _checks.check_conv_cross_moment(
+        "conv2d_cross_moment", input, grad_output, other_input, other_grad_output, *conv
+    )
+    return input.new_empty(shape)
+
+
+@torch.library.register_fake("gradvar::conv2d_weighted_gradient_product")
+def _(left, input, grad_output, weight, *conv_and_to_input):
+    _checks.check_conv_weighted_gradient_product(
+        "conv2d_weighted_gradient_product", left, input, grad_output, weight, *conv_and_to_input
+    )
+    return input.new_empty(input.shape if conv_and_to_input[-1] else grad_output.shape)
+
+
+# ---------------------------------------------------------------- autograd
+def _save(ctx, inputs, output) -> None:
+    tensors = [t for t in inputs if isinstance(t, Tensor)]
+    ctx.save_for_backward(*tensors)
+    ctx.conv = tuple(inputs[len(tensors) : len(tensors) + 5])  # kernel_size, stride, padding, dilation, groups
+    ctx.flags = tuple(inputs[len(tensors) + 5 :])  # to_input, for the weighted product
+
+
+def _wgp(left, x, go, weight, conv, to_input):
+    return _ops.conv2d_weighted_gradient_product(left, x, go, weight, *conv, to_input)
+
+
+def _no_grads_for(conv, flags=()):
+    return (None,) * (len(conv) + len(flags))
+
+
+def _second_moment_backward(ctx, grad):
+    x, go = ctx.saved_tensors
+    need, conv = ctx.needs_input_grad, ctx.conv
+    grad_x = 2 * _wgp(go, x, go, grad, conv, True) if need[0] else None
+    grad_go = 2 * _wgp(x, x, go, grad, conv, False) if need[1] else None
+    return (grad_x, grad_go, *_no_grads_for(conv))
+
+
+def _variance_backward(ctx, grad):
+    # variance = S / N - M^2, M = mean weight gradient; the M term's gradients are a transposed
+    # conv (for x) and a conv (for grad_output) with weight W * M: plain, differentiable torch ops.
+    x, go = ctx.saved_tensors
+    need, conv = ctx.needs_input_grad, ctx.conv
+    kernel_size, stride, padding, dilation, groups = conv
+    n = x.shape[0]
+    mean = torch.nn.grad.conv2d_weight(x, grad.shape, go, stride, padding, dilation, groups) / n
+    weighted_mean = grad * mean
+    grad_x = grad_go = None
+    if need[0]:
+        output_padding = [
+            x.shape[2 + d]
+            - ((go.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (kernel_size[d] - 1) + 1)
+            for d in range(2)
+        ]
+        mean_part = F.conv_transpose2d(go, weighted_mean, None, stride, padding, output_padding, groups, dilation)
+        grad_x = (2 / n) * (_wgp(go, x, go, grad, conv, True) - mean_part)
+    if need[1]:
+        mean_part = F.conv2d(x, weighted_mean, None, stride, padding, dilation, groups)
+        grad_go = (2 / n) * (_wgp(x, x, go, grad, conv, False) - mean_part)
+    return (grad_x, grad_go, *_no_grads_for(conv))
+
+
+def _batch_l2_backward(ctx, grad):
+    x, go = ctx.saved_tensors
+    need, conv = ctx.needs_input_grad, ctx.conv
+    ones = x.new_ones((go.shape[1], x.shape[1] // conv[4], *conv[0]))
+    w = grad.reshape(-1, 1, 1, 1)
+    grad_x = 2 * _wgp(w * go, x, go, ones, conv, True) if need[0] else None
+    grad_go = 2 * _wgp(w * x, x, go, ones, conv, False) if need[1] else None
+    return (grad_x, grad_go, *_no_grads_for(conv))
+
+
+def _cross_moment_backward(ctx, grad):
+    x, go, xb, gob = ctx.saved_tensors
+    need, conv = ctx.needs_input_grad, ctx.conv
+    return (
+        _wgp(go, xb, gob, grad, conv, True) if need[0] else None,
+        _wgp(x, xb, gob, grad, conv, False) if need[1] else None,
+        _wgp(gob, x, go, grad, conv, True) if need[2] else None,
+        _wgp(xb, x, go, grad, conv, False) if need[3] else None,
+        *_no_grads_for(conv),
+    )
+
+
+def _weighted_gradient_product_backward(ctx, grad):
+    left, x, go, weight = ctx.saved_tensors
+    need, conv, (to_input,) = ctx.needs_input_grad, ctx.conv, ctx.flags
+    cross = _ops.conv2d_cross_moment
+    if to_input:  # grad is shaped like x
+        grads = (
+            _wgp(grad, x, go, weight, conv, False) if need[0] else None,
+            _wgp(go, grad, left, weight, conv, True) if need[1] else None,
+            _wgp(x, grad, left, weight, conv, False) if need[2] else None,
+            cross(grad, left, x, go, *conv) if need[3] else None,
+        )
+    else:  # grad is shaped like go
+        grads = (
+            _wgp(grad, x, go, weight, conv, True) if need[0] else None,
+            _wgp(go, left, grad, weight, conv, True) if need[1] else None,
+            _wgp(x, left, grad, weight, conv, False) if need[2] else None,
+            cross(left, grad, x, go, *conv) if need[3] else None,
+        )
+    return (*grads, *_no_grads_for(conv, ctx.flags))
+
+
+for _name, _backward in (
+    ("conv2d_second_moment", _second_moment_backward),
+    ("conv2d_variance", _variance_backward),
+    ("conv2d_batch_l2", _batch_l2_backward),
+    ("conv2d_cross_moment", _cross_moment_backward),
+    ("conv2d_weighted_gradient_product", _weighted_gradient_product_backward),
+):
+    torch.library.register_autograd(f"gradvar::{_name}", _backward, setup_context=_save)
+
+
+# ---------------------------------------------------------------- argument resolution
+def conv2d_arguments(
+    input: Tensor,
+    kernel_size: IntOrPair,
+    stride: IntOrPair = 1,
+    padding: IntOrPair | str = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    op: str = "conv2d_arguments",
+) -> tuple[Tensor, tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], int]:
+    """Resolve ``nn.Conv2d``-style hyper-parameters into the ops' explicit form.
+
+    Returns ``(input, kernel_size, stride, padding, dilation, groups)``. Where ``nn.Conv2d`` pads
+    the input itself (``padding='same'`` with an asymmetric total, or a ``padding_mode`` other than
+    ``'zeros'``), the returned input is padded the same way and the returned padding is 0.
+    """
+    kernel_size, stride, dilation = (
+        _pair(v, n, op) for v, n in ((kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation"))
+    )
+    if padding_mode not in _PADDING_MODES:
+        _checks.fail(op, f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = [(0, 0), (0, 0)]
+        elif padding == "same":
+            if stride != (1, 1):
+                _checks.fail(op, f"padding='same' needs stride 1 (as in nn.Conv2d), got stride {list(stride)}")
+            totals = [dilation[d] * (kernel_size[d] - 1) for d in range(2)]
+            pads = [(t // 2, t - t // 2) for t in totals]  # nn.Conv2d puts the odd pixel at the end
+        else:
+            _checks.fail(op, f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    else:
+        pairs = _pair(padding, "padding", op)
+        pads = [(p, p) for p in pairs]
+    if padding_mode == "zeros" and all(a == b for a, b in pads):
+        return input, kernel_size, stride, (pads[0][0], pads[1][0]), dilation, groups
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    padded = F.pad(input, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]), mode=mode)
+    return padded, kernel_size, stride, (0, 0), dilation, groups
+
+
+def conv2d_arguments_of(module: nn.Conv2d) -> dict:
+    """The hyper-parameters of an ``nn.Conv2d`` as keyword arguments of the ``conv2d_*`` functions."""
+    return {
+        "kernel_size": module.kernel_size,
+        "stride": module.stride,
+        "padding": module.padding,
+        "dilation": module.dilation,
+        "groups": module.groups,
+        "padding_mode": module.padding_mode,
+    }
+
+
+# ---------------------------------------------------------------- public functions
+def _conv2d_statistic(op: str, input, grad_output, kernel_size, stride, padding, dilation, groups, padding_mode):
+    args = conv2d_arguments(input, kernel_size, stride, padding, dilation, groups, padding_mode, op=op)
+    return getattr(_ops, op)(args[0], grad_output, *args[1:])
+
+
+def conv2d_second_moment(
+    input: Tensor,
+    grad_output: Tensor,
+    kernel_size: IntOrPair,
+    stride: IntOrPair = 1,
+    padding: IntOrPair | str = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """Sum over samples of the squared per-sample weight gradients of a Conv2d layer.
+
+    Args:
+        input: the layer's input ``[N, C_in, H, W]``.
+        grad_output: gradient of the loss w.r.t. the layer's output ``[N, C_out, H_out, W_out]``.
+        kernel_size, stride, padding, dilation, groups, padding_mode: as in ``nn.Conv2d``
+            (``padding`` may be ``'same'`` or ``'valid'``); ``conv2d_arguments_of(module)`` gives them.
+
+    Returns:
+        ``sum_n g_n ** 2`` with the weight's shape ``[C_out, C_in/groups, kh, kw]``; differentiable.
+    """
+    return _conv2d_statistic(
+        "conv2d_second_moment", input, grad_output, kernel_size, stride, padding, dilation, groups, padding_mode
+    )
+
+
+def conv2d_variance(
+    input: Tensor,
+    grad_output: Tensor,
+    kernel_size: IntOrPair,
+    stride: IntOrPair = 1,
+    padding: IntOrPair | str = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """Variance over samples of the per-sample Conv2d weight gradients (BackPACK's ``Variance``),
+    ``[C_out, C_in/groups, kh, kw]``, never negative. Arguments as in :func:`conv2d_second_moment`."""
+    return _conv2d_statistic(
+        "conv2d_variance", input, grad_output, kernel_size, stride, padding, dilation, groups, padding_mode
+    )
+
+
+def conv2d_batch_l2(
+    input: Tensor,
+    grad_output: Tensor,
+    kernel_size: IntOrPair,
+    stride: IntOrPair = 1,
+    padding: IntOrPair | str = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """``||g_n||**2`` of each sample's Conv2d weight gradient, ``[N]``. Arguments as in :func:`conv2d_second_moment`."""
+    return _conv2d_statistic(
+        "conv2d_batch_l2", input, grad_output, kernel_size, stride, padding, dilation, groups, padding_mode
+    )
+
+
+def _conv_bias_grad_output(op: str, grad_output: Tensor) -> Tensor:
+    """The per-sample bias gradient of a conv is grad_output summed over positions: the Linear
+    bias statistics over [N, H_out*W_out, C_out]."""
+    if not isinstance(grad_output, Tensor) or grad_output.dim() != 4:
+        shape = list(grad_output.shape) if isinstance(grad_output, Tensor) else type(grad_output).__name__
+        _checks.fail(op, f"grad_output must have shape [N, C_out, H_out, W_out], got {shape}")
+    return grad_output.flatten(2).transpose(1, 2)
+
+
+def conv2d_bias_second_moment(grad_output: Tensor) -> Tensor:
+    """``sum_n b_n**2`` for the per-sample Conv2d bias gradients ``b_n = grad_output[n].sum((1, 2))``: ``[C_out]``."""
+    from .ops import bias_second_moment
+
+    return bias_second_moment(_conv_bias_grad_output("conv2d_bias_second_moment", grad_output))
+
+
+def conv2d_bias_variance(grad_output: Tensor) -> Tensor:
+    """Variance over samples of the per-sample Conv2d bias gradients: ``[C_out]``."""
+    from .ops import bias_variance
+
+    return bias_variance(_conv_bias_grad_output("conv2d_bias_variance", grad_output))
+
+
+def conv2d_bias_batch_l2(grad_output: Tensor) -> Tensor:
+    """``||b_n||**2`` per sample for the per-sample Conv2d bias gradients: ``[N]``."""
+    from .ops import bias_batch_l2
+
+    return bias_batch_l2(_conv_bias_grad_output("conv2d_bias_batch_l2", grad_output))
+
+
+# ---------------------------------------------------------------- Conv1d: Conv2d with H = 1
+def _as_conv2d(op, input, grad_output, kernel_size, stride, padding, dilation):
+    if input.dim() != 3 or grad_output.dim() != 3:
+        _checks.fail(
+            op,
+            f"input and grad_output must have shape [N, C, L], got {list(input.shape)} and {list(grad_output.shape)}",
+        )
+    as_int = [v[0] if isinstance(v, (tuple, list)) and len(v) == 1 else v for v in (kernel_size, stride, dilation)]
+    pad = padding[0] if isinstance(padding, (tuple, list)) and len(padding) == 1 else padding
+    pad2 = pad if isinstance(pad, str) else (0, pad)
+    return input.unsqueeze(2), grad_output.unsqueeze(2), (1, as_int[0]), (1, as_int[1]), pad2, (1, as_int[2])
+
+
+def conv1d_second_moment(
+    input, grad_output, kernel_size, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"
+) -> Tensor:
+    """Conv1d version of :func:`conv2d_second_moment`: input ``[N, C_in, L]``; result ``[C_out, C_in/groups, k]``."""
+    x, go, *conv = _as_conv2d("conv1d_second_moment", input, grad_output, kernel_size, stride, padding, dilation)
+    return conv2d_second_moment(x, go, *conv, groups, padding_mode).squeeze(2)
+
+
+def conv1d_variance(
+    input, grad_output, kernel_size, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"
+) -> Tensor:
+    """Conv1d version of :func:`conv2d_variance`: result ``[C_out, C_in/groups, k]``."""
+    x, go, *conv = _as_conv2d("conv1d_variance", input, grad_output, kernel_size, stride, padding, dilation)
+    return conv2d_variance(x, go, *conv, groups, padding_mode).squeeze(2)
+
+
+def conv1d_batch_l2(
+    input, grad_output, kernel_size, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"
+) -> Tensor:
+    """Conv1d version of :func:`conv2d_batch_l2`: ``[N]``."""
+    x, go, *conv = _as_conv2d("conv1d_batch_l2", input, grad_output, kernel_size, stride, padding, dilation)
+    return conv2d_batch_l2(x, go, *conv, groups, padding_mode)
