@@ -22,6 +22,14 @@ inline void check_float_like(const char* op, const at::Tensor& t, const char* na
                 like_name, " is on ", like.device());
 }
 
+// The same number of samples N > 0 in dim 0.
+inline void check_same_batch(const char* op, const at::Tensor& input, const char* input_name,
+                             const at::Tensor& grad_output, const char* grad_name) {
+  GRADVAR_CHECK(grad_output.size(0) == input.size(0), op, "batch size (dim 0) of ", grad_name, " (",
+                grad_output.size(0), ") does not match ", input_name, " (", input.size(0), ")");
+  GRADVAR_CHECK(input.size(0) > 0, op, input_name, " has an empty batch (N = 0)");
+}
+
 // input [N, *, in] and grad_output [N, *, out]: same rank >= 2, same N > 0, same middle dims.
 inline void check_samples_pair(const char* op, const at::Tensor& input, const char* input_name,
                                const at::Tensor& grad_output, const char* grad_name) {
@@ -29,9 +37,7 @@ inline void check_samples_pair(const char* op, const at::Tensor& input, const ch
                 " must have shape [N, *, features] (at least 2 dims), got shape ", input.sizes());
   GRADVAR_CHECK(grad_output.dim() == input.dim(), op, grad_name, " must have the same number of dims as ",
                 input_name, " ([N, *, features]), got shapes ", grad_output.sizes(), " and ", input.sizes());
-  GRADVAR_CHECK(grad_output.size(0) == input.size(0), op, "batch size (dim 0) of ", grad_name, " (",
-                grad_output.size(0), ") does not match ", input_name, " (", input.size(0), ")");
-  GRADVAR_CHECK(input.size(0) > 0, op, input_name, " has an empty batch (N = 0)");
+  check_same_batch(op, input, input_name, grad_output, grad_name);
   for (int64_t d = 1; d + 1 < input.dim(); ++d) {
     GRADVAR_CHECK(grad_output.size(d) == input.size(d), op, "middle dims of ", grad_name, " ",
                   grad_output.sizes(), " do not match those of ", input_name, " ", input.sizes());

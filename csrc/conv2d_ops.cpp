@@ -41,9 +41,7 @@ ConvGeometry check_conv(const char* op, const at::Tensor& input, const char* inp
   GRADVAR_CHECK(input.dim() == 4, op, input_name, " must have shape [N, C_in, H, W], got shape ", input.sizes());
   GRADVAR_CHECK(grad_output.dim() == 4, op, grad_name, " must have shape [N, C_out, H_out, W_out], got shape ",
                 grad_output.sizes());
-  GRADVAR_CHECK(grad_output.size(0) == input.size(0), op, "batch size (dim 0) of ", grad_name, " (",
-                grad_output.size(0), ") does not match ", input_name, " (", input.size(0), ")");
-  GRADVAR_CHECK(input.size(0) > 0, op, input_name, " has an empty batch (N = 0)");
+  check_same_batch(op, input, input_name, grad_output, grad_name);
   GRADVAR_CHECK(input.size(1) % groups == 0, op, input_name, " has ", input.size(1),
                 " channels, not divisible by groups = ", groups);
   GRADVAR_CHECK(grad_output.size(1) % groups == 0, op, grad_name, " has ", grad_output.size(1),

@@ -1,6 +1,6 @@
 """gradvar_ext: statistics of per-sample gradients (second moment, variance, squared norms) of
-``nn.Linear`` and ``nn.Conv2d`` (and ``nn.Conv1d``) layers, computed by fused kernels without materialising per-sample gradients,
-and differentiable to any order.
+``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` layers, computed by fused kernels without
+materialising per-sample gradients, and differentiable to any order.
 
 Importing the package registers the ``torch.ops.gradvar.*`` ops (compiled kernels, or the
 pure-torch reference with a warning when they cannot be built); :func:`backend` says which.

@@ -24,6 +24,18 @@ def check_float_like(op: str, t: torch.Tensor, name: str, like: torch.Tensor, li
         fail(op, f"{name} is on {t.device} but {like_name} is on {like.device}")
 
 
+def check_same_batch(op: str, input: torch.Tensor, input_name: str, grad_output: torch.Tensor, grad_name: str) -> None:
+    """The same number of samples N > 0 in dim 0."""
+    if grad_output.shape[0] != input.shape[0]:
+        fail(
+            op,
+            f"batch size (dim 0) of {grad_name} ({grad_output.shape[0]}) "
+            f"does not match {input_name} ({input.shape[0]})",
+        )
+    if input.shape[0] == 0:
+        fail(op, f"{input_name} has an empty batch (N = 0)")
+
+
 def check_samples_pair(
     op: str, input: torch.Tensor, input_name: str, grad_output: torch.Tensor, grad_name: str
 ) -> None:
@@ -36,14 +48,7 @@ def check_samples_pair(
             f"{grad_name} must have the same number of dims as {input_name} ([N, *, features]), "
             f"got shapes {list(grad_output.shape)} and {list(input.shape)}",
         )
-    if grad_output.shape[0] != input.shape[0]:
-        fail(
-            op,
-            f"batch size (dim 0) of {grad_name} ({grad_output.shape[0]}) "
-            f"does not match {input_name} ({input.shape[0]})",
-        )
-    if input.shape[0] == 0:
-        fail(op, f"{input_name} has an empty batch (N = 0)")
+    check_same_batch(op, input, input_name, grad_output, grad_name)
     if grad_output.shape[1:-1] != input.shape[1:-1]:
         fail(
             op,
@@ -95,13 +100,7 @@ def check_conv(op: str, input, input_name, grad_output, grad_name, kernel_size, 
         fail(op, f"{input_name} must have shape [N, C_in, H, W], got shape {list(input.shape)}")
     if grad_output.dim() != 4:
         fail(op, f"{grad_name} must have shape [N, C_out, H_out, W_out], got shape {list(grad_output.shape)}")
-    if grad_output.shape[0] != input.shape[0]:
-        fail(
-            op,
-            f"batch size (dim 0) of {grad_name} ({grad_output.shape[0]}) does not match {input_name} ({input.shape[0]})",
-        )
-    if input.shape[0] == 0:
-        fail(op, f"{input_name} has an empty batch (N = 0)")
+    check_same_batch(op, input, input_name, grad_output, grad_name)
     for t, name in ((input, input_name), (grad_output, grad_name)):
         if t.shape[1] % groups:
             fail(op, f"{name} has {t.shape[1]} channels, not divisible by groups = {groups}")

@@ -98,7 +98,8 @@ def _variance_backward(ctx, grad):
     kernel_size, stride, padding, dilation, groups = conv
     n = x.shape[0]
     mean = torch.nn.grad.conv2d_weight(x, grad.shape, go, stride, padding, dilation, groups) / n
-    weighted_mean = grad * mean
+    scaled = grad * (2 / n)  # scale the [C_out, ...] weight, not the input-sized results
+    weighted_mean = scaled * mean
     grad_x = grad_go = None
     if need[0]:
         output_padding = [
@@ -107,10 +108,11 @@ def _variance_backward(ctx, grad):
             for d in range(2)
         ]
         mean_part = F.conv_transpose2d(go, weighted_mean, None, stride, padding, output_padding, groups, dilation)
-        grad_x = (2 / n) * (_wgp(go, x, go, grad, conv, True) - mean_part)
+        grad_x = _wgp(go, x, go, scaled, conv, True) - mean_part
     if need[1]:
-        mean_part = F.conv2d(x, weighted_mean, None, stride, padding, dilation, groups)
-        grad_go = (2 / n) * (_wgp(x, x, go, grad, conv, False) - mean_part)
+        grad_go = _wgp(x, x, go, scaled, conv, False) - F.conv2d(
+            x, weighted_mean, None, stride, padding, dilation, groups
+        )
     return (grad_x, grad_go, *_no_grads_for(conv))
 
 

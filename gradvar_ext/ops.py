@@ -78,14 +78,13 @@ def _variance_backward(ctx, grad: Tensor):
     # d/dX_n = (2 / N) [G_n (W * g_n) - G_n (W * M)], likewise for G with W^T.
     x, g = ctx.saved_tensors
     n = x.shape[0]
-    weighted_mean = grad * (_flat(g).t() @ _flat(x)) / n  # W * M, differentiable torch ops
+    scaled = grad * (2 / n)  # scale the [out, in] weight, not the input-sized results
+    weighted_mean = scaled * (_flat(g).t() @ _flat(x)) / n  # (2/N) W * M, differentiable torch ops
     grad_x = grad_g = None
     if ctx.needs_input_grad[0]:
-        grad_x = (2 / n) * (_ops.weighted_gradient_product(g, x, g, grad) - (_flat(g) @ weighted_mean).reshape(x.shape))
+        grad_x = _ops.weighted_gradient_product(g, x, g, scaled) - (_flat(g) @ weighted_mean).reshape(x.shape)
     if ctx.needs_input_grad[1]:
-        grad_g = (2 / n) * (
-            _ops.weighted_gradient_product(x, g, x, grad.t()) - (_flat(x) @ weighted_mean.t()).reshape(g.shape)
-        )
+        grad_g = _ops.weighted_gradient_product(x, g, x, scaled.t()) - (_flat(x) @ weighted_mean.t()).reshape(g.shape)
     return grad_x, grad_g
 
 

@@ -1,0 +1,249 @@
+"""Conv2d ops vs the reference (itself checked against a per-sample autograd loop), gradients,
+opcheck, errors, nn.Conv2d-style arguments ('same', padding modes), Conv1d and conv bias."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conv_samples import CONV_CASES, CONV_GRAD_CASES, CONV_OPS, MULTI_CHUNK_CONV_CASES, ConvCase
+from torch import nn
+
+import gradvar_ext
+from gradvar_ext import reference
+
+from helpers import assert_matches, call
+
+DTYPES = (torch.float64, torch.float32)
+
+
+def per_sample_weight_grads(module: nn.Module, x, y, loss_fn):
+    """Ground truth: one backward per sample through the real module."""
+    grads = []
+    for i in range(x.shape[0]):
+        loss = loss_fn(module(x[i : i + 1]), y[i : i + 1])
+        grads.append(torch.autograd.grad(loss, module.weight)[0])
+    return torch.stack(grads)
+
+
+def conv_scale(op, args):
+    if op != "conv2d_variance":
+        return None
+    x, go, *conv = args
+    return (reference.conv2d_second_moment(x.double(), go.double(), *conv) / x.shape[0]).max().item()
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_reference_equals_per_sample_autograd(case):
+    torch.manual_seed(0)
+    x, go, *conv = case.args("conv2d_second_moment", torch.float64)
+    kernel, stride, padding, dilation, groups = conv
+    loops = []
+    for i in range(case.n):
+        w = torch.zeros(case.c_out, case.c_in // groups, *kernel, dtype=torch.float64, requires_grad=True)
+        out = F.conv2d(x[i : i + 1], w, None, stride, padding, dilation, groups)
+        loops.append(torch.autograd.grad(out, w, go[i : i + 1])[0])
+    torch.testing.assert_close(reference.conv2d_per_sample_gradients(x, go, *conv), torch.stack(loops))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", CONV_OPS)
+def test_conv_matches_reference(op, dtype):
+    torch.manual_seed(1)
+    for case in CONV_CASES + [ConvCase(**{**c.__dict__, "to_input": False}) for c in CONV_CASES]:
+        args = case.args(op, dtype)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        want = reference.OPS[op](*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+        assert_matches(call(op, *args), want, dtype, conv_scale(op, tensors[:2] + list(args[len(tensors) :][:5])))
+
+
+@pytest.mark.parametrize("case", MULTI_CHUNK_CONV_CASES, ids=str)
+@pytest.mark.parametrize("op", CONV_OPS)
+def test_conv_matches_reference_over_several_chunks(op, case):
+    torch.manual_seed(2)
+    args = case.args(op, torch.float64)
+    assert_matches(call(op, *args), reference.OPS[op](*args), torch.float64)
+
+
+@pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
+@pytest.mark.parametrize("op", CONV_OPS)
+def test_conv_gradcheck_gradgradcheck_opcheck(op, case):
+    torch.manual_seed(3)
+    args = case.args(op, torch.float64, requires_grad=True)
+    n_tensors = sum(isinstance(a, torch.Tensor) for a in args)
+    op_fn = getattr(torch.ops.gradvar, op)
+
+    def fn(*tensors):
+        return op_fn(*tensors, *args[n_tensors:])
+
+    assert torch.autograd.gradcheck(fn, args[:n_tensors])
+    assert torch.autograd.gradgradcheck(fn, args[:n_tensors])
+    torch.library.opcheck(op_fn.default, args)
+
+
+@pytest.mark.parametrize("case", CONV_GRAD_CASES[:2], ids=str)
+@pytest.mark.parametrize("op", CONV_OPS)
+def test_conv_gradients_match_autograd_through_reference(op, case):
+    torch.manual_seed(4)
+    args = case.args(op, torch.float64, requires_grad=True)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    ours, ref = call(op, *args), reference.OPS[op](*args)
+    upstream = torch.randn_like(ref)
+    g_ours = torch.autograd.grad(ours, tensors, upstream, create_graph=True)
+    g_ref = torch.autograd.grad(ref, tensors, upstream, create_graph=True)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b)
+    probes = [torch.randn_like(g) for g in g_ref]
+    for a, b in zip(
+        torch.autograd.grad(g_ours, tensors, probes, allow_unused=True),
+        torch.autograd.grad(g_ref, tensors, probes, allow_unused=True),
+    ):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b if b is not None else 0 * a)
+
+
+# ---------------------------------------------------------------- nn.Conv2d-style use
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=3, padding="same"),
+        dict(kernel_size=(2, 4), padding="same", dilation=(2, 1)),  # asymmetric 'same': input padded first
+        dict(kernel_size=3, padding="valid", stride=2),
+        dict(kernel_size=3, padding=1, padding_mode="reflect"),
+        dict(kernel_size=(3, 2), padding=(1, 2), padding_mode="circular", groups=2),
+        dict(kernel_size=3, padding=2, padding_mode="replicate", dilation=2),
+    ],
+    ids=str,
+)
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+def test_nn_conv2d_modules_end_to_end(kwargs):
+    """Real nn.Conv2d modules: our statistics from (input, grad_output) vs per-sample autograd."""
+    torch.manual_seed(5)
+    module = nn.Conv2d(4, 6, **kwargs).double()
+    x = torch.randn(5, 4, 9, 8, dtype=torch.float64)
+    out = module(x)
+    y = torch.randn_like(out)
+    go = torch.autograd.grad(F.mse_loss(out, y, reduction="sum"), out)[0]
+    per_sample = per_sample_weight_grads(module, x, y, lambda a, b: F.mse_loss(a, b, reduction="sum"))
+    args = gradvar_ext.conv2d_arguments_of(module)
+    torch.testing.assert_close(gradvar_ext.conv2d_variance(x, go, **args), per_sample.var(0, unbiased=False))
+    torch.testing.assert_close(gradvar_ext.conv2d_second_moment(x, go, **args), per_sample.square().sum(0))
+    torch.testing.assert_close(gradvar_ext.conv2d_batch_l2(x, go, **args), per_sample.square().sum((1, 2, 3, 4)))
+    bias = torch.stack([go[i].sum((1, 2)) for i in range(5)])
+    torch.testing.assert_close(gradvar_ext.conv2d_bias_variance(go), bias.var(0, unbiased=False))
+    torch.testing.assert_close(gradvar_ext.conv2d_bias_second_moment(go), bias.square().sum(0))
+    torch.testing.assert_close(gradvar_ext.conv2d_bias_batch_l2(go), bias.square().sum(1))
+
+
+def test_gradient_of_variance_through_padding_and_module():
+    """create_graph=True end to end: gradient of the total variance w.r.t. the conv weight."""
+    torch.manual_seed(6)
+    module = nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect").double()
+    x, y = torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    out = module(x)
+    go = torch.autograd.grad(F.mse_loss(out, y, reduction="sum"), out, create_graph=True)[0]
+    total = gradvar_ext.conv2d_variance(x, go, **gradvar_ext.conv2d_arguments_of(module)).sum()
+    ours = torch.autograd.grad(total, module.weight)[0]
+    per_sample = []
+    for i in range(4):
+        loss = F.mse_loss(module(x[i : i + 1]), y[i : i + 1], reduction="sum")
+        per_sample.append(torch.autograd.grad(loss, module.weight, create_graph=True)[0])
+    want = torch.autograd.grad(torch.stack(per_sample).var(0, unbiased=False).sum(), module.weight)[0]
+    torch.testing.assert_close(ours, want)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=3),
+        dict(kernel_size=4, stride=2, padding=1, dilation=1),
+        dict(kernel_size=3, padding="same", groups=2),
+    ],
+    ids=str,
+)
+def test_conv1d(kwargs):
+    torch.manual_seed(7)
+    module = nn.Conv1d(4, 6, **kwargs).double()
+    x = torch.randn(5, 4, 11, dtype=torch.float64)
+    out = module(x)
+    y = torch.randn_like(out)
+    go = torch.autograd.grad(F.mse_loss(out, y, reduction="sum"), out)[0]
+    per_sample = per_sample_weight_grads(module, x, y, lambda a, b: F.mse_loss(a, b, reduction="sum"))
+    conv = dict(
+        kernel_size=module.kernel_size,
+        stride=module.stride,
+        padding=module.padding,
+        dilation=module.dilation,
+        groups=module.groups,
+    )
+    torch.testing.assert_close(gradvar_ext.conv1d_variance(x, go, **conv), per_sample.var(0, unbiased=False))
+    torch.testing.assert_close(gradvar_ext.conv1d_second_moment(x, go, **conv), per_sample.square().sum(0))
+    torch.testing.assert_close(gradvar_ext.conv1d_batch_l2(x, go, **conv), per_sample.square().sum((1, 2, 3)))
+
+
+def test_variance_of_one_sample_is_exactly_zero():
+    x, go, *conv = ConvCase(1, 3, 4, (6, 6), padding=(1, 1)).args("conv2d_variance", torch.float32)
+    assert torch.equal(call("conv2d_variance", x, go, *conv), torch.zeros(4, 3, 3, 3))
+
+
+# ---------------------------------------------------------------- errors
+def _ones(*shape, dtype=torch.float32):
+    return torch.ones(shape, dtype=dtype)
+
+
+CONV = ([3, 3], [1, 1], [0, 0], [1, 1], 1)
+BAD_CONV_INPUTS = [
+    ((_ones(2, 3, 5), _ones(2, 4, 3, 3), *CONV), ValueError, "input must have shape [N, C_in, H, W]"),
+    ((_ones(2, 3, 5, 5), _ones(2, 4, 9), *CONV), ValueError, "grad_output must have shape [N, C_out, H_out, W_out]"),
+    ((_ones(2, 3, 5, 5), _ones(3, 4, 3, 3), *CONV), ValueError, "batch size (dim 0) of grad_output (3)"),
+    ((_ones(0, 3, 5, 5), _ones(0, 4, 3, 3), *CONV), ValueError, "input has an empty batch"),
+    ((_ones(2, 3, 5, 5), _ones(2, 4, 4, 3), *CONV), ValueError, "grad_output has spatial size [4, 3] but input [5, 5]"),
+    (
+        (_ones(2, 3, 5, 5), _ones(2, 4, 3, 3), [3, 3], [1, 1], [0, 0], [1, 1], 2),
+        ValueError,
+        "input has 3 channels, not divisible by groups = 2",
+    ),
+    (
+        (_ones(2, 4, 5, 5), _ones(2, 3, 3, 3), [3, 3], [1, 1], [0, 0], [1, 1], 2),
+        ValueError,
+        "grad_output has 3 channels, not divisible by groups = 2",
+    ),
+    ((_ones(2, 3, 2, 2), _ones(2, 4, 1, 1), *CONV), ValueError, "is smaller than the dilated kernel"),
+    ((_ones(2, 3, 5, 5), _ones(2, 4, 3, 3), [3, 3], [0, 1], [0, 0], [1, 1], 1), ValueError, "stride must be >= 1"),
+    ((_ones(2, 3, 5, 5), _ones(2, 4, 3, 3), [3, 3], [1, 1], [-1, 0], [1, 1], 1), ValueError, "padding must be >= 0"),
+    ((_ones(2, 3, 5, 5), _ones(2, 4, 3, 3), [3, 3], [1, 1], [0, 0], [1, 1], 0), ValueError, "groups must be >= 1"),
+    ((_ones(2, 3, 5, 5, dtype=torch.int64), _ones(2, 4, 3, 3), *CONV), TypeError, "input must be float32 or float64"),
+    ((_ones(2, 3, 5, 5), _ones(2, 4, 3, 3, dtype=torch.float64), *CONV), TypeError, "grad_output has dtype"),
+]
+
+
+@pytest.mark.parametrize("op", ["conv2d_variance", "conv2d_second_moment", "conv2d_batch_l2"])
+@pytest.mark.parametrize("args,exc,text", BAD_CONV_INPUTS, ids=[b[2][:40] for b in BAD_CONV_INPUTS])
+def test_conv_errors_name_the_argument(op, args, exc, text):
+    for fn in (getattr(torch.ops.gradvar, op), reference.OPS[op]):
+        with pytest.raises(exc) as info:
+            fn(*args)
+        assert f"gradvar.{op}: " in str(info.value) and text in str(info.value), str(info.value)
+
+
+def test_conv_weighted_product_checks_left_and_weight():
+    x, go = _ones(2, 3, 5, 5), _ones(2, 4, 3, 3)
+    op = torch.ops.gradvar.conv2d_weighted_gradient_product
+    with pytest.raises(ValueError, match=r"weight must have the conv weight's shape \[4, 3, 3, 3\]"):
+        op(go, x, go, _ones(4, 3, 3, 2), *CONV, True)
+    with pytest.raises(ValueError, match=r"left \(to_input=True\) must have the shape of grad_output"):
+        op(x, x, go, _ones(4, 3, 3, 3), *CONV, True)
+    with pytest.raises(ValueError, match=r"left \(to_input=False\) must have the shape of input"):
+        op(go, x, go, _ones(4, 3, 3, 3), *CONV, False)
+
+
+def test_python_arguments_are_validated():
+    x, go = _ones(2, 3, 5, 5), _ones(2, 4, 5, 5)
+    with pytest.raises(ValueError, match="gradvar.conv2d_variance: padding='same' needs stride 1"):
+        gradvar_ext.conv2d_variance(x, go, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match="gradvar.conv2d_variance: padding_mode must be one of"):
+        gradvar_ext.conv2d_variance(x, go, 3, padding=1, padding_mode="mirror")
+    with pytest.raises(ValueError, match="gradvar.conv2d_batch_l2: kernel_size must be an int or a pair"):
+        gradvar_ext.conv2d_batch_l2(x, go, (3, 3, 3))
+    with pytest.raises(ValueError, match="gradvar.conv2d_bias_variance: grad_output must have shape"):
+        gradvar_ext.conv2d_bias_variance(_ones(2, 4))

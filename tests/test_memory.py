@@ -1,0 +1,77 @@
+"""Memory of the fast paths against batch size N (not a timed test).
+
+Each measurement runs in a fresh interpreter and reads the process's peak resident memory
+(ru_maxrss) around one call, so the number is what the call adds on top of its inputs. The
+per-sample gradients of these layers are hundreds of MB at N = 512: materialising them would show.
+- the statistic itself: extra memory stays flat in N (the chunk budget, 32 MiB, plus the result);
+- its backward returns input-sized gradients, which must grow with N: the growth stays within a
+  few input-sized tensors, far below the per-sample gradients."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MEASURE = textwrap.dedent(
+    """
+    import json, resource, sys, torch, gradvar_ext
+    torch.set_num_threads(1)
+    kind, n, part = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    def peak_mb():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    if kind == "linear":   # Linear(512, 512) on [N, 4, 512]: per-sample gradients 1 MB each
+        x = torch.randn(n, 4, 512, requires_grad=True); go = torch.randn(n, 4, 512, requires_grad=True)
+        run = lambda: torch.ops.gradvar.linear_variance(x, go)
+    else:                  # Conv2d(128, 128, 3, padding=1) on 8x8: per-sample gradients 0.6 MB each
+        x = torch.randn(n, 128, 8, 8, requires_grad=True); go = torch.randn(n, 128, 8, 8, requires_grad=True)
+        run = lambda: torch.ops.gradvar.conv2d_variance(x, go, [3, 3], [1, 1], [1, 1], [1, 1], 1)
+    if part == "forward":
+        before = peak_mb()
+        var = run()
+    else:
+        var = run()
+        before = peak_mb()
+        torch.autograd.grad(var.sum(), (x, go))
+    print(json.dumps({
+        "extra_mb": peak_mb() - before,
+        "per_sample_grads_mb": n * var.numel() * 4 / 2**20,
+        "inputs_mb": (x.numel() + go.numel()) * 4 / 2**20,
+    }))
+    """
+)
+
+
+def measure(kind: str, n: int, part: str) -> dict:
+    # A fixed mmap threshold: glibc otherwise raises it after large frees and serves the next
+    # chunk's scratch from a heap it does not return, so RSS would count freed memory (seen: +46 MB).
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, kind, str(n), part], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_statistic_memory_is_flat_in_batch_size(kind):
+    small, large = measure(kind, 32, "forward"), measure(kind, 512, "forward")
+    assert large["per_sample_grads_mb"] > 250  # what materialising would cost at N = 512
+    assert large["extra_mb"] < 64, (small, large)
+    assert large["extra_mb"] - small["extra_mb"] < 12, (small, large)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_backward_memory_grows_only_with_input_sized_gradients(kind):
+    small, large = measure(kind, 32, "backward"), measure(kind, 512, "backward")
+    growth = large["extra_mb"] - small["extra_mb"]
+    input_growth = large["inputs_mb"] - small["inputs_mb"]
+    assert growth < 3 * input_growth + 16, (small, large)
+    assert growth < large["per_sample_grads_mb"] / 2, (small, large)
