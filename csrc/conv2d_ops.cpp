@@ -185,8 +185,13 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
     return out;
   }
   at::Tensor out = at::empty(grad_output.sizes(), grad_output.options());
-  weighted_outer_product_apply(patch_factors(left, c), position_factors(grad_output, c), patch_factors(input, c),
-                               W.transpose(1, 2), [&](int64_t start, int64_t n, const at::Tensor& values) {
+  // The variance's backward passes left = input: one Factors object, so the core unfolds it once.
+  const bool left_is_input = left.is_same(input);
+  const auto input_patches = patch_factors(input, c);
+  const auto other_patches = left_is_input ? Factors{} : patch_factors(left, c);
+  const Factors& left_patches = left_is_input ? input_patches : other_patches;
+  weighted_outer_product_apply(left_patches, position_factors(grad_output, c),
+                               input_patches, W.transpose(1, 2), [&](int64_t start, int64_t n, const at::Tensor& values) {
                                  // [n*g, L, fo] -> [n, C_out, H_out, W_out]
                                  auto dst = out.narrow(0, start, n);
                                  dst.copy_(values.view({n, g, L, fo}).permute({0, 1, 3, 2}).reshape(dst.sizes()));

@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 namespace gradvar {
 namespace {
@@ -48,6 +50,13 @@ void rowwise_dot(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 
 }  // namespace
 
+#ifdef GRADVAR_WITH_CUDA
+bool fused_cuda_enabled() {
+  const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
+  return flag != nullptr && std::strcmp(flag, "") != 0 && std::strcmp(flag, "0") != 0;
+}
+#endif
+
 // moment = sum_n (G_n^T X_n) * (Gb_n^T Xb_n), sum = sum_n G_n^T X_n.
 // T == 1: batched GEMMs over all samples, (G*Gb)^T (X*Xb) and G^T X; extra memory O(N (I + O)).
 // T > 1: per chunk of c samples, bmm -> [c*groups, O, I] (twice if the pairs differ), then a
@@ -65,6 +74,22 @@ std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const
   }
   at::Tensor moment = at::zeros({groups, O, I}, X.options);
   at::Tensor sum = with_sum ? at::zeros({groups, O, I}, X.options) : at::Tensor();
+#ifdef GRADVAR_WITH_CUDA
+  if (X.options.device().is_cuda() && fused_cuda_enabled()) {  // no [c, O, I] scratch: chunk only unfolding
+    const int64_t chunk = chunk_samples(std::max<int64_t>(1, formed(X) + formed(G) + (same ? 0 : formed(*Xb) + formed(*Gb))), X);
+    for (int64_t start = 0; start < N; start += chunk) {
+      const int64_t n = std::min(chunk, N - start);
+      const auto Xc = X.chunk(start, n), Gc = G.chunk(start, n);
+      if (same) {
+        fused_moments_cuda(moment, sum, Xc, Gc, nullptr, nullptr, groups);
+      } else {
+        const auto Xbc = Xb->chunk(start, n), Gbc = Gb->chunk(start, n);
+        fused_moments_cuda(moment, sum, Xc, Gc, &Xbc, &Gbc, groups);
+      }
+    }
+    return {moment, sum};
+  }
+#endif
   const int64_t per_sample = groups * O * I * (same ? 1 : 2) + formed(X) + formed(G) +
                              (same ? 0 : formed(*Xb) + formed(*Gb));
   const int64_t chunk = chunk_samples(per_sample, X);
@@ -126,6 +151,7 @@ at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G) {
 }
 
 // Per sample and group, out_n = Z_n (W * (Q_n^T P_n)): Z, Q [T, a]; P [T, b]; W [groups, a, b].
+// Pass the same Factors object as Z and Q when they are the same tensor: it is formed once.
 // T == 1: out = P * ((Z * Q) W), one batched GEMM. T > 1: per chunk h = Q_c^T P_c
 // ([c*groups, a, b]), h *= W, out_c = Z_c h ([c*groups, T, b]) to the sink; scratch <= kChunkBytes.
 void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Factors& Q, const at::Tensor& W,
@@ -143,10 +169,11 @@ void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Fact
   for (int64_t start = 0; start < N; start += chunk) {
     const int64_t n = std::min(chunk, N - start);
     auto h = h_buf.narrow(0, 0, n * groups);
-    at::bmm_out(h, Q.chunk(start, n).transpose(1, 2), P.chunk(start, n));
+    const auto Qc = Q.chunk(start, n);
+    at::bmm_out(h, Qc.transpose(1, 2), P.chunk(start, n));
     h.view({n, groups, a, b}).mul_(W);
     auto out = out_buf.narrow(0, 0, n * groups);
-    at::bmm_out(out, Z.chunk(start, n), h);
+    at::bmm_out(out, &Z == &Q ? Qc : Z.chunk(start, n), h);  // same factors: unfold once
     sink(start, n, out);
   }
 }

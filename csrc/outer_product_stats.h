@@ -44,6 +44,12 @@ void accumulate_products_cpu(at::Tensor& moment, at::Tensor& sum, const at::Tens
 // out[k] = sum_j a[k, j] * b[k, j]. a, b: [k, F]; out: [k] (contiguous view allowed).
 void rowwise_dot_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 #ifdef GRADVAR_WITH_CUDA
+// GRADVAR_EXT_FUSED_CUDA=1: the moments of CUDA tensors with positions (T > 1) use the fused
+// kernel (cuda/fused_moments.cu) instead of bmm + accumulate. Opt-in until validated on a GPU.
+bool fused_cuda_enabled();
+// moment (+)= sum_s g_s * h_s, sum (+)= sum_s g_s over one chunk; X, G (Xb, Gb): [S * groups, T, F].
+void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X, const at::Tensor& G,
+                        const at::Tensor* Xb, const at::Tensor* Gb, int64_t groups);
 void accumulate_products_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& g, const at::Tensor& gb);
 void rowwise_dot_cuda(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 #endif

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conv_samples import CONV_CASES, CONV_GRAD_CASES, CONV_OPS, MULTI_CHUNK_CONV_CASES, ConvCase
 
 import gradvar_ext
 
 from helpers import assert_matches, call, expected, scale_for
-from samples import ALL_CASES, GRAD_CASES, MULTI_CHUNK_CASES, OPS
+from samples import ALL_CASES, GRAD_CASES, MULTI_CHUNK_CASES, OPS, Case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 DTYPES = (torch.float64, torch.float32)
@@ -81,3 +82,83 @@ def test_cuda_non_default_device():
     out = torch.ops.gradvar.linear_variance(x, g)
     assert out.device == x.device
     torch.testing.assert_close(out.cpu(), gradvar_ext.reference.linear_variance(x.cpu(), g.cpu()))
+
+
+# ---------------------------------------------------------------- Conv2d on CUDA
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", CONV_OPS)
+def test_cuda_conv_matches_reference(op, dtype):
+    torch.manual_seed(14)
+    cases = CONV_CASES + [ConvCase(**{**c.__dict__, "to_input": False}) for c in CONV_CASES] + MULTI_CHUNK_CONV_CASES
+    for case in cases:
+        args = case.args(op, dtype, device="cuda")
+        cpu64 = [a.cpu().double() if isinstance(a, torch.Tensor) else a for a in args]
+        want = gradvar_ext.reference.OPS[op](*cpu64)
+        scale = None
+        if op == "conv2d_variance":
+            scale = (gradvar_ext.reference.conv2d_second_moment(*cpu64) / case.n).max().item()
+        out = call(op, *args)
+        assert out.is_cuda
+        assert_matches(out, want, dtype, scale)
+
+
+@pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
+@pytest.mark.parametrize("op", CONV_OPS)
+def test_cuda_conv_gradcheck_gradgradcheck_opcheck(op, case):
+    torch.manual_seed(15)
+    args = case.args(op, torch.float64, device="cuda", requires_grad=True)
+    n_tensors = sum(isinstance(a, torch.Tensor) for a in args)
+    op_fn = getattr(torch.ops.gradvar, op)
+
+    def fn(*tensors):
+        return op_fn(*tensors, *args[n_tensors:])
+
+    assert torch.autograd.gradcheck(fn, args[:n_tensors])
+    assert torch.autograd.gradgradcheck(fn, args[:n_tensors])
+    torch.library.opcheck(op_fn.default, args)
+
+
+# ---------------------------------------------------------------- the fused kernel (opt-in)
+MOMENT_OPS = ("linear_second_moment", "linear_variance", "linear_cross_moment")
+CONV_MOMENT_OPS = ("conv2d_second_moment", "conv2d_variance", "conv2d_cross_moment")
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "1")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", MOMENT_OPS)
+def test_fused_cuda_linear_matches_reference(fused, op, dtype):
+    torch.manual_seed(16)
+    # Shapes with positions (the fused path), tile edges (1, 63, 64, 65, 130) and both split regimes.
+    shapes = [(7, (3,), 5, 3), (2, (2, 3), 16, 12), (64, (5,), 65, 63), (300, (2,), 7, 9), (3, (17,), 130, 64)]
+    cases = [c for c in ALL_CASES if c.middle] + [Case(n, m, fi, fo) for n, m, fi, fo in shapes] + MULTI_CHUNK_CASES
+    for case in cases:
+        args = case.args(op, dtype, device="cuda")
+        want = expected(op, *(a.cpu() for a in args))
+        assert_matches(call(op, *args), want, dtype, scale_for(op, [a.cpu() for a in args]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", CONV_MOMENT_OPS)
+def test_fused_cuda_conv_matches_reference(fused, op, dtype):
+    torch.manual_seed(17)
+    for case in CONV_CASES + MULTI_CHUNK_CONV_CASES:
+        args = case.args(op, dtype, device="cuda")
+        cpu64 = [a.cpu().double() if isinstance(a, torch.Tensor) else a for a in args]
+        scale = None
+        if op == "conv2d_variance":
+            scale = (gradvar_ext.reference.conv2d_second_moment(*cpu64) / case.n).max().item()
+        assert_matches(call(op, *args), gradvar_ext.reference.OPS[op](*cpu64), dtype, scale)
+
+
+def test_fused_cuda_is_deterministic_and_gradgradchecks(fused):
+    torch.manual_seed(18)
+    x = torch.randn(300, 4, 70, device="cuda")
+    g = torch.randn(300, 4, 50, device="cuda")
+    assert torch.equal(call("linear_variance", x, g), call("linear_variance", x, g))
+    x = torch.randn(3, 2, 3, device="cuda", dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 2, 2, device="cuda", dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(torch.ops.gradvar.linear_variance, (x, g))

@@ -1,0 +1,287 @@
+"""Variance of the per-sample gradients and the gradient of the total variance (the seed's job),
+measured side by side for several methods, each in a fresh subprocess.
+
+    python benchmarks/bench_variance.py [--device cuda] [--quick] [--workloads mlp cnn]
+
+Methods: floor (a plain forward + backward, for scale), gradvar (this library, from hooks),
+gradvar-fused (CUDA only: the opt-in fused moment kernel), loop (per-sample autograd loop: the
+ground truth every other method is checked against), torch.func (vmap of grad), backpack (when
+installed). Prints a markdown table last and writes JSON to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# ---------------------------------------------------------------- workloads
+def make_workload(name: str, device: str):
+    g = torch.Generator().manual_seed(0)
+    if name == "seed-linear":
+        model, x, y, loss = (
+            nn.Linear(2, 1, bias=False),
+            torch.randn(3, 2, generator=g),
+            torch.randn(3, 1, generator=g),
+            "mse",
+        )
+    elif name == "mlp":
+        model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+        x, y, loss = torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g), "ce"
+    elif name.startswith("cnn"):
+        n = int(name.split("-")[1]) if "-" in name else 64
+        model = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, 10),
+        )
+        x, y, loss = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g), "ce"
+    elif name == "seq":
+        model, x, y, loss = (
+            nn.Linear(256, 256),
+            torch.randn(32, 128, 256, generator=g),
+            torch.randn(32, 128, 256, generator=g),
+            "mse",
+        )
+    else:
+        raise ValueError(f"unknown workload {name!r}")
+    torch.manual_seed(0)
+    model = model.to(device)
+    lossfunc = nn.MSELoss(reduction="sum") if loss == "mse" else nn.CrossEntropyLoss(reduction="sum")
+    return model, x.to(device), y.to(device), lossfunc
+
+
+WORKLOADS = ("seed-linear", "mlp", "cnn", "seq")
+
+
+# ---------------------------------------------------------------- methods: each returns (total_var, grads)
+def run_floor(model, x, y, lossfunc):
+    loss = lossfunc(model(x), y)
+    return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+
+def run_gradvar(model, x, y, lossfunc):
+    import gradvar_ext as gv
+
+    layers, io = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))], {}
+    handles = [m.register_forward_hook(lambda m, i, o: io.__setitem__(m, (i[0], o))) for m in layers]
+    try:
+        loss = lossfunc(model(x), y)
+    finally:
+        for h in handles:
+            h.remove()
+    outputs = [io[m][1] for m in layers]
+    grad_outputs = torch.autograd.grad(loss, outputs, create_graph=True)
+    total = 0
+    for m, go in zip(layers, grad_outputs):
+        inp = io[m][0]
+        if isinstance(m, nn.Linear):
+            total = total + gv.linear_variance(inp, go).sum()
+            if m.bias is not None:
+                total = total + gv.bias_variance(go).sum()
+        else:
+            total = total + gv.conv2d_variance(inp, go, **gv.conv2d_arguments_of(m)).sum()
+            if m.bias is not None:
+                total = total + gv.conv2d_bias_variance(go).sum()
+    return total, torch.autograd.grad(total, list(model.parameters()))
+
+
+def run_loop(model, x, y, lossfunc):
+    params = list(model.parameters())
+    per_sample = []
+    for i in range(x.shape[0]):
+        loss = lossfunc(model(x[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        per_sample.append(torch.cat([g.reshape(-1) for g in grads]))
+    total = torch.stack(per_sample).var(dim=0, unbiased=False).sum()
+    return total, torch.autograd.grad(total, params)
+
+
+def run_torch_func(model, x, y, lossfunc):
+    from torch.func import functional_call, grad, vmap
+
+    params = dict(model.named_parameters())
+
+    def loss_one(p, xi, yi):
+        return lossfunc(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    total = sum(g.var(dim=0, unbiased=False).sum() for g in per_sample.values())
+    return total, torch.autograd.grad(total, list(params.values()))
+
+
+def run_backpack(model, x, y, lossfunc):
+    from backpack import backpack, extend
+    from backpack.extensions import Variance
+
+    model, lossfunc = extend(model), extend(lossfunc)
+    loss = lossfunc(model(x), y)
+    with backpack(Variance()):
+        loss.backward(retain_graph=True, create_graph=True)
+    total = sum(p.variance.sum() for p in model.parameters())
+    grads = torch.autograd.grad(total, list(model.parameters()))
+    for p in model.parameters():  # break the create_graph reference cycle
+        p.grad = None
+    return total, grads
+
+
+METHODS = {
+    "floor": run_floor,
+    "gradvar": run_gradvar,
+    "gradvar-fused": run_gradvar,
+    "loop": run_loop,
+    "torch.func": run_torch_func,
+    "backpack": run_backpack,
+}
+
+
+# ---------------------------------------------------------------- one measurement (child process)
+def worker(method: str, workload: str, device: str, repeats: int, out_path: str) -> None:
+    import resource
+
+    if method == "gradvar-fused":
+        os.environ["GRADVAR_EXT_FUSED_CUDA"] = "1"
+    torch.manual_seed(0)
+    model, x, y, lossfunc = make_workload(workload, device)
+    fn = METHODS[method]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    # CPU: ru_maxrss is a lifetime high-water mark, so the baseline is taken before the warm-up.
+    cpu_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fn(model, x, y, lossfunc)  # warm-up (loads kernels, allocator pools)
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = cpu_base
+    times = []
+    for _ in range(repeats):
+        model.zero_grad(set_to_none=True)
+        sync()
+        start = time.perf_counter()
+        total, grads = fn(model, x, y, lossfunc)
+        sync()
+        times.append(time.perf_counter() - start)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    torch.save({"total": total.detach().cpu(), "grads": [g.detach().cpu() for g in grads]}, out_path)
+    print(json.dumps({"median_ms": 1000 * statistics.median(times), "peak_mb": max(peak, 0) / 2**20}))
+
+
+def measure(method, workload, device, repeats, tmp) -> dict:
+    out_path = os.path.join(tmp, f"{method}-{workload}.pt")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # CPU peak memory by RSS: see tests/test_memory.py
+    cmd = [sys.executable, __file__, "--worker", method, workload, device, str(repeats), out_path]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"error": last[:160]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["values"] = torch.load(out_path)
+    return result
+
+
+def agrees(a, b, rtol=1e-3, atol=1e-5) -> bool:
+    scale = max(float(b["total"].abs()), 1e-12)
+    ok = abs(float(a["total"]) - float(b["total"])) <= rtol * scale + atol
+    for ga, gb in zip(a["grads"], b["grads"]):
+        ok &= bool(torch.allclose(ga, gb, rtol=rtol, atol=atol * max(1.0, float(gb.abs().max()))))
+    return ok
+
+
+def machine(device: str) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, skip the slowest loops")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--json", default=None, help="output path (default benchmarks/results/<device>.json)")
+    args = parser.parse_args()
+    methods = args.methods or [m for m in METHODS if m != "gradvar-fused" or args.device == "cuda"]
+    repeats = 3 if args.quick else 7
+    rows, results = [], {"machine": machine(args.device), "workloads": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for workload in args.workloads:
+            measured = {}
+            for method in ["loop"] + [m for m in methods if m != "loop"]:
+                if method == "backpack":
+                    try:
+                        import backpack  # noqa: F401
+                    except ImportError:
+                        measured[method] = {"error": "not installed"}
+                        continue
+                measured[method] = measure(method, workload, args.device, repeats, tmp)
+                print(
+                    f"{workload:>12} {method:>14}: "
+                    + (measured[method].get("error") or f"{measured[method]['median_ms']:.2f} ms"),
+                    flush=True,
+                )
+            truth = measured["loop"].get("values")
+            results["workloads"][workload] = {}
+            for method, r in measured.items():
+                if "error" in r:
+                    rows.append(f"| {workload} | {method} | - | - | {r['error']} |")
+                    results["workloads"][workload][method] = {"error": r["error"]}
+                    continue
+                ok = (
+                    "floor (no variance)"
+                    if method == "floor"
+                    else ("yes" if truth and agrees(r["values"], truth) else "NO")
+                )
+                rows.append(f"| {workload} | {method} | {r['median_ms']:.2f} | {r['peak_mb']:.1f} | {ok} |")
+                results["workloads"][workload][method] = {
+                    "median_ms": r["median_ms"],
+                    "peak_mb": r["peak_mb"],
+                    "matches_loop": ok,
+                }
+    path = args.json or os.path.join(HERE, "results", f"{args.device}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nmachine: {json.dumps(results['machine'])}\n")
+    print("| workload | method | median time (ms) | peak extra memory (MB) | matches per-sample loop |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
+    else:
+        raise SystemExit(main())

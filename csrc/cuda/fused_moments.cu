@@ -1,0 +1,177 @@
+// Fused per-sample moments on CUDA: one pass over the factors, no per-sample gradient in
+// global memory, no atomics (deterministic).
+//   moment[g, o, i] += sum_s  g_s[o, i] * h_s[o, i]      (h_s = g_s unless a second pair is given)
+//   sum[g, o, i]    += sum_s  g_s[o, i]                  (optional)
+//   g_s = sum_t G[s, t, o] X[s, t, i],  h_s = sum_t Gb[s, t, o] Xb[s, t, i]
+// X, Xb: [S * groups, T, I]; G, Gb: [S * groups, T, O]; any strides. A block owns a 64 x 64
+// output tile of one group: 256 threads, 4 x 4 outputs each, strided by 16 so shared-memory
+// reads are conflict-free. It walks its share of the samples; per sample it accumulates g_s
+// (and h_s) over T in registers, 16 positions at a time through shared memory, then updates
+// the moment / sum registers. Samples are split over gridDim.z only as far as needed to fill
+// the GPU; the splits' partials are reduced in a fixed order afterwards.
+// Memory: partials [splits, groups, O, I] with splits = 1 when the tiles alone fill the GPU.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "../outer_product_stats.h"
+
+namespace gradvar {
+namespace {
+
+constexpr int kTile = 64, kSteps = 16, kThreads = 256, kPer = 4;
+
+struct Operand {  // a [S * groups, T, F] factor with element strides
+  const void* data;
+  int64_t s_batch, s_pos, s_feat;
+};
+
+// Loads rows [t0, t0 + kSteps) x features [f0, f0 + kTile) of sample-group `b` into tile[k][f],
+// zero-filling outside [T, F). Consecutive threads walk the operand's unit-stride dimension.
+template <typename scalar_t>
+__device__ void load_tile(scalar_t (*tile)[kTile], const Operand& op, int64_t b, int64_t t0, int64_t f0,
+                          int64_t T, int64_t F) {
+  const auto* base = static_cast<const scalar_t*>(op.data) + b * op.s_batch;
+  const bool features_fastest = op.s_feat == 1;
+#pragma unroll
+  for (int r = 0; r < kSteps * kTile / kThreads; ++r) {
+    const int e = threadIdx.x + r * kThreads;
+    const int k = features_fastest ? e / kTile : e % kSteps;
+    const int f = features_fastest ? e % kTile : e / kSteps;
+    const int64_t t = t0 + k, feat = f0 + f;
+    tile[k][f] = (t < T && feat < F) ? base[t * op.s_pos + feat * op.s_feat] : scalar_t(0);
+  }
+}
+
+template <typename scalar_t>
+__device__ void accumulate_sample(scalar_t (&acc)[kPer][kPer], scalar_t (*gs)[kTile], scalar_t (*xs)[kTile],
+                                  const Operand& G, const Operand& X, int64_t b, int64_t o0, int64_t i0, int64_t T,
+                                  int64_t O, int64_t I) {
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int a = 0; a < kPer; ++a)
+#pragma unroll
+    for (int c = 0; c < kPer; ++c) acc[a][c] = 0;
+  for (int64_t t0 = 0; t0 < T; t0 += kSteps) {
+    load_tile(gs, G, b, t0, o0, T, O);
+    load_tile(xs, X, b, t0, i0, T, I);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kSteps; ++k) {
+      scalar_t gv[kPer], xv[kPer];
+#pragma unroll
+      for (int a = 0; a < kPer; ++a) gv[a] = gs[k][ty + 16 * a];
+#pragma unroll
+      for (int c = 0; c < kPer; ++c) xv[c] = xs[k][tx + 16 * c];
+#pragma unroll
+      for (int a = 0; a < kPer; ++a)
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) acc[a][c] += gv[a] * xv[c];
+    }
+    __syncthreads();
+  }
+}
+
+template <typename scalar_t, bool kCross, bool kSum>
+__global__ void __launch_bounds__(kThreads)
+    fused_moments_kernel(Operand X, Operand G, Operand Xb, Operand Gb, scalar_t* __restrict__ moment_out,
+                         scalar_t* __restrict__ sum_out, int64_t samples, int64_t groups, int64_t T, int64_t I,
+                         int64_t O, int64_t splits) {
+  __shared__ scalar_t gs[kSteps][kTile], xs[kSteps][kTile];
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int64_t i0 = int64_t(blockIdx.x) * kTile, o0 = int64_t(blockIdx.y) * kTile;
+  const int64_t group = blockIdx.z % groups, split = blockIdx.z / groups;
+  const int64_t s_begin = samples * split / splits, s_end = samples * (split + 1) / splits;
+  scalar_t m[kPer][kPer] = {}, s[kPer][kPer] = {};
+  scalar_t g[kPer][kPer], h[kPer][kPer];
+  for (int64_t n = s_begin; n < s_end; ++n) {
+    const int64_t b = n * groups + group;
+    accumulate_sample(g, gs, xs, G, X, b, o0, i0, T, O, I);
+    if (kCross) accumulate_sample(h, gs, xs, Gb, Xb, b, o0, i0, T, O, I);
+#pragma unroll
+    for (int a = 0; a < kPer; ++a)
+#pragma unroll
+      for (int c = 0; c < kPer; ++c) {
+        m[a][c] += g[a][c] * (kCross ? h[a][c] : g[a][c]);
+        if (kSum) s[a][c] += g[a][c];
+      }
+  }
+  // Output layout [splits, groups, O, I]; with splits == 1 this is the result itself (+=).
+  const int64_t out_base = (split * groups + group) * O * I;
+#pragma unroll
+  for (int a = 0; a < kPer; ++a)
+#pragma unroll
+    for (int c = 0; c < kPer; ++c) {
+      const int64_t o = o0 + ty + 16 * a, i = i0 + tx + 16 * c;
+      if (o < O && i < I) {
+        const int64_t at = out_base + o * I + i;
+        if (splits == 1) {
+          moment_out[at] += m[a][c];
+          if (kSum) sum_out[at] += s[a][c];
+        } else {
+          moment_out[at] = m[a][c];
+          if (kSum) sum_out[at] = s[a][c];
+        }
+      }
+    }
+}
+
+Operand operand(const at::Tensor& t) { return Operand{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+int multiprocessors(int device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+}  // namespace
+
+void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X, const at::Tensor& G,
+                        const at::Tensor* Xb, const at::Tensor* Gb, int64_t groups) {
+  const c10::cuda::CUDAGuard guard(X.device());
+  const int64_t samples = X.size(0) / groups, T = X.size(1), I = X.size(2), O = G.size(2);
+  if (samples == 0 || I == 0 || O == 0) return;
+  const int64_t tiles = ((I + kTile - 1) / kTile) * ((O + kTile - 1) / kTile) * groups;
+  // Enough blocks for two waves; partials capped at 64 MiB (and 64 splits).
+  const int64_t per_split_bytes = groups * O * I * int64_t(X.element_size()) * (sum.defined() ? 2 : 1);
+  int64_t splits = std::max<int64_t>(1, (2 * multiprocessors(X.get_device()) + tiles - 1) / tiles);
+  splits = std::clamp<int64_t>(std::min(splits, (int64_t(64) << 20) / std::max<int64_t>(per_split_bytes, 1)), 1,
+                               std::min<int64_t>(samples, 64));
+  at::Tensor moment_out = moment, sum_out = sum;
+  if (splits > 1) {
+    moment_out = at::empty({splits, groups, O, I}, moment.options());
+    if (sum.defined()) sum_out = at::empty({splits, groups, O, I}, moment.options());
+  }
+  const dim3 grid(static_cast<unsigned>((I + kTile - 1) / kTile), static_cast<unsigned>((O + kTile - 1) / kTile),
+                  static_cast<unsigned>(groups * splits));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool cross = Xb != nullptr;
+  const Operand x = operand(X), g = operand(G), xb = cross ? operand(*Xb) : x, gb = cross ? operand(*Gb) : g;
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "fused_moments_cuda", [&] {
+    auto* m_ptr = moment_out.mutable_data_ptr<scalar_t>();
+    auto* s_ptr = sum.defined() ? sum_out.mutable_data_ptr<scalar_t>() : nullptr;
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, kThreads, 0, stream>>>(x, g, xb, gb, m_ptr, s_ptr, samples, groups, T, I, O, splits);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (cross) {
+      launch(fused_moments_kernel<scalar_t, true, false>);
+    } else if (sum.defined()) {
+      launch(fused_moments_kernel<scalar_t, false, true>);
+    } else {
+      launch(fused_moments_kernel<scalar_t, false, false>);
+    }
+  });
+  if (splits > 1) {  // fixed-order reduction of the partials: deterministic
+    moment.add_(moment_out.sum(0));
+    if (sum.defined()) sum.add_(sum_out.sum(0));
+  }
+}
+
+}  // namespace gradvar
