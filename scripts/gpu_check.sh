@@ -19,7 +19,7 @@ timeout 150 $PY benchmarks/bench_variance.py --device cuda --quick --json "$OUT/
 stage "compute-sanitizer"
 for tool in memcheck racecheck; do
   timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1
-  echo "$tool exit: $? ($(grep -c 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log") summaries): $(grep 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
+  echo "$tool exit: $? ($(grep -c 'SUMMARY' "$OUT/sanitizer_$tool.log") summaries): $(grep 'SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
 done
 stage example
 timeout 45 $PY examples/gradient_of_variance.py 2>&1 | tail -12
