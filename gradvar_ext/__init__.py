@@ -27,6 +27,7 @@ from .conv_ops import (  # noqa: E402
     conv2d_second_moment,
     conv2d_variance,
 )
+from .frontend import BatchL2Grad, SumGradSquared, Variance, clear, collect, extend  # noqa: E402
 from .ops import (  # noqa: E402
     bias_batch_l2,
     bias_second_moment,
@@ -39,7 +40,13 @@ from .ops import (  # noqa: E402
 )
 
 __all__ = [
+    "BatchL2Grad",
+    "SumGradSquared",
+    "Variance",
     "backend",
+    "clear",
+    "collect",
+    "extend",
     "conv1d_batch_l2",
     "conv1d_second_moment",
     "conv1d_variance",

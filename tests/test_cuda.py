@@ -162,3 +162,16 @@ def test_fused_cuda_is_deterministic_and_gradgradchecks(fused):
     x = torch.randn(3, 2, 3, device="cuda", dtype=torch.float64, requires_grad=True)
     g = torch.randn(3, 2, 2, device="cuda", dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(torch.ops.gradvar.linear_variance, (x, g))
+
+
+# ---------------------------------------------------------------- the front end on CUDA
+def test_cuda_front_end_matches_per_sample_loop():
+    from test_frontend import ALL, assert_statistics, build, per_sample_grads
+
+    torch.backends.cudnn.allow_tf32 = False
+    for name in ("digits-cnn", "conv-hyperparameters", "sequence-linear"):
+        model, x, y, lossfunc = build(name, torch.float64, device="cuda")
+        with gradvar_ext.collect(*ALL):
+            lossfunc(model(x), y).backward()
+        assert model[0].weight.variance.is_cuda if isinstance(model, torch.nn.Sequential) else True
+        assert_statistics(model, per_sample_grads(model, x, y, lossfunc), torch.float64)

@@ -1,0 +1,243 @@
+"""BackPACK-style whole-model front end: ``extend`` a model, ``collect`` statistics during backward.
+
+    model = gradvar_ext.extend(model)
+    loss = lossfunc(model(x), y)
+    with gradvar_ext.collect(gradvar_ext.Variance(), gradvar_ext.SumGradSquared(), gradvar_ext.BatchL2Grad()):
+        loss.backward(retain_graph=True, create_graph=True)
+    p.variance, p.sum_grad_squared, p.batch_l2   # for every parameter of an extended layer
+
+Data flows one way: forward hooks attach a tensor hook to each layer output that holds the
+layer's input; during backward, inside ``collect``, the hook records ``(input, grad_output)``;
+when the block exits, the ``gradvar`` ops turn the records into statistics on the parameters.
+Nothing is stored on the modules, so records die with the autograd graph.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import conv_ops, ops
+
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+class Extension:
+    """A statistic of the per-sample gradients; ``savefield`` is the parameter attribute it fills."""
+
+    savefield: str = ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Variance(Extension):
+    """Variance over samples of the per-sample gradients (biased: divides by N), as BackPACK's."""
+
+    savefield = "variance"
+
+
+class SumGradSquared(Extension):
+    """Sum over samples of the squared per-sample gradients."""
+
+    savefield = "sum_grad_squared"
+
+
+class BatchL2Grad(Extension):
+    """Squared L2 norm of each sample's gradient of the parameter, shape ``[N]``."""
+
+    savefield = "batch_l2"
+
+
+_EXTENDED: weakref.WeakSet = weakref.WeakSet()  # modules whose hooks are installed
+_ACTIVE: list[_Collector] = []  # the innermost collect() block records
+
+
+@dataclass
+class _Collector:
+    extensions: tuple
+    loss_reduction: str
+    records: dict = field(default_factory=dict)  # module -> list of (input, grad_output), one per call
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters(recurse=False) if p.requires_grad]
+
+
+def extend(module: nn.Module) -> nn.Module:
+    """Instrument every Linear, Conv1d and Conv2d layer of ``module``; returns ``module`` itself.
+
+    Raises TypeError for a layer with trainable parameters of an unsupported type (freeze it with
+    ``requires_grad_(False)`` to extend the rest). Extending twice is harmless.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"gradvar_ext.extend: expected an nn.Module, got {type(module).__name__}")
+    for name, sub in module.named_modules():
+        if isinstance(sub, SUPPORTED):
+            if sub not in _EXTENDED:
+                sub.register_forward_hook(_on_forward)
+                _EXTENDED.add(sub)
+        elif _trainable(sub):
+            supported = ", ".join(t.__name__ for t in SUPPORTED)
+            raise TypeError(
+                f"gradvar_ext.extend: layer {name or '<root>'!r} ({type(sub).__name__}) has trainable parameters, "
+                f"but per-sample gradient statistics are supported for {supported} only. Freeze it "
+                "(requires_grad_(False)) or leave it out of the extended model."
+            )
+    return module
+
+
+def _on_forward(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+    if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+        return
+    layer_input = inputs[0]
+
+    def on_grad(grad_output: Tensor) -> None:
+        if _ACTIVE:
+            _ACTIVE[-1].records.setdefault(module, []).append((layer_input, grad_output))
+
+    output.register_hook(on_grad)
+
+
+class collect:
+    """Context manager: statistics of the per-sample gradients from the backward passes inside it.
+
+    Args:
+        *extensions: ``Variance()``, ``SumGradSquared()``, ``BatchL2Grad()``.
+        loss_reduction: ``"sum"`` (default, BackPACK's semantics): statistics of the gradients as
+            backpropagated. ``"mean"``: the loss averages over the batch, and the statistics are
+            those of the per-sample loss gradients (the backpropagated ones times N).
+
+    With ``backward(create_graph=True)`` the results are differentiable w.r.t. the parameters.
+    Results of an earlier block are removed when a new block starts, so none is stale.
+    """
+
+    def __init__(self, *extensions: Extension, loss_reduction: str = "sum") -> None:
+        for ext in extensions:
+            if not isinstance(ext, Extension):
+                raise TypeError(
+                    f"gradvar_ext.collect: expected Variance(), SumGradSquared() or BatchL2Grad(), got {ext!r}"
+                )
+        if loss_reduction not in ("sum", "mean"):
+            raise ValueError(f"gradvar_ext.collect: loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+        self._collector = _Collector(tuple(extensions), loss_reduction)
+
+    def __enter__(self) -> collect:
+        clear(*_EXTENDED)
+        _ACTIVE.append(self._collector)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        _ACTIVE.remove(self._collector)
+        records, self._collector.records = self._collector.records, {}
+        if exc_info[0] is None:
+            for module, calls in records.items():
+                _store(module, calls, self._collector)
+
+
+def clear(*modules: nn.Module) -> None:
+    """Delete the statistics stored on the parameters of ``modules`` (and of their sub-modules).
+
+    After ``backward(create_graph=True)`` the results hold the graph, which holds the parameters:
+    clearing (or starting a new ``collect``) breaks that cycle.
+    """
+    fields = [cls.savefield for cls in (Variance, SumGradSquared, BatchL2Grad)]
+    for module in modules:
+        for p in module.parameters():
+            for name in fields:
+                if hasattr(p, name):
+                    delattr(p, name)
+
+
+# ---------------------------------------------------------------- statistics from the records
+_LINEAR = {
+    "variance": ops.linear_variance,
+    "sum_grad_squared": ops.linear_second_moment,
+    "batch_l2": ops.linear_batch_l2,
+}
+_BIAS = {"variance": ops.bias_variance, "sum_grad_squared": ops.bias_second_moment, "batch_l2": ops.bias_batch_l2}
+_CONV2D = {
+    "variance": conv_ops.conv2d_variance,
+    "sum_grad_squared": conv_ops.conv2d_second_moment,
+    "batch_l2": conv_ops.conv2d_batch_l2,
+}
+
+
+@dataclass
+class _LayerData:
+    """What the ops need for one layer, all its calls combined.
+
+    kind "linear": input [N, T, in], grad_output [N, T, out], every call's positions concatenated,
+    so the statistics are those of the total per-sample gradient. kind "conv": the single call's
+    input and grad_output in Conv2d form. kind "patches" (a conv layer called several times):
+    unfolded patches [N, groups, L, f] and grad_output [N, groups, L, C_out/groups], calls
+    concatenated along L. bias_grad: [N, T, out] whose sum over T is the per-sample bias gradient.
+    """
+
+    kind: str
+    input: Tensor
+    grad_output: Tensor
+    bias_grad: Tensor
+
+
+def _store(module: nn.Module, calls: list, collector: _Collector) -> None:
+    differentiable = any(go.requires_grad for _, go in calls)
+    with torch.set_grad_enabled(differentiable):  # no create_graph: keep no graph alive
+        data = _layer_data(module, calls, collector.loss_reduction)
+        for ext in collector.extensions:
+            name = ext.savefield
+            if module.weight.requires_grad:
+                setattr(module.weight, name, _weight_statistic(module, name, data))
+            if module.bias is not None and module.bias.requires_grad:
+                setattr(module.bias, name, _BIAS[name](data.bias_grad))
+
+
+def _layer_data(module: nn.Module, calls: list, loss_reduction: str) -> _LayerData:
+    scale = calls[0][0].shape[0] if loss_reduction == "mean" else 1
+    calls = [(x, go * scale if scale != 1 else go) for x, go in calls]
+    if isinstance(module, nn.Linear):
+        xs = torch.cat([x.reshape(x.shape[0], -1, x.shape[-1]) for x, _ in calls], 1)
+        gos = torch.cat([go.reshape(go.shape[0], -1, go.shape[-1]) for _, go in calls], 1)
+        return _LayerData("linear", xs, gos, gos)
+    as2d = [(x.unsqueeze(2), go.unsqueeze(2)) if isinstance(module, nn.Conv1d) else (x, go) for x, go in calls]
+    bias_grad = torch.cat([go.flatten(2).transpose(1, 2) for _, go in as2d], 1)
+    if len(as2d) == 1:
+        return _LayerData("conv", as2d[0][0], as2d[0][1], bias_grad)
+    patches, positions = zip(*(_unfolded(module, x, go) for x, go in as2d))
+    return _LayerData("patches", torch.cat(patches, 2), torch.cat(positions, 2), bias_grad)
+
+
+def _conv2d_kwargs(module: nn.Module) -> dict:
+    kwargs = conv_ops.conv2d_arguments_of(module)
+    if isinstance(module, nn.Conv1d):  # as Conv2d over [N, C, 1, L]
+        kwargs.update(
+            kernel_size=(1, module.kernel_size[0]),
+            stride=(1, module.stride[0]),
+            dilation=(1, module.dilation[0]),
+            padding=module.padding if isinstance(module.padding, str) else (0, module.padding[0]),
+        )
+    return kwargs
+
+
+def _unfolded(module: nn.Module, x: Tensor, go: Tensor):
+    """One call of a conv layer as per-group Linear factors: patches [N, groups, L, f], grad [N, groups, L, C_out/g]."""
+    x, kernel, stride, padding, dilation, groups = conv_ops.conv2d_arguments(x, **_conv2d_kwargs(module))
+    cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    n, L = cols.shape[0], cols.shape[-1]
+    patches = cols.reshape(n, groups, -1, L).transpose(2, 3)
+    positions = go.reshape(n, groups, go.shape[1] // groups, L).transpose(2, 3)
+    return patches, positions
+
+
+def _weight_statistic(module: nn.Module, name: str, data: _LayerData) -> Tensor:
+    if data.kind == "linear":
+        return _LINEAR[name](data.input, data.grad_output)
+    if data.kind == "conv":
+        result = _CONV2D[name](data.input, data.grad_output, **_conv2d_kwargs(module))
+    else:  # several calls: the Linear ops per group over the concatenated unfolded patches
+        per_group = [_LINEAR[name](data.input[:, j], data.grad_output[:, j]) for j in range(data.input.shape[1])]
+        result = sum(per_group) if name == "batch_l2" else torch.cat(per_group, 0)
+    return result if name == "batch_l2" else result.reshape(module.weight.shape)

@@ -1,0 +1,225 @@
+"""The whole-model front end (extend + collect) end to end against the per-sample loop."""
+
+from __future__ import annotations
+
+import gc
+import os
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import gradvar_ext as gv
+
+DIGITS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "data", "digits_batch.pt"
+)
+ALL = (gv.Variance(), gv.SumGradSquared(), gv.BatchL2Grad())
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+def per_sample_grads(model, x, y, lossfunc, create_graph=False):
+    """Ground truth: [N, *param.shape] per parameter, one backward per sample."""
+    params = list(model.parameters())
+    rows = [
+        torch.autograd.grad(lossfunc(model(x[i : i + 1]), y[i : i + 1]), params, create_graph=create_graph)
+        for i in range(x.shape[0])
+    ]
+    return [torch.stack([r[k] for r in rows]) for k in range(len(params))]
+
+
+def collect_all(model, loss, loss_reduction="sum", create_graph=False):
+    with gv.collect(*ALL, loss_reduction=loss_reduction):
+        loss.backward(retain_graph=create_graph, create_graph=create_graph)
+
+
+def assert_statistics(model, per_sample, dtype):
+    for p, g in zip(model.parameters(), per_sample):
+        # the variance cancels: compare it on the scale of the second moment / N
+        scale = (g.square().sum(0) / g.shape[0]).max().item()
+        torch.testing.assert_close(
+            p.variance, g.var(0, unbiased=False), rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * max(scale, 1)
+        )
+        torch.testing.assert_close(p.sum_grad_squared, g.square().sum(0), **TOL[dtype])
+        torch.testing.assert_close(p.batch_l2, g.square().flatten(1).sum(1), **TOL[dtype])
+
+
+def seed_models():
+    digits = torch.load(DIGITS)
+    x_digits, y_digits = digits["images"][:16], digits["labels"][:16]
+    ce, mse = nn.CrossEntropyLoss(reduction="sum"), nn.MSELoss(reduction="sum")
+    return {
+        "linear-2-1": (lambda: nn.Sequential(nn.Linear(2, 1, bias=False)), torch.randn(3, 2), torch.randn(3, 1), mse),
+        "digits-linear": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), x_digits, y_digits, ce),
+        "digits-cnn": (
+            lambda: nn.Sequential(
+                nn.Conv2d(1, 5, 5, 1), nn.ReLU(), nn.MaxPool2d(2, 2), nn.Flatten(), nn.Linear(20, 10)
+            ),
+            x_digits,
+            y_digits,
+            ce,
+        ),
+        "conv-hyperparameters": (
+            lambda: nn.Sequential(
+                nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2),
+                nn.Tanh(),
+                nn.Conv2d(6, 6, 3, padding="same", groups=6, padding_mode="reflect"),
+                nn.Flatten(),
+                nn.LazyLinear(3),
+            ),
+            torch.randn(5, 4, 7, 6),
+            torch.randint(0, 3, (5,)),
+            ce,
+        ),
+        "conv1d": (
+            lambda: nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2)),
+            torch.randn(4, 3, 9),
+            torch.randn(4, 2),
+            mse,
+        ),
+        "sequence-linear": (lambda: nn.Linear(6, 4), torch.randn(5, 7, 6), torch.randn(5, 7, 4), mse),
+        "one-sample": (
+            lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2)),
+            torch.randn(1, 2, 4, 4),
+            torch.randn(1, 2),
+            mse,
+        ),
+    }
+
+
+def build(name, dtype, device="cpu"):
+    torch.manual_seed(0)
+    make, x, y, lossfunc = seed_models()[name]
+    model = make()
+    model(x[:1])  # materialise lazy layers
+    model = gv.extend(model.to(device=device, dtype=dtype))
+    x = x.to(device=device, dtype=dtype)
+    y = y.to(device=device, dtype=dtype) if y.is_floating_point() else y.to(device)
+    return model, x, y, lossfunc
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(seed_models()))
+def test_statistics_match_per_sample_loop(name, dtype):
+    model, x, y, lossfunc = build(name, dtype)
+    collect_all(model, lossfunc(model(x), y))
+    assert_statistics(model, per_sample_grads(model, x, y, lossfunc), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(seed_models()))
+def test_gradient_of_total_variance_matches_per_sample_loop(name, dtype):
+    model, x, y, lossfunc = build(name, dtype)
+    params = list(model.parameters())
+    collect_all(model, lossfunc(model(x), y), create_graph=True)
+    ours = torch.autograd.grad(sum(p.variance.sum() for p in params), params)
+    gv.clear(model)
+    model.zero_grad(set_to_none=True)  # the create_graph grads hold the graph
+    loop = per_sample_grads(model, x, y, lossfunc, create_graph=True)
+    want = torch.autograd.grad(sum(g.var(0, unbiased=False).sum() for g in loop), params)
+    for a, b in zip(ours, want):
+        torch.testing.assert_close(
+            a, b, rtol=TOL[dtype]["rtol"] * 10, atol=TOL[dtype]["atol"] * 10 * max(1, b.abs().max().item())
+        )
+
+
+def test_one_sample_has_zero_variance():
+    model, x, y, lossfunc = build("one-sample", torch.float64)
+    collect_all(model, lossfunc(model(x), y))
+    for p in model.parameters():
+        assert torch.equal(p.variance, torch.zeros_like(p))
+
+
+@pytest.mark.parametrize("name", ["digits-cnn", "sequence-linear"])
+def test_mean_reduction_gives_statistics_of_per_sample_loss_gradients(name):
+    """loss_reduction="mean" multiplies the backpropagated gradients by N: for a loss that averages
+    over the batch, that gives the statistics of the per-sample losses' gradients."""
+    model, x, y, lossfunc = build(name, torch.float64)
+    mean_loss = type(lossfunc)(reduction="mean")
+    per_sample_loss = lossfunc
+    if isinstance(lossfunc, nn.MSELoss):  # MSE's mean also divides by the elements of one sample
+        elements = y[0].numel()
+        per_sample_loss = lambda out, t: nn.functional.mse_loss(out, t, reduction="sum") / elements  # noqa: E731
+    collect_all(model, mean_loss(model(x), y), loss_reduction="mean")
+    assert_statistics(model, per_sample_grads(model, x, y, per_sample_loss), torch.float64)
+
+
+class Reuse(nn.Module):
+    """One Linear and one grouped Conv2d, each called twice in a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1, groups=2)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.conv(torch.tanh(self.conv(x))).flatten(1)[:, :4]
+        return self.lin(torch.sigmoid(self.lin(h)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_reused_layers_get_statistics_of_their_total_gradient(dtype):
+    torch.manual_seed(1)
+    model = gv.extend(Reuse().to(dtype))
+    x, y = torch.randn(5, 2, 4, 4, dtype=dtype), torch.randn(5, 4, dtype=dtype)
+    lossfunc = nn.MSELoss(reduction="sum")
+    collect_all(model, lossfunc(model(x), y))
+    assert_statistics(model, per_sample_grads(model, x, y, lossfunc), dtype)
+
+
+def test_unsupported_parameterised_layer_is_an_error_naming_it():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"layer '1' \(BatchNorm1d\) has trainable parameters.*Linear, Conv1d, Conv2d"):
+        gv.extend(model)
+    model[1].requires_grad_(False)  # frozen: fine
+    gv.extend(model)
+
+
+def test_results_without_create_graph_hold_no_graph():
+    model, x, y, lossfunc = build("digits-cnn", torch.float32)
+    collect_all(model, lossfunc(model(x), y))
+    for p in model.parameters():
+        for name in ("variance", "sum_grad_squared", "batch_l2"):
+            assert getattr(p, name).grad_fn is None and not getattr(p, name).requires_grad
+
+
+def test_repeated_collects_leave_no_stale_results_and_free_graphs():
+    model, x, y, lossfunc = build("digits-cnn", torch.float64)
+    collect_all(model, lossfunc(model(x), y), create_graph=True)
+    first = weakref.ref(model[0].weight.variance)
+    # Second backward reaches only the last layer: earlier layers must not keep the first results.
+    head_only = lossfunc(model[4](model[:4](x).detach()), y)
+    collect_all(model, head_only)
+    for p in model[0].parameters():
+        assert not hasattr(p, "variance")
+    truth = per_sample_grads(model[4], model[:4](x).detach(), y, lossfunc)
+    torch.testing.assert_close(model[4].weight.variance, truth[0].var(0, unbiased=False))
+    for p in model.parameters():
+        p.grad = None  # the create_graph grads hold the graph too, as in plain PyTorch
+    gc.collect()
+    assert first() is None  # the first block's differentiable results (and their graph) are gone
+
+
+def test_forward_without_collect_keeps_nothing():
+    model, x, y, lossfunc = build("sequence-linear", torch.float32)
+    inp = x.clone().requires_grad_(True)
+    ref = weakref.ref(inp)
+    out = model(inp)
+    del inp, out
+    gc.collect()
+    assert ref() is None
+
+
+def test_extending_twice_records_each_call_once():
+    model, x, y, lossfunc = build("sequence-linear", torch.float64)
+    gv.extend(model)
+    collect_all(model, lossfunc(model(x), y))
+    assert_statistics(model, per_sample_grads(model, x, y, lossfunc), torch.float64)
+
+
+def test_collect_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="gradvar_ext.collect: expected Variance"):
+        gv.collect("variance")
+    with pytest.raises(ValueError, match="loss_reduction must be 'sum' or 'mean'"):
+        gv.collect(gv.Variance(), loss_reduction="batchmean")
