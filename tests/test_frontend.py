@@ -72,6 +72,17 @@ def seed_models():
             torch.randint(0, 3, (5,)),
             ce,
         ),
+        "conv-strided": (
+            lambda: nn.Sequential(
+                nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2),
+                nn.Tanh(),
+                nn.Flatten(),
+                nn.LazyLinear(3),
+            ),
+            torch.randn(5, 4, 7, 6),
+            torch.randint(0, 3, (5,)),
+            ce,
+        ),
         "conv1d": (
             lambda: nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2)),
             torch.randn(4, 3, 9),
@@ -223,3 +234,36 @@ def test_collect_rejects_bad_arguments():
         gv.collect("variance")
     with pytest.raises(ValueError, match="loss_reduction must be 'sum' or 'mean'"):
         gv.collect(gv.Variance(), loss_reduction="batchmean")
+
+
+@pytest.mark.parametrize("name", ["digits-linear", "digits-cnn", "conv-strided", "sequence-linear"])
+def test_agrees_with_backpack_where_backpack_is_right(name):
+    """Same names, same numbers as BackPACK (an optional dependency: skipped when not installed).
+    Where BackPACK differs, ours must be the one that matches the per-sample loop (seen: BackPACK
+    1.7.1's BatchL2Grad for the grouped, strided, dilated conv of "conv-strided"). Not on
+    "conv-hyperparameters": BackPACK fails on padding='same' and other padding modes."""
+    backpack = pytest.importorskip("backpack")
+    from backpack import extensions
+
+    model, x, y, lossfunc = build(name, torch.float64)
+    collect_all(model, lossfunc(model(x), y))
+    fields = ("variance", "sum_grad_squared", "batch_l2")
+    ours = [{f: getattr(p, f) for f in fields} for p in model.parameters()]
+    bp_model, bp_loss = backpack.extend(model), backpack.extend(lossfunc)
+    with backpack.backpack(extensions.Variance(), extensions.SumGradSquared(), extensions.BatchL2Grad()):
+        bp_loss(bp_model(x), y).backward()
+    loop = per_sample_grads(model, x, y, lossfunc)
+    agreed = 0
+    for p, mine, g in zip(model.parameters(), ours, loop):
+        truth = {
+            "variance": g.var(0, unbiased=False),
+            "sum_grad_squared": g.square().sum(0),
+            "batch_l2": g.square().flatten(1).sum(1),
+        }
+        for f in fields:
+            if torch.allclose(mine[f], getattr(p, f)):
+                agreed += 1
+            else:
+                torch.testing.assert_close(mine[f], truth[f])
+                assert not torch.allclose(getattr(p, f), truth[f])
+    assert agreed >= 3 * len(ours) - 1
