@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Second GPU pass: build, CUDA tests (front end included), the example on CUDA, the variance
+# benchmark with BackPACK (wheels carried in .whl/) and a CNN batch-size sweep. Logs under $OUT.
+set -uo pipefail
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+PY=${PY:-python3}
+stage() { echo "=== $1 ($(date +%T))"; }
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
+stage build
+timeout 200 $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo BUILD FAILED; tail -30 "$OUT/build.log"; exit 1; }
+stage "cuda tests"
+timeout 200 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_cuda.log" | tail -6
+stage example
+timeout 60 $PY examples/gradient_of_variance.py > "$OUT/example.log" 2>&1; echo "example exit $?"; grep -E "^\[|same\?|all checks|FAILED" "$OUT/example.log" | tail -16
+stage "variance benchmark"
+timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_variance.log" | tail -28
+stage "cnn batch-size sweep"
+timeout 150 $PY benchmarks/bench_variance.py --device cuda --quick --workloads cnn-16 cnn-128 cnn-512 --methods gradvar torch.func backpack --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -14
+stage done
