@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks
+from . import _checks, ops
 
 _ops = torch.ops.gradvar
 IntOrPair = Union[int, tuple[int, int], list[int]]
@@ -224,22 +224,7 @@ def conv2d_arguments_of(module: nn.Conv2d) -> dict:
 
 
 # ---------------------------------------------------------------- public functions
-def _conv2d_statistic(op: str, input, grad_output, kernel_size, stride, padding, dilation, groups, padding_mode):
-    args = conv2d_arguments(input, kernel_size, stride, padding, dilation, groups, padding_mode, op=op)
-    return getattr(_ops, op)(args[0], grad_output, *args[1:])
-
-
-def conv2d_second_moment(
-    input: Tensor,
-    grad_output: Tensor,
-    kernel_size: IntOrPair,
-    stride: IntOrPair = 1,
-    padding: IntOrPair | str = 0,
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    padding_mode: str = "zeros",
-) -> Tensor:
-    """Sum over samples of the squared per-sample weight gradients of a Conv2d layer.
+_CONV2D_ARGS = """
 
     Args:
         input: the layer's input ``[N, C_in, H, W]``.
@@ -247,75 +232,71 @@ def conv2d_second_moment(
         kernel_size, stride, padding, dilation, groups, padding_mode: as in ``nn.Conv2d``
             (``padding`` may be ``'same'`` or ``'valid'``); ``conv2d_arguments_of(module)`` gives them.
 
-    Returns:
-        ``sum_n g_n ** 2`` with the weight's shape ``[C_out, C_in/groups, kh, kw]``; differentiable.
+    Differentiable (any order) w.r.t. ``input`` and ``grad_output``.
     """
-    return _conv2d_statistic(
-        "conv2d_second_moment", input, grad_output, kernel_size, stride, padding, dilation, groups, padding_mode
-    )
 
 
-def conv2d_variance(
-    input: Tensor,
-    grad_output: Tensor,
-    kernel_size: IntOrPair,
-    stride: IntOrPair = 1,
-    padding: IntOrPair | str = 0,
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    padding_mode: str = "zeros",
-) -> Tensor:
-    """Variance over samples of the per-sample Conv2d weight gradients (BackPACK's ``Variance``),
-    ``[C_out, C_in/groups, kh, kw]``, never negative. Arguments as in :func:`conv2d_second_moment`."""
-    return _conv2d_statistic(
-        "conv2d_variance", input, grad_output, kernel_size, stride, padding, dilation, groups, padding_mode
-    )
+def _conv2d_function(op: str, summary: str):
+    """One documented function per Conv2d statistic: resolve nn.Conv2d-style arguments, call the op."""
+
+    def statistic(
+        input: Tensor,
+        grad_output: Tensor,
+        kernel_size: IntOrPair,
+        stride: IntOrPair = 1,
+        padding: IntOrPair | str = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+    ) -> Tensor:
+        args = conv2d_arguments(input, kernel_size, stride, padding, dilation, groups, padding_mode, op=op)
+        return getattr(_ops, op)(args[0], grad_output, *args[1:])
+
+    statistic.__name__ = statistic.__qualname__ = op
+    statistic.__doc__ = summary + _CONV2D_ARGS
+    return statistic
 
 
-def conv2d_batch_l2(
-    input: Tensor,
-    grad_output: Tensor,
-    kernel_size: IntOrPair,
-    stride: IntOrPair = 1,
-    padding: IntOrPair | str = 0,
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    padding_mode: str = "zeros",
-) -> Tensor:
-    """``||g_n||**2`` of each sample's Conv2d weight gradient, ``[N]``. Arguments as in :func:`conv2d_second_moment`."""
-    return _conv2d_statistic(
-        "conv2d_batch_l2", input, grad_output, kernel_size, stride, padding, dilation, groups, padding_mode
-    )
+conv2d_second_moment = _conv2d_function(
+    "conv2d_second_moment",
+    "Sum over samples of the squared per-sample Conv2d weight gradients, ``[C_out, C_in/groups, kh, kw]``.",
+)
+conv2d_variance = _conv2d_function(
+    "conv2d_variance",
+    "Variance over samples of the per-sample Conv2d weight gradients (BackPACK's ``Variance``), "
+    "``[C_out, C_in/groups, kh, kw]``, never negative.",
+)
+conv2d_batch_l2 = _conv2d_function(
+    "conv2d_batch_l2", "``||g_n||**2`` of each sample's Conv2d weight gradient, ``[N]``."
+)
 
 
-def _conv_bias_grad_output(op: str, grad_output: Tensor) -> Tensor:
-    """The per-sample bias gradient of a conv is grad_output summed over positions: the Linear
-    bias statistics over [N, H_out*W_out, C_out]."""
-    if not isinstance(grad_output, Tensor) or grad_output.dim() != 4:
-        shape = list(grad_output.shape) if isinstance(grad_output, Tensor) else type(grad_output).__name__
-        _checks.fail(op, f"grad_output must have shape [N, C_out, H_out, W_out], got {shape}")
-    return grad_output.flatten(2).transpose(1, 2)
+def _conv_bias_function(op: str, linear_bias_statistic, summary: str):
+    """The per-sample bias gradient of a conv is grad_output summed over positions: the Linear bias
+    statistics of grad_output viewed as [N, H_out * W_out, C_out]."""
+
+    def statistic(grad_output: Tensor) -> Tensor:
+        if not isinstance(grad_output, Tensor) or grad_output.dim() != 4:
+            shape = list(grad_output.shape) if isinstance(grad_output, Tensor) else type(grad_output).__name__
+            _checks.fail(op, f"grad_output must have shape [N, C_out, H_out, W_out], got {shape}")
+        return linear_bias_statistic(grad_output.flatten(2).transpose(1, 2))
+
+    statistic.__name__ = statistic.__qualname__ = op
+    statistic.__doc__ = summary + " ``b_n = grad_output[n].sum((1, 2))``; ``grad_output`` ``[N, C_out, H_out, W_out]``."
+    return statistic
 
 
-def conv2d_bias_second_moment(grad_output: Tensor) -> Tensor:
-    """``sum_n b_n**2`` for the per-sample Conv2d bias gradients ``b_n = grad_output[n].sum((1, 2))``: ``[C_out]``."""
-    from .ops import bias_second_moment
-
-    return bias_second_moment(_conv_bias_grad_output("conv2d_bias_second_moment", grad_output))
-
-
-def conv2d_bias_variance(grad_output: Tensor) -> Tensor:
-    """Variance over samples of the per-sample Conv2d bias gradients: ``[C_out]``."""
-    from .ops import bias_variance
-
-    return bias_variance(_conv_bias_grad_output("conv2d_bias_variance", grad_output))
-
-
-def conv2d_bias_batch_l2(grad_output: Tensor) -> Tensor:
-    """``||b_n||**2`` per sample for the per-sample Conv2d bias gradients: ``[N]``."""
-    from .ops import bias_batch_l2
-
-    return bias_batch_l2(_conv_bias_grad_output("conv2d_bias_batch_l2", grad_output))
+conv2d_bias_second_moment = _conv_bias_function(
+    "conv2d_bias_second_moment",
+    ops.bias_second_moment,
+    "``sum_n b_n**2`` of the per-sample bias gradients, ``[C_out]``:",
+)
+conv2d_bias_variance = _conv_bias_function(
+    "conv2d_bias_variance", ops.bias_variance, "Variance over samples of the per-sample bias gradients, ``[C_out]``:"
+)
+conv2d_bias_batch_l2 = _conv_bias_function(
+    "conv2d_bias_batch_l2", ops.bias_batch_l2, "``||b_n||**2`` per sample of the per-sample bias gradients, ``[N]``:"
+)
 
 
 # ---------------------------------------------------------------- Conv1d: Conv2d with H = 1
@@ -331,25 +312,29 @@ def _as_conv2d(op, input, grad_output, kernel_size, stride, padding, dilation):
     return input.unsqueeze(2), grad_output.unsqueeze(2), (1, as_int[0]), (1, as_int[1]), pad2, (1, as_int[2])
 
 
-def conv1d_second_moment(
-    input, grad_output, kernel_size, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"
-) -> Tensor:
-    """Conv1d version of :func:`conv2d_second_moment`: input ``[N, C_in, L]``; result ``[C_out, C_in/groups, k]``."""
-    x, go, *conv = _as_conv2d("conv1d_second_moment", input, grad_output, kernel_size, stride, padding, dilation)
-    return conv2d_second_moment(x, go, *conv, groups, padding_mode).squeeze(2)
+def _conv1d_function(op: str, conv2d_statistic):
+    def statistic(
+        input: Tensor,
+        grad_output: Tensor,
+        kernel_size: int | tuple[int],
+        stride: int | tuple[int] = 1,
+        padding: int | tuple[int] | str = 0,
+        dilation: int | tuple[int] = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+    ) -> Tensor:
+        x, go, *conv = _as_conv2d(op, input, grad_output, kernel_size, stride, padding, dilation)
+        result = conv2d_statistic(x, go, *conv, groups, padding_mode)
+        return result if op.endswith("batch_l2") else result.squeeze(2)
+
+    statistic.__name__ = statistic.__qualname__ = op
+    statistic.__doc__ = (
+        f"Conv1d version of :func:`{conv2d_statistic.__name__}`: ``input`` ``[N, C_in, L]``, ``grad_output`` "
+        "``[N, C_out, L_out]``, arguments as in ``nn.Conv1d``; weight-shaped results are ``[C_out, C_in/groups, k]``."
+    )
+    return statistic
 
 
-def conv1d_variance(
-    input, grad_output, kernel_size, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"
-) -> Tensor:
-    """Conv1d version of :func:`conv2d_variance`: result ``[C_out, C_in/groups, k]``."""
-    x, go, *conv = _as_conv2d("conv1d_variance", input, grad_output, kernel_size, stride, padding, dilation)
-    return conv2d_variance(x, go, *conv, groups, padding_mode).squeeze(2)
-
-
-def conv1d_batch_l2(
-    input, grad_output, kernel_size, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"
-) -> Tensor:
-    """Conv1d version of :func:`conv2d_batch_l2`: ``[N]``."""
-    x, go, *conv = _as_conv2d("conv1d_batch_l2", input, grad_output, kernel_size, stride, padding, dilation)
-    return conv2d_batch_l2(x, go, *conv, groups, padding_mode)
+conv1d_second_moment = _conv1d_function("conv1d_second_moment", conv2d_second_moment)
+conv1d_variance = _conv1d_function("conv1d_variance", conv2d_variance)
+conv1d_batch_l2 = _conv1d_function("conv1d_batch_l2", conv2d_batch_l2)

@@ -96,3 +96,18 @@ CONV_GRAD_CASES = [
     ConvCase(2, 2, 2, (3, 3), kernel=(3, 3), contiguous=False),
     ConvCase(2, 2, 2, (4, 3), kernel=(2, 2), stride=(2, 2), padding=(1, 1), to_input=False),
 ]
+
+
+def check_gradients_and_opcheck(op: str, case: ConvCase, device: str) -> None:
+    """gradcheck + gradgradcheck in float64 over the op's tensor arguments, and opcheck."""
+    torch.manual_seed(3)
+    args = case.args(op, torch.float64, device=device, requires_grad=True)
+    n_tensors = sum(isinstance(a, torch.Tensor) for a in args)
+    op_fn = getattr(torch.ops.gradvar, op)
+
+    def fn(*tensors):
+        return op_fn(*tensors, *args[n_tensors:])
+
+    assert torch.autograd.gradcheck(fn, args[:n_tensors])
+    assert torch.autograd.gradgradcheck(fn, args[:n_tensors])
+    torch.library.opcheck(op_fn.default, args)

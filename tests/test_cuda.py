@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conv_samples import CONV_CASES, CONV_GRAD_CASES, CONV_OPS, MULTI_CHUNK_CONV_CASES, ConvCase
+from conv_samples import (
+    CONV_CASES,
+    CONV_GRAD_CASES,
+    CONV_OPS,
+    MULTI_CHUNK_CONV_CASES,
+    ConvCase,
+    check_gradients_and_opcheck,
+)
 
 import gradvar_ext
 
@@ -105,17 +112,7 @@ def test_cuda_conv_matches_reference(op, dtype):
 @pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
 @pytest.mark.parametrize("op", CONV_OPS)
 def test_cuda_conv_gradcheck_gradgradcheck_opcheck(op, case):
-    torch.manual_seed(15)
-    args = case.args(op, torch.float64, device="cuda", requires_grad=True)
-    n_tensors = sum(isinstance(a, torch.Tensor) for a in args)
-    op_fn = getattr(torch.ops.gradvar, op)
-
-    def fn(*tensors):
-        return op_fn(*tensors, *args[n_tensors:])
-
-    assert torch.autograd.gradcheck(fn, args[:n_tensors])
-    assert torch.autograd.gradgradcheck(fn, args[:n_tensors])
-    torch.library.opcheck(op_fn.default, args)
+    check_gradients_and_opcheck(op, case, "cuda")
 
 
 # ---------------------------------------------------------------- the fused kernel (opt-in)
