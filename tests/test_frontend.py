@@ -237,6 +237,7 @@ def test_collect_rejects_bad_arguments():
 
 
 @pytest.mark.parametrize("name", ["digits-linear", "digits-cnn", "conv-strided", "sequence-linear"])
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # BackPACK's module hooks
 def test_agrees_with_backpack_where_backpack_is_right(name):
     """Same names, same numbers as BackPACK (an optional dependency: skipped when not installed).
     Where BackPACK differs, ours must be the one that matches the per-sample loop (seen: BackPACK
