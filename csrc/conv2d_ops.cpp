@@ -74,10 +74,16 @@ Factors patch_factors(const at::Tensor& image, const ConvGeometry& c) {
   return Factors{img.size(0), g, L, f, img.options(), !c.unfold_is_view(),
                  [img, c, g, f, L](int64_t start, int64_t n) {
                    const auto part = img.narrow(0, start, n);
-                   const auto cols = c.unfold_is_view()
-                                         ? part.view({n, g, f, L})
-                                         : at::im2col(part, c.kernel, c.dilation, c.padding, c.stride).view({n, g, f, L});
-                   return cols.transpose(2, 3).reshape({n * g, L, f});
+                   at::Tensor cols;
+                   if (c.unfold_is_view()) {
+                     cols = part;
+                   } else if (part.is_cpu()) {
+                     cols = at::empty({n, g * f, L}, part.options());
+                     im2col_cpu(part, cols, c.kernel, c.stride, c.padding, c.dilation);
+                   } else {
+                     cols = at::im2col(part, c.kernel, c.dilation, c.padding, c.stride);
+                   }
+                   return cols.view({n, g, f, L}).transpose(2, 3).reshape({n * g, L, f});
                  }};
 }
 
@@ -173,15 +179,18 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
     at::Tensor out = at::empty(input.sizes(), input.options());
     weighted_outer_product_apply(
         position_factors(left, c), patch_factors(input, c), position_factors(grad_output, c), W,
-        [&](int64_t start, int64_t n, const at::Tensor& values) {  // [n*g, L, f] -> fold
-          const auto cols = values.view({n, g, L, f}).permute({0, 1, 3, 2}).reshape({n, g * f, L});
+        [&](int64_t start, int64_t n, const at::Tensor& values) {  // [n*g, f, L]: col2im's layout
+          const auto cols = values.view({n, g * f, L});
           auto dst = out.narrow(0, start, n);
           if (c.unfold_is_view()) {
             dst.copy_(cols.view(dst.sizes()));
+          } else if (dst.is_cpu()) {
+            col2im_cpu(cols, dst, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
           } else {
             dst.copy_(at::col2im(cols, {c.height, c.width}, c.kernel, c.dilation, c.padding, c.stride));
           }
-        });
+        },
+        /*positions_last=*/true);
     return out;
   }
   at::Tensor out = at::empty(grad_output.sizes(), grad_output.options());
@@ -191,11 +200,12 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
   const auto other_patches = left_is_input ? Factors{} : patch_factors(left, c);
   const Factors& left_patches = left_is_input ? input_patches : other_patches;
   weighted_outer_product_apply(left_patches, position_factors(grad_output, c),
-                               input_patches, W.transpose(1, 2), [&](int64_t start, int64_t n, const at::Tensor& values) {
-                                 // [n*g, L, fo] -> [n, C_out, H_out, W_out]
+                               input_patches, W.transpose(1, 2),
+                               [&](int64_t start, int64_t n, const at::Tensor& values) {  // [n*g, fo, L]
                                  auto dst = out.narrow(0, start, n);
-                                 dst.copy_(values.view({n, g, L, fo}).permute({0, 1, 3, 2}).reshape(dst.sizes()));
-                               });
+                                 dst.copy_(values.view(dst.sizes()));
+                               },
+                               /*positions_last=*/true);
   return out;
 }
 

@@ -155,17 +155,19 @@ at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G) {
 // T == 1: out = P * ((Z * Q) W), one batched GEMM. T > 1: per chunk h = Q_c^T P_c
 // ([c*groups, a, b]), h *= W, out_c = Z_c h ([c*groups, T, b]) to the sink; scratch <= kChunkBytes.
 void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Factors& Q, const at::Tensor& W,
-                                  const Sink& sink) {
+                                  const Sink& sink, bool positions_last) {
   const int64_t N = P.samples, groups = P.groups, T = P.positions, a = Q.features, b = P.features;
   if (T == 1) {
     const auto out = by_group(P) * at::bmm(by_group(Z) * by_group(Q), W);  // [groups, N, b]
-    sink(0, N, out.transpose(0, 1).reshape({N * groups, 1, b}));
+    const auto values = out.transpose(0, 1).reshape({N * groups, 1, b});
+    sink(0, N, positions_last ? values.view({N * groups, b, 1}) : values);
     return;
   }
   const int64_t per_sample = groups * (a * b + T * b) + formed(Z) + formed(P) + formed(Q);
   const int64_t chunk = chunk_samples(per_sample, P);
   at::Tensor h_buf = at::empty({chunk * groups, a, b}, P.options);
-  at::Tensor out_buf = at::empty({chunk * groups, T, b}, P.options);
+  at::Tensor out_buf = positions_last ? at::empty({chunk * groups, b, T}, P.options)
+                                      : at::empty({chunk * groups, T, b}, P.options);
   for (int64_t start = 0; start < N; start += chunk) {
     const int64_t n = std::min(chunk, N - start);
     auto h = h_buf.narrow(0, 0, n * groups);
@@ -173,7 +175,12 @@ void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Fact
     at::bmm_out(h, Qc.transpose(1, 2), P.chunk(start, n));
     h.view({n, groups, a, b}).mul_(W);
     auto out = out_buf.narrow(0, 0, n * groups);
-    at::bmm_out(out, &Z == &Q ? Qc : Z.chunk(start, n), h);  // same factors: unfold once
+    const auto Zc = &Z == &Q ? Qc : Z.chunk(start, n);  // the same factors: formed once
+    if (positions_last) {
+      at::bmm_out(out, h.transpose(1, 2), Zc.transpose(1, 2));  // (Z_n h)^T = h^T Z_n^T
+    } else {
+      at::bmm_out(out, Zc, h);
+    }
     sink(start, n, out);
   }
 }

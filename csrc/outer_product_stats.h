@@ -21,7 +21,8 @@ struct Factors {
   std::function<at::Tensor(int64_t start, int64_t n)> chunk;
 };
 
-// Receives the weighted product for samples [start, start + n): values [n * groups, positions, features].
+// Receives the weighted product for samples [start, start + n): values [n * groups, positions, features],
+// or [n * groups, features, positions] when weighted_outer_product_apply is asked for positions last.
 using Sink = std::function<void(int64_t start, int64_t n, const at::Tensor& values)>;
 
 // ---- core (device-agnostic ATen; chunked over samples; extra memory <= a fixed budget) ----
@@ -34,15 +35,22 @@ std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const
 at::Tensor variance_from_moments(const Factors& X, const Factors& G);
 // l2[n] = ||G_n^T X_n||_F^2 summed over groups. [N]
 at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G);
-// Per sample and group, Z_n (W * (Q_n^T P_n)): Z, Q [T, a]; P [T, b]; W [groups, a, b]; sent to sink as [.., T, b].
+// Per sample and group, Z_n (W * (Q_n^T P_n)): Z, Q [T, a]; P [T, b]; W [groups, a, b]; sent to sink as
+// [.., T, b], or as its transpose [.., b, T] (positions_last: the layout col2im reads).
 void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Factors& Q, const at::Tensor& W,
-                                  const Sink& sink);
+                                  const Sink& sink, bool positions_last = false);
 
 // ---- device kernels for the reduction steps (cpu/, cuda/) ----
 // moment[j] += sum_k g[k, j] * gb[k, j]; sum[j] += sum_k g[k, j] (sum may be undefined). g, gb: [k, F].
 void accumulate_products_cpu(at::Tensor& moment, at::Tensor& sum, const at::Tensor& g, const at::Tensor& gb);
 // out[k] = sum_j a[k, j] * b[k, j]. a, b: [k, F]; out: [k] (contiguous view allowed).
 void rowwise_dot_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+// cols [N, C*kh*kw, L] = unfold(image [N, C, H, W]), as at::im2col, parallel (cpu/unfold_kernels.cpp).
+void im2col_cpu(const at::Tensor& image, at::Tensor& cols, at::IntArrayRef kernel, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef dilation);
+// image [N, C, H, W] = fold(cols [N, C*kh*kw, out_height*out_width]), as at::col2im; overwrites image.
+void col2im_cpu(const at::Tensor& cols, at::Tensor& image, at::IntArrayRef kernel, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_height, int64_t out_width);
 #ifdef GRADVAR_WITH_CUDA
 // GRADVAR_EXT_FUSED_CUDA=1: the moments of CUDA tensors with positions (T > 1) use the fused
 // kernel (cuda/fused_moments.cu) instead of bmm + accumulate. Opt-in until validated on a GPU.
