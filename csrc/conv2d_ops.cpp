@@ -152,6 +152,40 @@ at::Tensor conv2d_cross_moment(const at::Tensor& input, const at::Tensor& grad_o
                    c);
 }
 
+namespace {
+
+// Sinks for the weighted products, which arrive positions-last: [n*g, f, L] is col2im's layout
+// (towards the input); [n*g, C_out/g, L] is grad_output's (towards grad_output).
+Sink fold_into(at::Tensor& out, const ConvGeometry& c) {
+  return [&out, &c](int64_t start, int64_t n, const at::Tensor& values) {
+    const auto cols = values.view({n, c.in_channels * c.kernel[0] * c.kernel[1], c.positions()});
+    auto dst = out.narrow(0, start, n);
+    if (c.unfold_is_view()) {
+      dst.copy_(cols.view(dst.sizes()));
+    } else if (dst.is_cpu()) {
+      col2im_cpu(cols, dst, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
+    } else {
+      dst.copy_(at::col2im(cols, {c.height, c.width}, c.kernel, c.dilation, c.padding, c.stride));
+    }
+  };
+}
+
+Sink copy_into(at::Tensor& out) {
+  return [&out](int64_t start, int64_t n, const at::Tensor& values) {
+    auto dst = out.narrow(0, start, n);
+    dst.copy_(values.view(dst.sizes()));
+  };
+}
+
+void check_weight(const char* op, const at::Tensor& weight, const at::Tensor& input, const ConvGeometry& c) {
+  std::vector<int64_t> shape;
+  GRADVAR_CHECK(weight.sizes() == weight_shape_of(c, shape), op, "weight must have the conv weight's shape ",
+                weight_shape_of(c, shape), ", got ", weight.sizes());
+  check_float_like(op, weight, "weight", input, "input");
+}
+
+}  // namespace
+
 // to_input: per sample, fold(G_left_n (W * g_n)) -> [N, C_in, H, W], left shaped like grad_output.
 // else:     per sample, X_left_n (W * g_n)^T -> [N, C_out, H_out, W_out], left shaped like input.
 at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Tensor& input,
@@ -168,45 +202,49 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
     check_same_shape(op, left, "left (to_input=False)", input, "input");
   }
   check_float_like(op, left, "left", input, "input");
-  std::vector<int64_t> shape;
-  GRADVAR_CHECK(weight.sizes() == weight_shape_of(c, shape), op, "weight must have the conv weight's shape ",
-                weight_shape_of(c, shape), ", got ", weight.sizes());
-  check_float_like(op, weight, "weight", input, "input");
+  check_weight(op, weight, input, c);
   c10::OptionalDeviceGuard guard(input.device());
-  const int64_t g = c.groups, f = c.patch(), fo = c.out_channels / g, L = c.positions();
-  const auto W = weight.reshape({g, fo, f});
+  const auto W = weight.reshape({c.groups, c.out_channels / c.groups, c.patch()});
+  const auto input_patches = patch_factors(input, c);
   if (to_input) {
     at::Tensor out = at::empty(input.sizes(), input.options());
-    weighted_outer_product_apply(
-        position_factors(left, c), patch_factors(input, c), position_factors(grad_output, c), W,
-        [&](int64_t start, int64_t n, const at::Tensor& values) {  // [n*g, f, L]: col2im's layout
-          const auto cols = values.view({n, g * f, L});
-          auto dst = out.narrow(0, start, n);
-          if (c.unfold_is_view()) {
-            dst.copy_(cols.view(dst.sizes()));
-          } else if (dst.is_cpu()) {
-            col2im_cpu(cols, dst, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
-          } else {
-            dst.copy_(at::col2im(cols, {c.height, c.width}, c.kernel, c.dilation, c.padding, c.stride));
-          }
-        },
-        /*positions_last=*/true);
+    weighted_outer_product_apply(position_factors(left, c), input_patches, position_factors(grad_output, c), W,
+                                 fold_into(out, c), /*positions_last=*/true);
     return out;
   }
-  at::Tensor out = at::empty(grad_output.sizes(), grad_output.options());
   // The variance's backward passes left = input: one Factors object, so the core unfolds it once.
   const bool left_is_input = left.is_same(input);
-  const auto input_patches = patch_factors(input, c);
   const auto other_patches = left_is_input ? Factors{} : patch_factors(left, c);
-  const Factors& left_patches = left_is_input ? input_patches : other_patches;
-  weighted_outer_product_apply(left_patches, position_factors(grad_output, c),
-                               input_patches, W.transpose(1, 2),
-                               [&](int64_t start, int64_t n, const at::Tensor& values) {  // [n*g, fo, L]
-                                 auto dst = out.narrow(0, start, n);
-                                 dst.copy_(values.view(dst.sizes()));
-                               },
-                               /*positions_last=*/true);
+  at::Tensor out = at::empty(grad_output.sizes(), grad_output.options());
+  weighted_outer_product_apply(left_is_input ? input_patches : other_patches, position_factors(grad_output, c),
+                               input_patches, W.transpose(1, 2), copy_into(out), /*positions_last=*/true);
   return out;
+}
+
+// Both products from one W * g_n per chunk: (to_input with left_grad_output, to grad_output with left_input).
+std::tuple<at::Tensor, at::Tensor> conv2d_weighted_gradient_products(
+    const at::Tensor& left_grad_output, const at::Tensor& left_input, const at::Tensor& input,
+    const at::Tensor& grad_output, const at::Tensor& weight, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d_weighted_gradient_products";
+  const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
+                            groups);
+  check_same_shape(op, left_grad_output, "left_grad_output", grad_output, "grad_output");
+  check_same_shape(op, left_input, "left_input", input, "input");
+  check_float_like(op, left_grad_output, "left_grad_output", input, "input");
+  check_float_like(op, left_input, "left_input", input, "input");
+  check_weight(op, weight, input, c);
+  c10::OptionalDeviceGuard guard(input.device());
+  const auto W = weight.reshape({c.groups, c.out_channels / c.groups, c.patch()});
+  const auto input_patches = patch_factors(input, c);
+  const bool left_is_input = left_input.is_same(input);
+  const auto other_patches = left_is_input ? Factors{} : patch_factors(left_input, c);
+  at::Tensor to_input = at::empty(input.sizes(), input.options());
+  at::Tensor to_grad_output = at::empty(grad_output.sizes(), grad_output.options());
+  weighted_outer_product_apply_both(position_factors(left_grad_output, c), left_is_input ? input_patches : other_patches,
+                                    input_patches, position_factors(grad_output, c), W, fold_into(to_input, c),
+                                    copy_into(to_grad_output), /*positions_last=*/true);
+  return {to_input, to_grad_output};
 }
 
 }  // namespace gradvar

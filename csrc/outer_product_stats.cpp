@@ -154,25 +154,37 @@ at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G) {
 // Pass the same Factors object as Z and Q when they are the same tensor: it is formed once.
 // T == 1: out = P * ((Z * Q) W), one batched GEMM. T > 1: per chunk h = Q_c^T P_c
 // ([c*groups, a, b]), h *= W, out_c = Z_c h ([c*groups, T, b]) to the sink; scratch <= kChunkBytes.
-void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Factors& Q, const at::Tensor& W,
-                                  const Sink& sink, bool positions_last) {
+// With Z2 ([T, b]), also out2_n = Z2_n h_n^T ([T, a]) from the same h: both vector-Jacobian
+// products of a statistic for one pass over Q^T P (T == 1: out2 = Q * ((Z2 * P) W^T)).
+static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P, const Factors& Q,
+                           const at::Tensor& W, const Sink& sink, const Sink* sink2, bool positions_last) {
   const int64_t N = P.samples, groups = P.groups, T = P.positions, a = Q.features, b = P.features;
+  auto emit = [&](const Sink& to, int64_t start, int64_t n, const at::Tensor& values, int64_t features) {
+    to(start, n, positions_last ? values.view({n * groups, features, 1}) : values);
+  };
   if (T == 1) {
     const auto out = by_group(P) * at::bmm(by_group(Z) * by_group(Q), W);  // [groups, N, b]
-    const auto values = out.transpose(0, 1).reshape({N * groups, 1, b});
-    sink(0, N, positions_last ? values.view({N * groups, b, 1}) : values);
+    emit(sink, 0, N, out.transpose(0, 1).reshape({N * groups, 1, b}), b);
+    if (Z2 != nullptr) {
+      const auto out2 = by_group(Q) * at::bmm(by_group(*Z2) * by_group(P), W.transpose(1, 2));  // [groups, N, a]
+      emit(*sink2, 0, N, out2.transpose(0, 1).reshape({N * groups, 1, a}), a);
+    }
     return;
   }
-  const int64_t per_sample = groups * (a * b + T * b) + formed(Z) + formed(P) + formed(Q);
+  const int64_t per_sample = groups * (a * b + T * b + (Z2 != nullptr ? T * a : 0)) + formed(Z) + formed(P) +
+                             formed(Q) + (Z2 != nullptr ? formed(*Z2) : 0);
   const int64_t chunk = chunk_samples(per_sample, P);
+  auto buffer = [&](int64_t features) {
+    return positions_last ? at::empty({chunk * groups, features, T}, P.options)
+                          : at::empty({chunk * groups, T, features}, P.options);
+  };
   at::Tensor h_buf = at::empty({chunk * groups, a, b}, P.options);
-  at::Tensor out_buf = positions_last ? at::empty({chunk * groups, b, T}, P.options)
-                                      : at::empty({chunk * groups, T, b}, P.options);
+  at::Tensor out_buf = buffer(b), out2_buf = Z2 != nullptr ? buffer(a) : at::Tensor();
   for (int64_t start = 0; start < N; start += chunk) {
     const int64_t n = std::min(chunk, N - start);
     auto h = h_buf.narrow(0, 0, n * groups);
-    const auto Qc = Q.chunk(start, n);
-    at::bmm_out(h, Qc.transpose(1, 2), P.chunk(start, n));
+    const auto Qc = Q.chunk(start, n), Pc = P.chunk(start, n);
+    at::bmm_out(h, Qc.transpose(1, 2), Pc);
     h.view({n, groups, a, b}).mul_(W);
     auto out = out_buf.narrow(0, 0, n * groups);
     const auto Zc = &Z == &Q ? Qc : Z.chunk(start, n);  // the same factors: formed once
@@ -182,7 +194,28 @@ void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Fact
       at::bmm_out(out, Zc, h);
     }
     sink(start, n, out);
+    if (Z2 != nullptr) {
+      auto out2 = out2_buf.narrow(0, 0, n * groups);
+      const auto Z2c = Z2 == &P ? Pc : Z2->chunk(start, n);
+      if (positions_last) {
+        at::bmm_out(out2, h, Z2c.transpose(1, 2));  // (Z2_n h^T)^T = h Z2_n^T
+      } else {
+        at::bmm_out(out2, Z2c, h.transpose(1, 2));
+      }
+      (*sink2)(start, n, out2);
+    }
   }
+}
+
+void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Factors& Q, const at::Tensor& W,
+                                  const Sink& sink, bool positions_last) {
+  apply_weighted(Z, nullptr, P, Q, W, sink, nullptr, positions_last);
+}
+
+void weighted_outer_product_apply_both(const Factors& Z, const Factors& Z2, const Factors& P, const Factors& Q,
+                                       const at::Tensor& W, const Sink& sink, const Sink& sink2,
+                                       bool positions_last) {
+  apply_weighted(Z, &Z2, P, Q, W, sink, &sink2, positions_last);
 }
 
 }  // namespace gradvar

@@ -26,6 +26,8 @@ TORCH_LIBRARY(gradvar, m) {
   // to_input: fold(left[n] @ (weight * g_n)), left like grad_output -> like input;
   // else: unfold(left[n]) @ (weight * g_n)^T, left like input -> like grad_output (backward helper)
   m.def("conv2d_weighted_gradient_product(Tensor left, Tensor input, Tensor grad_output, Tensor weight, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups, bool to_input) -> Tensor");
+  // both of the above from one W * g_n: (to_input with left_grad_output, to grad_output with left_input)
+  m.def("conv2d_weighted_gradient_products(Tensor left_grad_output, Tensor left_input, Tensor input, Tensor grad_output, Tensor weight, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor)");
 }
 
 namespace {
@@ -42,6 +44,7 @@ void register_kernels(torch::Library& m) {
   m.impl("conv2d_batch_l2", &gradvar::conv2d_batch_l2);
   m.impl("conv2d_cross_moment", &gradvar::conv2d_cross_moment);
   m.impl("conv2d_weighted_gradient_product", &gradvar::conv2d_weighted_gradient_product);
+  m.impl("conv2d_weighted_gradient_products", &gradvar::conv2d_weighted_gradient_products);
 }
 }  // namespace
 

@@ -144,6 +144,19 @@ def check_conv_weighted_gradient_product(op, left, input, grad_output, weight, *
     else:
         check_same_shape(op, left, "left (to_input=False)", input, "input")
     check_float_like(op, left, "left", input, "input")
+    check_conv_weight(op, weight, input, shape)
+
+
+def check_conv_weight(op, weight, input, shape) -> None:
     if list(weight.shape) != shape:
         fail(op, f"weight must have the conv weight's shape {shape}, got {list(weight.shape)}")
     check_float_like(op, weight, "weight", input, "input")
+
+
+def check_conv_weighted_gradient_products(op, left_grad_output, left_input, input, grad_output, weight, *conv):
+    shape = check_conv(op, input, "input", grad_output, "grad_output", *conv)
+    check_same_shape(op, left_grad_output, "left_grad_output", grad_output, "grad_output")
+    check_same_shape(op, left_input, "left_input", input, "input")
+    check_float_like(op, left_grad_output, "left_grad_output", input, "input")
+    check_float_like(op, left_input, "left_input", input, "input")
+    check_conv_weight(op, weight, input, shape)

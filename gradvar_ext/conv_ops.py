@@ -66,6 +66,14 @@ def _(left, input, grad_output, weight, *conv_and_to_input):
     return input.new_empty(input.shape if conv_and_to_input[-1] else grad_output.shape)
 
 
+@torch.library.register_fake("gradvar::conv2d_weighted_gradient_products")
+def _(left_grad_output, left_input, input, grad_output, weight, *conv):
+    _checks.check_conv_weighted_gradient_products(
+        "conv2d_weighted_gradient_products", left_grad_output, left_input, input, grad_output, weight, *conv
+    )
+    return input.new_empty(input.shape), input.new_empty(grad_output.shape)
+
+
 # ---------------------------------------------------------------- autograd
 def _save(ctx, inputs, output) -> None:
     tensors = [t for t in inputs if isinstance(t, Tensor)]
@@ -82,12 +90,20 @@ def _no_grads_for(conv, flags=()):
     return (None,) * (len(conv) + len(flags))
 
 
+def _both_products(x, go, weight, conv, need):
+    """fold(go_n (W * g_n)) and unfold(x)_n (W * g_n)^T, as needed: one pass when both are."""
+    if need[0] and need[1]:
+        return _ops.conv2d_weighted_gradient_products(go, x, x, go, weight, *conv)
+    return (
+        _wgp(go, x, go, weight, conv, True) if need[0] else None,
+        _wgp(x, x, go, weight, conv, False) if need[1] else None,
+    )
+
+
 def _second_moment_backward(ctx, grad):
     x, go = ctx.saved_tensors
-    need, conv = ctx.needs_input_grad, ctx.conv
-    grad_x = 2 * _wgp(go, x, go, grad, conv, True) if need[0] else None
-    grad_go = 2 * _wgp(x, x, go, grad, conv, False) if need[1] else None
-    return (grad_x, grad_go, *_no_grads_for(conv))
+    to_x, to_go = _both_products(x, go, 2 * grad, ctx.conv, ctx.needs_input_grad)
+    return (to_x, to_go, *_no_grads_for(ctx.conv))
 
 
 def _variance_backward(ctx, grad):
@@ -100,19 +116,16 @@ def _variance_backward(ctx, grad):
     mean = torch.nn.grad.conv2d_weight(x, grad.shape, go, stride, padding, dilation, groups) / n
     scaled = grad * (2 / n)  # scale the [C_out, ...] weight, not the input-sized results
     weighted_mean = scaled * mean
-    grad_x = grad_go = None
+    grad_x, grad_go = _both_products(x, go, scaled, conv, need)
     if need[0]:
         output_padding = [
             x.shape[2 + d]
             - ((go.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (kernel_size[d] - 1) + 1)
             for d in range(2)
         ]
-        mean_part = F.conv_transpose2d(go, weighted_mean, None, stride, padding, output_padding, groups, dilation)
-        grad_x = _wgp(go, x, go, scaled, conv, True) - mean_part
+        grad_x = grad_x - F.conv_transpose2d(go, weighted_mean, None, stride, padding, output_padding, groups, dilation)
     if need[1]:
-        grad_go = _wgp(x, x, go, scaled, conv, False) - F.conv2d(
-            x, weighted_mean, None, stride, padding, dilation, groups
-        )
+        grad_go = grad_go - F.conv2d(x, weighted_mean, None, stride, padding, dilation, groups)
     return (grad_x, grad_go, *_no_grads_for(conv))
 
 
@@ -159,7 +172,40 @@ def _weighted_gradient_product_backward(ctx, grad):
     return (*grads, *_no_grads_for(conv, ctx.flags))
 
 
+def _weighted_gradient_products_backward(ctx, grad_to_x, grad_to_go):
+    # The sum of the two single-output products' backwards (to_input with left_grad_output,
+    # to grad_output with left_input), each written with the same two ops.
+    left_go, left_x, x, go, weight = ctx.saved_tensors
+    need, conv = ctx.needs_input_grad, ctx.conv
+    cross = _ops.conv2d_cross_moment
+    grads = [None] * 5
+
+    def add(i, value):
+        grads[i] = value if grads[i] is None else grads[i] + value
+
+    if grad_to_x is not None:  # shaped like x
+        if need[0]:
+            add(0, _wgp(grad_to_x, x, go, weight, conv, False))
+        if need[2]:
+            add(2, _wgp(go, grad_to_x, left_go, weight, conv, True))
+        if need[3]:
+            add(3, _wgp(x, grad_to_x, left_go, weight, conv, False))
+        if need[4]:
+            add(4, cross(grad_to_x, left_go, x, go, *conv))
+    if grad_to_go is not None:  # shaped like go
+        if need[1]:
+            add(1, _wgp(grad_to_go, x, go, weight, conv, True))
+        if need[2]:
+            add(2, _wgp(go, left_x, grad_to_go, weight, conv, True))
+        if need[3]:
+            add(3, _wgp(x, left_x, grad_to_go, weight, conv, False))
+        if need[4]:
+            add(4, cross(left_x, grad_to_go, x, go, *conv))
+    return (*grads, *_no_grads_for(conv))
+
+
 for _name, _backward in (
+    ("conv2d_weighted_gradient_products", _weighted_gradient_products_backward),
     ("conv2d_second_moment", _second_moment_backward),
     ("conv2d_variance", _variance_backward),
     ("conv2d_batch_l2", _batch_l2_backward),

@@ -130,6 +130,15 @@ def conv2d_weighted_gradient_product(
     return torch.einsum("ngfl,ngof->ngol", cols, h).reshape(grad_output.shape)
 
 
+def conv2d_weighted_gradient_products(left_grad_output, left_input, input, grad_output, weight, *conv):
+    op = "conv2d_weighted_gradient_products"
+    _checks.check_conv_weighted_gradient_products(op, left_grad_output, left_input, input, grad_output, weight, *conv)
+    return (
+        conv2d_weighted_gradient_product(left_grad_output, input, grad_output, weight, *conv, True),
+        conv2d_weighted_gradient_product(left_input, input, grad_output, weight, *conv, False),
+    )
+
+
 # The ops the compiled extension provides, by name; the fallback registers these as kernels.
 OPS = {
     "linear_second_moment": linear_second_moment,
@@ -142,4 +151,5 @@ OPS = {
     "conv2d_batch_l2": conv2d_batch_l2,
     "conv2d_cross_moment": conv2d_cross_moment,
     "conv2d_weighted_gradient_product": conv2d_weighted_gradient_product,
+    "conv2d_weighted_gradient_products": conv2d_weighted_gradient_products,
 }

@@ -12,6 +12,7 @@ CONV_OPS = (
     "conv2d_batch_l2",
     "conv2d_cross_moment",
     "conv2d_weighted_gradient_product",
+    "conv2d_weighted_gradient_products",
 )
 
 
@@ -64,6 +65,9 @@ class ConvCase:
         x, go = image(), grad()
         if op == "conv2d_cross_moment":
             return (x, go, image(), grad(), *self.conv)
+        if op == "conv2d_weighted_gradient_products":
+            weight = torch.randn(self.c_out, self.c_in // self.groups, *self.kernel, dtype=dtype, device=device)
+            return (grad(), image(), x, go, weight.requires_grad_(requires_grad), *self.conv)
         if op == "conv2d_weighted_gradient_product":
             weight = torch.randn(self.c_out, self.c_in // self.groups, *self.kernel, dtype=dtype, device=device)
             left = grad() if self.to_input else image()

@@ -20,7 +20,13 @@ def expected(op: str, *args):
 
 
 def assert_matches(actual: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> None:
-    """|actual - want| <= tol * (|want| + scale), scale defaulting to max |want| (relative to the result's size)."""
+    """|actual - want| <= tol * (|want| + scale), scale defaulting to max |want| (relative to the result's size).
+    Tuples (ops with several outputs) are compared element by element."""
+    if isinstance(actual, tuple):
+        assert isinstance(want, tuple) and len(actual) == len(want)
+        for a, w in zip(actual, want):
+            assert_matches(a, w, dtype, scale)
+        return
     assert actual.dtype == dtype, (actual.dtype, dtype)
     assert actual.shape == want.shape, (actual.shape, want.shape)
     want = want.to(actual.device)

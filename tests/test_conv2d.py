@@ -85,7 +85,8 @@ def test_conv_gradients_match_autograd_through_reference(op, case):
     args = case.args(op, torch.float64, requires_grad=True)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     ours, ref = call(op, *args), reference.OPS[op](*args)
-    upstream = torch.randn_like(ref)
+    ours, ref = (ours, ref) if isinstance(ref, tuple) else ((ours,), (ref,))
+    upstream = [torch.randn_like(r) for r in ref]
     g_ours = torch.autograd.grad(ours, tensors, upstream, create_graph=True)
     g_ref = torch.autograd.grad(ref, tensors, upstream, create_graph=True)
     for a, b in zip(g_ours, g_ref):
