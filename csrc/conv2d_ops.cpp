@@ -221,11 +221,13 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
   return out;
 }
 
-// Both products from one W * g_n per chunk: (to_input with left_grad_output, to grad_output with left_input).
+// Both products from one h_n = W * g_n - center per chunk: (to_input with left_grad_output, to
+// grad_output with left_input). The center (the variance's W * mean gradient) replaces two convolutions.
 std::tuple<at::Tensor, at::Tensor> conv2d_weighted_gradient_products(
     const at::Tensor& left_grad_output, const at::Tensor& left_input, const at::Tensor& input,
-    const at::Tensor& grad_output, const at::Tensor& weight, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    const at::Tensor& grad_output, const at::Tensor& weight, const std::optional<at::Tensor>& center,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups) {
   const char* op = "conv2d_weighted_gradient_products";
   const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
                             groups);
@@ -234,15 +236,22 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weighted_gradient_products(
   check_float_like(op, left_grad_output, "left_grad_output", input, "input");
   check_float_like(op, left_input, "left_input", input, "input");
   check_weight(op, weight, input, c);
+  const bool centered = center.has_value() && center->defined();
+  if (centered) {
+    GRADVAR_CHECK(center->sizes() == weight.sizes(), op, "center must have the weight's shape ", weight.sizes(),
+                  ", got ", center->sizes());
+    check_float_like(op, *center, "center", input, "input");
+  }
   c10::OptionalDeviceGuard guard(input.device());
   const auto W = weight.reshape({c.groups, c.out_channels / c.groups, c.patch()});
+  const auto C = centered ? center->reshape({c.groups, c.out_channels / c.groups, c.patch()}) : at::Tensor();
   const auto input_patches = patch_factors(input, c);
   const bool left_is_input = left_input.is_same(input);
   const auto other_patches = left_is_input ? Factors{} : patch_factors(left_input, c);
   at::Tensor to_input = at::empty(input.sizes(), input.options());
   at::Tensor to_grad_output = at::empty(grad_output.sizes(), grad_output.options());
   weighted_outer_product_apply_both(position_factors(left_grad_output, c), left_is_input ? input_patches : other_patches,
-                                    input_patches, position_factors(grad_output, c), W, fold_into(to_input, c),
+                                    input_patches, position_factors(grad_output, c), W, C, fold_into(to_input, c),
                                     copy_into(to_grad_output), /*positions_last=*/true);
   return {to_input, to_grad_output};
 }

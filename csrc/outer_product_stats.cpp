@@ -155,18 +155,22 @@ at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G) {
 // T == 1: out = P * ((Z * Q) W), one batched GEMM. T > 1: per chunk h = Q_c^T P_c
 // ([c*groups, a, b]), h *= W, out_c = Z_c h ([c*groups, T, b]) to the sink; scratch <= kChunkBytes.
 // With Z2 ([T, b]), also out2_n = Z2_n h_n^T ([T, a]) from the same h: both vector-Jacobian
-// products of a statistic for one pass over Q^T P (T == 1: out2 = Q * ((Z2 * P) W^T)).
+// products of a statistic for one pass over Q^T P (T == 1: out2 = Q * ((Z2 * P) W^T)). A defined
+// center [groups, a, b] is subtracted from every h_n (the variance's mean term).
 static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P, const Factors& Q,
-                           const at::Tensor& W, const Sink& sink, const Sink* sink2, bool positions_last) {
+                           const at::Tensor& W, const at::Tensor& center, const Sink& sink, const Sink* sink2,
+                           bool positions_last) {
   const int64_t N = P.samples, groups = P.groups, T = P.positions, a = Q.features, b = P.features;
   auto emit = [&](const Sink& to, int64_t start, int64_t n, const at::Tensor& values, int64_t features) {
     to(start, n, positions_last ? values.view({n * groups, features, 1}) : values);
   };
   if (T == 1) {
-    const auto out = by_group(P) * at::bmm(by_group(Z) * by_group(Q), W);  // [groups, N, b]
+    auto out = by_group(P) * at::bmm(by_group(Z) * by_group(Q), W);  // [groups, N, b]
+    if (center.defined()) out = out - at::bmm(by_group(Z), center);
     emit(sink, 0, N, out.transpose(0, 1).reshape({N * groups, 1, b}), b);
     if (Z2 != nullptr) {
-      const auto out2 = by_group(Q) * at::bmm(by_group(*Z2) * by_group(P), W.transpose(1, 2));  // [groups, N, a]
+      auto out2 = by_group(Q) * at::bmm(by_group(*Z2) * by_group(P), W.transpose(1, 2));  // [groups, N, a]
+      if (center.defined()) out2 = out2 - at::bmm(by_group(*Z2), center.transpose(1, 2));
       emit(*sink2, 0, N, out2.transpose(0, 1).reshape({N * groups, 1, a}), a);
     }
     return;
@@ -186,6 +190,7 @@ static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P
     const auto Qc = Q.chunk(start, n), Pc = P.chunk(start, n);
     at::bmm_out(h, Qc.transpose(1, 2), Pc);
     h.view({n, groups, a, b}).mul_(W);
+    if (center.defined()) h.view({n, groups, a, b}).sub_(center);
     auto out = out_buf.narrow(0, 0, n * groups);
     const auto Zc = &Z == &Q ? Qc : Z.chunk(start, n);  // the same factors: formed once
     if (positions_last) {
@@ -209,13 +214,13 @@ static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P
 
 void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Factors& Q, const at::Tensor& W,
                                   const Sink& sink, bool positions_last) {
-  apply_weighted(Z, nullptr, P, Q, W, sink, nullptr, positions_last);
+  apply_weighted(Z, nullptr, P, Q, W, at::Tensor(), sink, nullptr, positions_last);
 }
 
 void weighted_outer_product_apply_both(const Factors& Z, const Factors& Z2, const Factors& P, const Factors& Q,
-                                       const at::Tensor& W, const Sink& sink, const Sink& sink2,
-                                       bool positions_last) {
-  apply_weighted(Z, &Z2, P, Q, W, sink, &sink2, positions_last);
+                                       const at::Tensor& W, const at::Tensor& center, const Sink& sink,
+                                       const Sink& sink2, bool positions_last) {
+  apply_weighted(Z, &Z2, P, Q, W, center, sink, &sink2, positions_last);
 }
 
 }  // namespace gradvar

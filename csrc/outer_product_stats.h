@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <optional>
 #include <tuple>
 
 namespace gradvar {
@@ -39,11 +40,12 @@ at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G);
 // [.., T, b], or as its transpose [.., b, T] (positions_last: the layout col2im reads).
 void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Factors& Q, const at::Tensor& W,
                                   const Sink& sink, bool positions_last = false);
-// Both vector-Jacobian products from one h_n = W * (Q_n^T P_n) per chunk: Z_n h_n -> sink ([.., T, b]) and
-// Z2_n h_n^T -> sink2 ([.., T, a]), Z2 [T, b] (each transposed when positions_last).
+// Both vector-Jacobian products from one h_n = W * (Q_n^T P_n) - center per chunk (center [groups, a, b],
+// may be undefined): Z_n h_n -> sink ([.., T, b]) and Z2_n h_n^T -> sink2 ([.., T, a]), Z2 [T, b]
+// (each transposed when positions_last).
 void weighted_outer_product_apply_both(const Factors& Z, const Factors& Z2, const Factors& P, const Factors& Q,
-                                       const at::Tensor& W, const Sink& sink, const Sink& sink2,
-                                       bool positions_last);
+                                       const at::Tensor& W, const at::Tensor& center, const Sink& sink,
+                                       const Sink& sink2, bool positions_last);
 
 // ---- device kernels for the reduction steps (cpu/, cuda/) ----
 // moment[j] += sum_k g[k, j] * gb[k, j]; sum[j] += sum_k g[k, j] (sum may be undefined). g, gb: [k, F].
@@ -95,7 +97,8 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
                                             bool to_input);
 std::tuple<at::Tensor, at::Tensor> conv2d_weighted_gradient_products(
     const at::Tensor& left_grad_output, const at::Tensor& left_input, const at::Tensor& input,
-    const at::Tensor& grad_output, const at::Tensor& weight, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+    const at::Tensor& grad_output, const at::Tensor& weight, const std::optional<at::Tensor>& center,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups);
 
 }  // namespace gradvar

@@ -26,8 +26,8 @@ TORCH_LIBRARY(gradvar, m) {
   // to_input: fold(left[n] @ (weight * g_n)), left like grad_output -> like input;
   // else: unfold(left[n]) @ (weight * g_n)^T, left like input -> like grad_output (backward helper)
   m.def("conv2d_weighted_gradient_product(Tensor left, Tensor input, Tensor grad_output, Tensor weight, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups, bool to_input) -> Tensor");
-  // both of the above from one W * g_n: (to_input with left_grad_output, to grad_output with left_input)
-  m.def("conv2d_weighted_gradient_products(Tensor left_grad_output, Tensor left_input, Tensor input, Tensor grad_output, Tensor weight, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor)");
+  // both of the above from one h_n = weight * g_n - center: (to_input with left_grad_output, to grad_output with left_input)
+  m.def("conv2d_weighted_gradient_products(Tensor left_grad_output, Tensor left_input, Tensor input, Tensor grad_output, Tensor weight, Tensor? center, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -153,8 +153,12 @@ def check_conv_weight(op, weight, input, shape) -> None:
     check_float_like(op, weight, "weight", input, "input")
 
 
-def check_conv_weighted_gradient_products(op, left_grad_output, left_input, input, grad_output, weight, *conv):
+def check_conv_weighted_gradient_products(op, left_grad_output, left_input, input, grad_output, weight, center, *conv):
     shape = check_conv(op, input, "input", grad_output, "grad_output", *conv)
+    if center is not None:
+        if list(center.shape) != list(weight.shape):
+            fail(op, f"center must have the weight's shape {list(weight.shape)}, got {list(center.shape)}")
+        check_float_like(op, center, "center", input, "input")
     check_same_shape(op, left_grad_output, "left_grad_output", grad_output, "grad_output")
     check_same_shape(op, left_input, "left_input", input, "input")
     check_float_like(op, left_grad_output, "left_grad_output", input, "input")

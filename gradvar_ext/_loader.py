@@ -36,7 +36,7 @@ SCHEMAS = {
     "conv2d_weighted_gradient_product": "(Tensor left, Tensor input, Tensor grad_output, Tensor weight, "
     f"{_CONV}, bool to_input) -> Tensor",
     "conv2d_weighted_gradient_products": "(Tensor left_grad_output, Tensor left_input, Tensor input, "
-    f"Tensor grad_output, Tensor weight, {_CONV}) -> (Tensor, Tensor)",
+    f"Tensor grad_output, Tensor weight, Tensor? center, {_CONV}) -> (Tensor, Tensor)",
 }
 
 _state: dict[str, object] = {"backend": None, "reason": None, "library": None}

@@ -67,19 +67,34 @@ def _(left, input, grad_output, weight, *conv_and_to_input):
 
 
 @torch.library.register_fake("gradvar::conv2d_weighted_gradient_products")
-def _(left_grad_output, left_input, input, grad_output, weight, *conv):
+def _(left_grad_output, left_input, input, grad_output, weight, center, *conv):
     _checks.check_conv_weighted_gradient_products(
-        "conv2d_weighted_gradient_products", left_grad_output, left_input, input, grad_output, weight, *conv
+        "conv2d_weighted_gradient_products", left_grad_output, left_input, input, grad_output, weight, center, *conv
     )
     return input.new_empty(input.shape), input.new_empty(grad_output.shape)
 
 
 # ---------------------------------------------------------------- autograd
-def _save(ctx, inputs, output) -> None:
-    tensors = [t for t in inputs if isinstance(t, Tensor)]
-    ctx.save_for_backward(*tensors)
-    ctx.conv = tuple(inputs[len(tensors) : len(tensors) + 5])  # kernel_size, stride, padding, dilation, groups
-    ctx.flags = tuple(inputs[len(tensors) + 5 :])  # to_input, for the weighted product
+def _saver(n_tensors: int):
+    """setup_context for an op whose first n_tensors arguments are tensors (or None), then the conv."""
+
+    def save(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.conv = tuple(inputs[n_tensors : n_tensors + 5])  # kernel_size, stride, padding, dilation, groups
+        ctx.flags = tuple(inputs[n_tensors + 5 :])  # to_input, for the weighted product
+
+    return save
+
+
+def _conv_input_grad(grad, weight, input_shape, conv):
+    """The input gradient of a conv with weight `weight` for output gradient `grad` (a transposed conv)."""
+    kernel_size, stride, padding, dilation, groups = conv
+    output_padding = [
+        input_shape[2 + d]
+        - ((grad.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (kernel_size[d] - 1) + 1)
+        for d in range(2)
+    ]
+    return F.conv_transpose2d(grad, weight, None, stride, padding, output_padding, groups, dilation)
 
 
 def _wgp(left, x, go, weight, conv, to_input):
@@ -90,14 +105,16 @@ def _no_grads_for(conv, flags=()):
     return (None,) * (len(conv) + len(flags))
 
 
-def _both_products(x, go, weight, conv, need):
-    """fold(go_n (W * g_n)) and unfold(x)_n (W * g_n)^T, as needed: one pass when both are."""
+def _both_products(x, go, weight, conv, need, center=None):
+    """fold(go_n (W * g_n - C)) and unfold(x)_n (W * g_n - C)^T, as needed: one pass when both are."""
     if need[0] and need[1]:
-        return _ops.conv2d_weighted_gradient_products(go, x, x, go, weight, *conv)
-    return (
-        _wgp(go, x, go, weight, conv, True) if need[0] else None,
-        _wgp(x, x, go, weight, conv, False) if need[1] else None,
-    )
+        return _ops.conv2d_weighted_gradient_products(go, x, x, go, weight, center, *conv)
+    to_x = _wgp(go, x, go, weight, conv, True) if need[0] else None
+    to_go = _wgp(x, x, go, weight, conv, False) if need[1] else None
+    if center is not None:  # the center's part: a transposed conv / a conv with weight C
+        to_x = to_x - _conv_input_grad(go, center, x.shape, conv) if need[0] else None
+        to_go = to_go - F.conv2d(x, center, None, *conv[1:4], conv[4]) if need[1] else None
+    return to_x, to_go
 
 
 def _second_moment_backward(ctx, grad):
@@ -107,25 +124,14 @@ def _second_moment_backward(ctx, grad):
 
 
 def _variance_backward(ctx, grad):
-    # variance = S / N - M^2, M = mean weight gradient; the M term's gradients are a transposed
-    # conv (for x) and a conv (for grad_output) with weight W * M: plain, differentiable torch ops.
+    # variance = S / N - M^2 with M the mean weight gradient: per sample the upstream weight is
+    # (2/N) W * (g_n - M), i.e. the weighted products with center (2/N) W * M.
     x, go = ctx.saved_tensors
-    need, conv = ctx.needs_input_grad, ctx.conv
-    kernel_size, stride, padding, dilation, groups = conv
+    conv = ctx.conv
     n = x.shape[0]
-    mean = torch.nn.grad.conv2d_weight(x, grad.shape, go, stride, padding, dilation, groups) / n
+    mean = torch.nn.grad.conv2d_weight(x, grad.shape, go, *conv[1:4], conv[4]) / n
     scaled = grad * (2 / n)  # scale the [C_out, ...] weight, not the input-sized results
-    weighted_mean = scaled * mean
-    grad_x, grad_go = _both_products(x, go, scaled, conv, need)
-    if need[0]:
-        output_padding = [
-            x.shape[2 + d]
-            - ((go.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (kernel_size[d] - 1) + 1)
-            for d in range(2)
-        ]
-        grad_x = grad_x - F.conv_transpose2d(go, weighted_mean, None, stride, padding, output_padding, groups, dilation)
-    if need[1]:
-        grad_go = grad_go - F.conv2d(x, weighted_mean, None, stride, padding, dilation, groups)
+    grad_x, grad_go = _both_products(x, go, scaled, conv, ctx.needs_input_grad, center=scaled * mean)
     return (grad_x, grad_go, *_no_grads_for(conv))
 
 
@@ -173,12 +179,13 @@ def _weighted_gradient_product_backward(ctx, grad):
 
 
 def _weighted_gradient_products_backward(ctx, grad_to_x, grad_to_go):
-    # The sum of the two single-output products' backwards (to_input with left_grad_output,
-    # to grad_output with left_input), each written with the same two ops.
-    left_go, left_x, x, go, weight = ctx.saved_tensors
+    # The sum of the two single-output products' backwards (to_input with left_grad_output, to
+    # grad_output with left_input), each written with the same ops, plus the center's part:
+    # -conv_transpose(left_grad_output, C) and -conv2d(left_input, C), plain torch convs.
+    left_go, left_x, x, go, weight, center = ctx.saved_tensors
     need, conv = ctx.needs_input_grad, ctx.conv
     cross = _ops.conv2d_cross_moment
-    grads = [None] * 5
+    grads = [None] * 6
 
     def add(i, value):
         grads[i] = value if grads[i] is None else grads[i] + value
@@ -192,6 +199,10 @@ def _weighted_gradient_products_backward(ctx, grad_to_x, grad_to_go):
             add(3, _wgp(x, grad_to_x, left_go, weight, conv, False))
         if need[4]:
             add(4, cross(grad_to_x, left_go, x, go, *conv))
+        if center is not None and need[0]:
+            add(0, -F.conv2d(grad_to_x, center, None, *conv[1:4], conv[4]))
+        if need[5]:
+            add(5, -torch.nn.grad.conv2d_weight(grad_to_x, center.shape, left_go, *conv[1:4], conv[4]))
     if grad_to_go is not None:  # shaped like go
         if need[1]:
             add(1, _wgp(grad_to_go, x, go, weight, conv, True))
@@ -201,18 +212,22 @@ def _weighted_gradient_products_backward(ctx, grad_to_x, grad_to_go):
             add(3, _wgp(x, left_x, grad_to_go, weight, conv, False))
         if need[4]:
             add(4, cross(left_x, grad_to_go, x, go, *conv))
+        if center is not None and need[1]:
+            add(1, -_conv_input_grad(grad_to_go, center, left_x.shape, conv))
+        if need[5]:
+            add(5, -torch.nn.grad.conv2d_weight(left_x, center.shape, grad_to_go, *conv[1:4], conv[4]))
     return (*grads, *_no_grads_for(conv))
 
 
-for _name, _backward in (
-    ("conv2d_weighted_gradient_products", _weighted_gradient_products_backward),
-    ("conv2d_second_moment", _second_moment_backward),
-    ("conv2d_variance", _variance_backward),
-    ("conv2d_batch_l2", _batch_l2_backward),
-    ("conv2d_cross_moment", _cross_moment_backward),
-    ("conv2d_weighted_gradient_product", _weighted_gradient_product_backward),
+for _name, _backward, _tensor_args in (
+    ("conv2d_second_moment", _second_moment_backward, 2),
+    ("conv2d_variance", _variance_backward, 2),
+    ("conv2d_batch_l2", _batch_l2_backward, 2),
+    ("conv2d_cross_moment", _cross_moment_backward, 4),
+    ("conv2d_weighted_gradient_product", _weighted_gradient_product_backward, 4),
+    ("conv2d_weighted_gradient_products", _weighted_gradient_products_backward, 6),
 ):
-    torch.library.register_autograd(f"gradvar::{_name}", _backward, setup_context=_save)
+    torch.library.register_autograd(f"gradvar::{_name}", _backward, setup_context=_saver(_tensor_args))
 
 
 # ---------------------------------------------------------------- argument resolution

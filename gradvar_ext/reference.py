@@ -111,18 +111,12 @@ def conv2d_cross_moment(input, grad_output, other_input, other_grad_output, *con
     return (g * conv2d_per_sample_gradients(other_input, other_grad_output, *conv)).sum(0)
 
 
-def conv2d_weighted_gradient_product(
-    left, input, grad_output, weight, kernel_size, stride, padding, dilation, groups, to_input
-):
-    conv = (kernel_size, stride, padding, dilation, groups)
-    _checks.check_conv_weighted_gradient_product(
-        "conv2d_weighted_gradient_product", left, input, grad_output, weight, *conv, to_input
-    )
+def _apply_weighted(left, input, grad_output, h, conv, to_input):
+    """Per sample: fold(left_n h_n) (to_input; left like grad_output) or unfold(left)_n h_n^T."""
+    kernel_size, stride, padding, dilation, groups = conv
     n = input.shape[0]
-    h = (weight * conv2d_per_sample_gradients(input, grad_output, *conv)).reshape(
-        n, groups, weight.shape[0] // groups, -1
-    )
-    if to_input:  # fold(left_n^T-side product): the input gradient of a conv with weight h_n
+    h = h.reshape(n, groups, h.shape[1] // groups, -1)
+    if to_input:
         go = left.reshape(n, groups, left.shape[1] // groups, -1)
         cols = torch.einsum("ngol,ngof->ngfl", go, h).reshape(n, -1, go.shape[-1])
         return F.fold(cols, input.shape[2:], kernel_size, dilation=dilation, padding=padding, stride=stride)
@@ -130,12 +124,28 @@ def conv2d_weighted_gradient_product(
     return torch.einsum("ngfl,ngof->ngol", cols, h).reshape(grad_output.shape)
 
 
-def conv2d_weighted_gradient_products(left_grad_output, left_input, input, grad_output, weight, *conv):
+def conv2d_weighted_gradient_product(
+    left, input, grad_output, weight, kernel_size, stride, padding, dilation, groups, to_input
+):
+    conv = (kernel_size, stride, padding, dilation, groups)
+    _checks.check_conv_weighted_gradient_product(
+        "conv2d_weighted_gradient_product", left, input, grad_output, weight, *conv, to_input
+    )
+    h = weight * conv2d_per_sample_gradients(input, grad_output, *conv)
+    return _apply_weighted(left, input, grad_output, h, conv, to_input)
+
+
+def conv2d_weighted_gradient_products(left_grad_output, left_input, input, grad_output, weight, center, *conv):
     op = "conv2d_weighted_gradient_products"
-    _checks.check_conv_weighted_gradient_products(op, left_grad_output, left_input, input, grad_output, weight, *conv)
+    _checks.check_conv_weighted_gradient_products(
+        op, left_grad_output, left_input, input, grad_output, weight, center, *conv
+    )
+    h = weight * conv2d_per_sample_gradients(input, grad_output, *conv)
+    if center is not None:
+        h = h - center
     return (
-        conv2d_weighted_gradient_product(left_grad_output, input, grad_output, weight, *conv, True),
-        conv2d_weighted_gradient_product(left_input, input, grad_output, weight, *conv, False),
+        _apply_weighted(left_grad_output, input, grad_output, h, conv, True),
+        _apply_weighted(left_input, input, grad_output, h, conv, False),
     )
 
 

@@ -67,7 +67,8 @@ class ConvCase:
             return (x, go, image(), grad(), *self.conv)
         if op == "conv2d_weighted_gradient_products":
             weight = torch.randn(self.c_out, self.c_in // self.groups, *self.kernel, dtype=dtype, device=device)
-            return (grad(), image(), x, go, weight.requires_grad_(requires_grad), *self.conv)
+            center = torch.randn_like(weight).requires_grad_(requires_grad)
+            return (grad(), image(), x, go, weight.requires_grad_(requires_grad), center, *self.conv)
         if op == "conv2d_weighted_gradient_product":
             weight = torch.randn(self.c_out, self.c_in // self.groups, *self.kernel, dtype=dtype, device=device)
             left = grad() if self.to_input else image()
