@@ -157,65 +157,69 @@ def _cross_moment_backward(ctx, grad):
     )
 
 
-def _weighted_gradient_product_backward(ctx, grad):
-    left, x, go, weight = ctx.saved_tensors
-    need, conv, (to_input,) = ctx.needs_input_grad, ctx.conv, ctx.flags
+def _product_vjp(left, x, go, weight, conv, to_input, grad, need):
+    """Gradients w.r.t. (left, x, go, weight) of <grad, conv2d_weighted_gradient_product(left, x, go,
+    weight, to_input)>, each written with the same two conv ops; None where need is False."""
     cross = _ops.conv2d_cross_moment
     if to_input:  # grad is shaped like x
-        grads = (
+        return (
             _wgp(grad, x, go, weight, conv, False) if need[0] else None,
             _wgp(go, grad, left, weight, conv, True) if need[1] else None,
             _wgp(x, grad, left, weight, conv, False) if need[2] else None,
             cross(grad, left, x, go, *conv) if need[3] else None,
         )
-    else:  # grad is shaped like go
-        grads = (
-            _wgp(grad, x, go, weight, conv, True) if need[0] else None,
-            _wgp(go, left, grad, weight, conv, True) if need[1] else None,
-            _wgp(x, left, grad, weight, conv, False) if need[2] else None,
-            cross(left, grad, x, go, *conv) if need[3] else None,
-        )
-    return (*grads, *_no_grads_for(conv, ctx.flags))
+    return (  # grad is shaped like go
+        _wgp(grad, x, go, weight, conv, True) if need[0] else None,
+        _wgp(go, left, grad, weight, conv, True) if need[1] else None,
+        _wgp(x, left, grad, weight, conv, False) if need[2] else None,
+        cross(left, grad, x, go, *conv) if need[3] else None,
+    )
+
+
+def _weighted_gradient_product_backward(ctx, grad):
+    left, x, go, weight = ctx.saved_tensors
+    (to_input,) = ctx.flags
+    grads = _product_vjp(left, x, go, weight, ctx.conv, to_input, grad, ctx.needs_input_grad)
+    return (*grads, *_no_grads_for(ctx.conv, ctx.flags))
 
 
 def _weighted_gradient_products_backward(ctx, grad_to_x, grad_to_go):
-    # The sum of the two single-output products' backwards (to_input with left_grad_output, to
-    # grad_output with left_input), each written with the same ops, plus the center's part:
-    # -conv_transpose(left_grad_output, C) and -conv2d(left_input, C), plain torch convs.
+    # The two single-output products' backwards (to_input with left_grad_output, to grad_output
+    # with left_input), summed, plus the center's part: the products subtract
+    # conv_transpose(left_grad_output, C) and conv2d(left_input, C), plain torch convs.
     left_go, left_x, x, go, weight, center = ctx.saved_tensors
     need, conv = ctx.needs_input_grad, ctx.conv
-    cross = _ops.conv2d_cross_moment
     grads = [None] * 6
 
-    def add(i, value):
-        grads[i] = value if grads[i] is None else grads[i] + value
+    def add(indices, values):
+        for i, value in zip(indices, values):
+            if value is not None:
+                grads[i] = value if grads[i] is None else grads[i] + value
 
     if grad_to_x is not None:  # shaped like x
-        if need[0]:
-            add(0, _wgp(grad_to_x, x, go, weight, conv, False))
-        if need[2]:
-            add(2, _wgp(go, grad_to_x, left_go, weight, conv, True))
-        if need[3]:
-            add(3, _wgp(x, grad_to_x, left_go, weight, conv, False))
-        if need[4]:
-            add(4, cross(grad_to_x, left_go, x, go, *conv))
-        if center is not None and need[0]:
-            add(0, -F.conv2d(grad_to_x, center, None, *conv[1:4], conv[4]))
-        if need[5]:
-            add(5, -torch.nn.grad.conv2d_weight(grad_to_x, center.shape, left_go, *conv[1:4], conv[4]))
+        add((0, 2, 3, 4), _product_vjp(left_go, x, go, weight, conv, True, grad_to_x, [need[i] for i in (0, 2, 3, 4)]))
+        if center is not None:
+            add((0,), (-F.conv2d(grad_to_x, center, None, *conv[1:4], conv[4]) if need[0] else None,))
+            add(
+                (5,),
+                (
+                    -torch.nn.grad.conv2d_weight(grad_to_x, center.shape, left_go, *conv[1:4], conv[4])
+                    if need[5]
+                    else None,
+                ),
+            )
     if grad_to_go is not None:  # shaped like go
-        if need[1]:
-            add(1, _wgp(grad_to_go, x, go, weight, conv, True))
-        if need[2]:
-            add(2, _wgp(go, left_x, grad_to_go, weight, conv, True))
-        if need[3]:
-            add(3, _wgp(x, left_x, grad_to_go, weight, conv, False))
-        if need[4]:
-            add(4, cross(left_x, grad_to_go, x, go, *conv))
-        if center is not None and need[1]:
-            add(1, -_conv_input_grad(grad_to_go, center, left_x.shape, conv))
-        if need[5]:
-            add(5, -torch.nn.grad.conv2d_weight(left_x, center.shape, grad_to_go, *conv[1:4], conv[4]))
+        add((1, 2, 3, 4), _product_vjp(left_x, x, go, weight, conv, False, grad_to_go, [need[i] for i in (1, 2, 3, 4)]))
+        if center is not None:
+            add((1,), (-_conv_input_grad(grad_to_go, center, left_x.shape, conv) if need[1] else None,))
+            add(
+                (5,),
+                (
+                    -torch.nn.grad.conv2d_weight(left_x, center.shape, grad_to_go, *conv[1:4], conv[4])
+                    if need[5]
+                    else None,
+                ),
+            )
     return (*grads, *_no_grads_for(conv))
 
 
