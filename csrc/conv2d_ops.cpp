@@ -79,7 +79,7 @@ Factors patch_factors(const at::Tensor& image, const ConvGeometry& c) {
                      cols = part;
                    } else if (part.is_cpu()) {
                      cols = at::empty({n, g * f, L}, part.options());
-                     im2col_cpu(part, cols, c.kernel, c.stride, c.padding, c.dilation);
+                     im2col_cpu(part, cols, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
                    } else {
                      cols = at::im2col(part, c.kernel, c.dilation, c.padding, c.stride);
                    }

@@ -52,9 +52,10 @@ void weighted_outer_product_apply_both(const Factors& Z, const Factors& Z2, cons
 void accumulate_products_cpu(at::Tensor& moment, at::Tensor& sum, const at::Tensor& g, const at::Tensor& gb);
 // out[k] = sum_j a[k, j] * b[k, j]. a, b: [k, F]; out: [k] (contiguous view allowed).
 void rowwise_dot_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
-// cols [N, C*kh*kw, L] = unfold(image [N, C, H, W]), as at::im2col, parallel (cpu/unfold_kernels.cpp).
+// cols [N, C*kh*kw, out_height*out_width] = unfold(image [N, C, H, W]), as at::im2col, parallel
+// (cpu/unfold_kernels.cpp).
 void im2col_cpu(const at::Tensor& image, at::Tensor& cols, at::IntArrayRef kernel, at::IntArrayRef stride,
-                at::IntArrayRef padding, at::IntArrayRef dilation);
+                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_height, int64_t out_width);
 // image [N, C, H, W] = fold(cols [N, C*kh*kw, out_height*out_width]), as at::col2im; overwrites image.
 void col2im_cpu(const at::Tensor& cols, at::Tensor& image, at::IntArrayRef kernel, at::IntArrayRef stride,
                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_height, int64_t out_width);

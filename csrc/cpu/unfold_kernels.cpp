@@ -37,11 +37,9 @@ void valid_columns(const Geometry& g, int64_t j, int64_t& x0, int64_t& x1) {
 
 // cols = unfold(image). Threads split the N * C * kh * kw rows; stride-1 rows are plain copies.
 void im2col_cpu(const at::Tensor& image, at::Tensor& cols, at::IntArrayRef kernel, at::IntArrayRef stride,
-                at::IntArrayRef padding, at::IntArrayRef dilation) {
+                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_height, int64_t out_width) {
   const int64_t N = image.size(0), L = cols.size(2);
-  const int64_t Wo = std::max<int64_t>(1, (image.size(3) + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) /
-                                              stride[1] + 1);
-  const Geometry g = geometry(image, kernel, stride, padding, dilation, L / Wo, Wo);
+  const Geometry g = geometry(image, kernel, stride, padding, dilation, out_height, out_width);
   const int64_t kk = g.kh * g.kw;
   AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "im2col_cpu", [&] {
     const scalar_t* src_all = image.const_data_ptr<scalar_t>();
