@@ -60,7 +60,7 @@ _ACTIVE: list[_Collector] = []  # the innermost collect() block records
 class _Collector:
     extensions: tuple
     loss_reduction: str
-    records: dict = field(default_factory=dict)  # module -> list of (input, grad_output), one per call
+    records: dict = field(default_factory=dict)  # module -> {forward call: (input, grad_output)}
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -94,10 +94,19 @@ def _on_forward(module: nn.Module, inputs: tuple, output: Tensor) -> None:
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
         return
     layer_input = inputs[0]
+    call = object()  # identifies this forward call of the layer
 
     def on_grad(grad_output: Tensor) -> None:
-        if _ACTIVE:
-            _ACTIVE[-1].records.setdefault(module, []).append((layer_input, grad_output))
+        if not _ACTIVE:
+            return
+        calls = _ACTIVE[-1].records.setdefault(module, {})
+        if call in calls:
+            raise RuntimeError(
+                "gradvar_ext.collect: a second backward pass reached the same forward call of "
+                f"{type(module).__name__}; per-sample statistics are defined for one backward per forward: "
+                "use one backward per collect block"
+            )
+        calls[call] = (layer_input, grad_output)
 
     output.register_hook(on_grad)
 
@@ -135,7 +144,7 @@ class collect:
         records, self._collector.records = self._collector.records, {}
         if exc_info[0] is None:
             for module, calls in records.items():
-                _store(module, calls, self._collector)
+                _store(module, list(calls.values()), self._collector)
 
 
 def clear(*modules: nn.Module) -> None:

@@ -268,3 +268,14 @@ def test_agrees_with_backpack_where_backpack_is_right(name):
                 torch.testing.assert_close(mine[f], truth[f])
                 assert not torch.allclose(getattr(p, f), truth[f])
     assert agreed >= 3 * len(ours) - 1
+
+
+def test_two_backward_passes_through_one_forward_are_an_error():
+    """They would otherwise count each layer call twice (2 g_n): refuse instead of a wrong number."""
+    model, x, y, lossfunc = build("sequence-linear", torch.float64)
+    loss = lossfunc(model(x), y)
+    with pytest.raises(RuntimeError, match="a second backward pass reached the same forward call of Linear"):
+        with gv.collect(gv.Variance()):
+            loss.backward(retain_graph=True)
+            loss.backward()
+    assert not hasattr(model.weight, "variance")
