@@ -1,12 +1,14 @@
-"""Variance of the per-sample gradients and the gradient of the total variance (the seed's job),
-measured side by side for several methods, each in a fresh subprocess.
+"""Variance of the per-sample gradients (job a) and also the gradient of the total variance (job b,
+the seed's job), measured side by side for several methods, each in a fresh subprocess.
 
-    python benchmarks/bench_variance.py [--device cuda] [--quick] [--workloads mlp cnn]
+    python benchmarks/bench_variance.py [--job a|b] [--device cuda] [--quick] [--workloads mlp cnn]
 
-Methods: floor (a plain forward + backward, for scale), gradvar (this library, from hooks),
+Methods: floor (a plain forward + backward, for scale), gradvar (this library's front end,
+extend + collect),
 gradvar-fused (CUDA only: the opt-in fused moment kernel), loop (per-sample autograd loop: the
 ground truth every other method is checked against), torch.func (vmap of grad), backpack (when
-installed). Prints a markdown table last and writes JSON to benchmarks/results/.
+installed), opacus (job a only, when installed). Prints a markdown table last and writes JSON to
+benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -74,50 +76,45 @@ def make_workload(name: str, device: str):
 WORKLOADS = ("seed-linear", "mlp", "cnn", "seq")
 
 
-# ---------------------------------------------------------------- methods: each returns (total_var, grads)
-def run_floor(model, x, y, lossfunc):
+# ---------------------------------------------------------------- methods
+# Each returns (total variance, tensors): for job "a" the per-parameter variances, for job "b"
+# the gradient of the total variance w.r.t. every parameter. Both are checked against the loop.
+def _finish(job, params, variances):
+    total = sum(v.sum() for v in variances)
+    if job == "a":
+        return total.detach(), [v.detach() for v in variances]
+    return total.detach(), torch.autograd.grad(total, params)
+
+
+def run_floor(model, x, y, lossfunc, job):
     loss = lossfunc(model(x), y)
     return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
 
 
-def run_gradvar(model, x, y, lossfunc):
+def run_gradvar(model, x, y, lossfunc, job):
     import gradvar_ext as gv
 
-    layers, io = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))], {}
-    handles = [m.register_forward_hook(lambda m, i, o: io.__setitem__(m, (i[0], o))) for m in layers]
-    try:
-        loss = lossfunc(model(x), y)
-    finally:
-        for h in handles:
-            h.remove()
-    outputs = [io[m][1] for m in layers]
-    grad_outputs = torch.autograd.grad(loss, outputs, create_graph=True)
-    total = 0
-    for m, go in zip(layers, grad_outputs):
-        inp = io[m][0]
-        if isinstance(m, nn.Linear):
-            total = total + gv.linear_variance(inp, go).sum()
-            if m.bias is not None:
-                total = total + gv.bias_variance(go).sum()
-        else:
-            total = total + gv.conv2d_variance(inp, go, **gv.conv2d_arguments_of(m)).sum()
-            if m.bias is not None:
-                total = total + gv.conv2d_bias_variance(go).sum()
-    return total, torch.autograd.grad(total, list(model.parameters()))
-
-
-def run_loop(model, x, y, lossfunc):
+    model = gv.extend(model)  # idempotent
     params = list(model.parameters())
-    per_sample = []
+    loss = lossfunc(model(x), y)
+    with gv.collect(gv.Variance()):
+        loss.backward(retain_graph=job == "b", create_graph=job == "b")
+    result = _finish(job, params, [p.variance for p in params])
+    gv.clear(model)
+    model.zero_grad(set_to_none=True)  # create_graph grads hold the graph
+    return result
+
+
+def run_loop(model, x, y, lossfunc, job):
+    params = list(model.parameters())
+    rows = []
     for i in range(x.shape[0]):
         loss = lossfunc(model(x[i : i + 1]), y[i : i + 1])
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        per_sample.append(torch.cat([g.reshape(-1) for g in grads]))
-    total = torch.stack(per_sample).var(dim=0, unbiased=False).sum()
-    return total, torch.autograd.grad(total, params)
+        rows.append(torch.autograd.grad(loss, params, create_graph=job == "b"))
+    return _finish(job, params, [torch.stack([r[k] for r in rows]).var(0, unbiased=False) for k in range(len(params))])
 
 
-def run_torch_func(model, x, y, lossfunc):
+def run_torch_func(model, x, y, lossfunc, job):
     from torch.func import functional_call, grad, vmap
 
     params = dict(model.named_parameters())
@@ -126,23 +123,33 @@ def run_torch_func(model, x, y, lossfunc):
         return lossfunc(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
 
     per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
-    total = sum(g.var(dim=0, unbiased=False).sum() for g in per_sample.values())
-    return total, torch.autograd.grad(total, list(params.values()))
+    return _finish(job, list(params.values()), [per_sample[k].var(0, unbiased=False) for k in params])
 
 
-def run_backpack(model, x, y, lossfunc):
+def run_backpack(model, x, y, lossfunc, job):
     from backpack import backpack, extend
     from backpack.extensions import Variance
 
     model, lossfunc = extend(model), extend(lossfunc)
+    params = list(model.parameters())
     loss = lossfunc(model(x), y)
     with backpack(Variance()):
-        loss.backward(retain_graph=True, create_graph=True)
-    total = sum(p.variance.sum() for p in model.parameters())
-    grads = torch.autograd.grad(total, list(model.parameters()))
-    for p in model.parameters():  # break the create_graph reference cycle
-        p.grad = None
-    return total, grads
+        loss.backward(retain_graph=job == "b", create_graph=job == "b")
+    result = _finish(job, params, [p.variance for p in params])
+    model.zero_grad(set_to_none=True)  # break the create_graph reference cycle
+    return result
+
+
+def run_opacus(model, x, y, lossfunc, job):
+    """`model` is the GradSampleModule the worker wrapped once (its hooks stay on the model)."""
+    if job == "b":
+        raise NotImplementedError("Opacus cannot differentiate its per-sample gradients (job b)")
+    params = list(model.parameters())
+    lossfunc(model(x), y).backward()
+    result = _finish(job, params, [p.grad_sample.var(0, unbiased=False) for p in params])
+    for p in params:
+        p.grad_sample = None
+    return result
 
 
 METHODS = {
@@ -152,11 +159,13 @@ METHODS = {
     "loop": run_loop,
     "torch.func": run_torch_func,
     "backpack": run_backpack,
+    "opacus": run_opacus,
 }
+OPTIONAL = {"backpack": "backpack", "opacus": "opacus"}  # method -> package it needs
 
 
 # ---------------------------------------------------------------- one measurement (child process)
-def worker(method: str, workload: str, device: str, repeats: int, out_path: str) -> None:
+def worker(method: str, workload: str, device: str, repeats: int, out_path: str, job: str) -> None:
     """Times `repeats` runs after a warm-up, and reports the peak extra memory of those runs.
     On the CPU the parent runs this twice: for time with glibc's default malloc, and with
     repeats = 1 under a fixed mmap threshold for memory (RSS then tracks live memory, but
@@ -172,10 +181,14 @@ def worker(method: str, workload: str, device: str, repeats: int, out_path: str)
     torch.manual_seed(0)
     model, x, y, lossfunc = make_workload(workload, device)
     fn = METHODS[method]
+    if method == "opacus":  # wrap once: the wrapper's hooks stay on the model
+        from opacus import GradSampleModule
+
+        model = GradSampleModule(model, loss_reduction="sum")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     # CPU: ru_maxrss is a lifetime high-water mark, so the baseline is taken before the warm-up.
     cpu_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    fn(model, x, y, lossfunc)  # warm-up (loads kernels, allocator pools)
+    fn(model, x, y, lossfunc, job)  # warm-up (loads kernels, allocator pools)
     sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -187,7 +200,7 @@ def worker(method: str, workload: str, device: str, repeats: int, out_path: str)
         model.zero_grad(set_to_none=True)
         sync()
         start = time.perf_counter()
-        total, grads = fn(model, x, y, lossfunc)
+        total, grads = fn(model, x, y, lossfunc, job)
         sync()
         times.append(time.perf_counter() - start)
     if device == "cuda":
@@ -198,11 +211,11 @@ def worker(method: str, workload: str, device: str, repeats: int, out_path: str)
     print(json.dumps({"median_ms": 1000 * statistics.median(times), "peak_mb": max(peak, 0) / 2**20}))
 
 
-def _run_worker(method, workload, device, repeats, out_path, fixed_mmap_threshold: bool) -> dict:
+def _run_worker(method, workload, device, repeats, out_path, job, fixed_mmap_threshold: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if fixed_mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # CPU peak memory by RSS: see tests/test_memory.py
-    cmd = [sys.executable, __file__, "--worker", method, workload, device, str(repeats), out_path]
+    cmd = [sys.executable, __file__, "--worker", method, workload, device, str(repeats), out_path, job]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
@@ -210,13 +223,13 @@ def _run_worker(method, workload, device, repeats, out_path, fixed_mmap_threshol
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(method, workload, device, repeats, tmp) -> dict:
+def measure(method, workload, device, repeats, tmp, job) -> dict:
     out_path = os.path.join(tmp, f"{method}-{workload}.pt")
-    result = _run_worker(method, workload, device, repeats, out_path, fixed_mmap_threshold=False)
+    result = _run_worker(method, workload, device, repeats, out_path, job, fixed_mmap_threshold=False)
     if "error" in result:
         return result
     if device == "cpu":  # the CUDA allocator's peak from the timed run is exact; RSS needs its own run
-        memory = _run_worker(method, workload, device, 1, out_path + ".mem", fixed_mmap_threshold=True)
+        memory = _run_worker(method, workload, device, 1, out_path + ".mem", job, fixed_mmap_threshold=True)
         result["peak_mb"] = memory.get("peak_mb", float("nan"))
     result["values"] = torch.load(out_path)
     return result
@@ -248,22 +261,29 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats, skip the slowest loops")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     parser.add_argument("--methods", nargs="+", default=None)
-    parser.add_argument("--json", default=None, help="output path (default benchmarks/results/<device>.json)")
+    parser.add_argument(
+        "--job",
+        default="b",
+        choices=["a", "b"],
+        help="a: the variance of the per-sample gradients; b (default): also the gradient of the "
+        "total variance w.r.t. all parameters (double backward)",
+    )
+    parser.add_argument("--json", default=None, help="output path (default benchmarks/results/<device>-<job>.json)")
     args = parser.parse_args()
     methods = args.methods or [m for m in METHODS if m != "gradvar-fused" or args.device == "cuda"]
     repeats = 3 if args.quick else 7
-    rows, results = [], {"machine": machine(args.device), "workloads": {}}
+    rows, results = [], {"machine": machine(args.device), "job": args.job, "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for workload in args.workloads:
             measured = {}
             for method in ["loop"] + [m for m in methods if m != "loop"]:
-                if method == "backpack":
+                if method in OPTIONAL:
                     try:
-                        import backpack  # noqa: F401
+                        __import__(OPTIONAL[method])
                     except ImportError:
                         measured[method] = {"error": "not installed"}
                         continue
-                measured[method] = measure(method, workload, args.device, repeats, tmp)
+                measured[method] = measure(method, workload, args.device, repeats, tmp, args.job)
                 print(
                     f"{workload:>12} {method:>14}: "
                     + (measured[method].get("error") or f"{measured[method]['median_ms']:.2f} ms"),
@@ -287,7 +307,7 @@ def main() -> int:
                     "peak_mb": r["peak_mb"],
                     "matches_loop": ok,
                 }
-    path = args.json or os.path.join(HERE, "results", f"{args.device}.json")
+    path = args.json or os.path.join(HERE, "results", f"{args.device}-{args.job}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
@@ -300,6 +320,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
+        worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6], sys.argv[7])
     else:
         raise SystemExit(main())
