@@ -96,15 +96,12 @@ Factors position_factors(const at::Tensor& grad, const ConvGeometry& c) {
                  }};
 }
 
-at::IntArrayRef weight_shape_of(const ConvGeometry& c, std::vector<int64_t>& storage) {
-  storage = {c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]};
-  return storage;
+// The conv weight's shape [C_out, C_in/groups, kh, kw].
+std::vector<int64_t> weight_shape(const ConvGeometry& c) {
+  return {c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]};
 }
 
-at::Tensor as_weight(const at::Tensor& per_group, const ConvGeometry& c) {
-  std::vector<int64_t> shape;
-  return per_group.reshape(weight_shape_of(c, shape));
-}
+at::Tensor as_weight(const at::Tensor& per_group, const ConvGeometry& c) { return per_group.reshape(weight_shape(c)); }
 
 }  // namespace
 
@@ -178,9 +175,9 @@ Sink copy_into(at::Tensor& out) {
 }
 
 void check_weight(const char* op, const at::Tensor& weight, const at::Tensor& input, const ConvGeometry& c) {
-  std::vector<int64_t> shape;
-  GRADVAR_CHECK(weight.sizes() == weight_shape_of(c, shape), op, "weight must have the conv weight's shape ",
-                weight_shape_of(c, shape), ", got ", weight.sizes());
+  const auto shape = weight_shape(c);
+  GRADVAR_CHECK(weight.sizes() == at::IntArrayRef(shape), op, "weight must have the conv weight's shape ",
+                at::IntArrayRef(shape), ", got ", weight.sizes());
   check_float_like(op, weight, "weight", input, "input");
 }
 
