@@ -7,6 +7,10 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
 #include "checks.h"
 #include "outer_product_stats.h"
 
@@ -96,6 +100,94 @@ Factors position_factors(const at::Tensor& grad, const ConvGeometry& c) {
                  }};
 }
 
+// Two ways to form a chunk's per-sample gradients g_n (and to apply W * g_n in the backward):
+//   unfold:  the Linear case over unfolded patches (bmm; the patches are formed per chunk);
+//   grouped: the chunk's n samples become the n * groups groups of one batch-1 convolution, so the
+//            backend's convolution kernels (oneDNN / cuDNN) do it without unfolded patches.
+// GRADVAR_EXT_CONV_ALGORITHM=unfold|grouped forces one; auto (default) takes grouped for float32
+// CPU tensors with a spatial kernel, stride 1 and >= 8 (or exactly 1) input channels per group,
+// where oneDNN measured 1.3-5x faster on 2 cores (benchmarks/RESULTS.md); unfold elsewhere
+// (CUDA: the path validated on a GPU).
+bool use_grouped(const char* op, const ConvGeometry& c, const at::Tensor& input) {
+  const char* flag = std::getenv("GRADVAR_EXT_CONV_ALGORITHM");
+  const std::string choice = flag != nullptr ? flag : "";
+  if (choice == "grouped") return true;
+  if (choice == "unfold") return false;
+  GRADVAR_CHECK(choice.empty() || choice == "auto", op,
+                "GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold or grouped, got '", choice, "'");
+  const int64_t per_group = c.in_channels / c.groups;
+  return input.is_cpu() && input.scalar_type() == at::kFloat && !c.unfold_is_view() && c.stride[0] == 1 &&
+         c.stride[1] == 1 && (per_group >= 8 || per_group == 1);
+}
+
+// Samples per chunk for the grouped path: oneDNN ran best with <= 16 samples and ~2 MiB of
+// per-sample gradients per convolution (measured on 2 cores).
+int64_t grouped_max_chunk(const ConvGeometry& c, const at::Tensor& input) {
+  const int64_t bytes = c.out_channels * c.patch() * static_cast<int64_t>(input.element_size());
+  return std::clamp<int64_t>((int64_t(2) << 20) / std::max<int64_t>(1, bytes), 1, 16);
+}
+
+// g_n for samples [start, start + n) as the weight gradient of one grouped convolution:
+// input [1, n*C_in, H, W], grad_output [1, n*C_out, H_out, W_out], groups n*groups ->
+// [n*C_out, C_in/groups, kh, kw] = [n * groups, C_out/groups, patch].
+GradientChunks grouped_gradients(const at::Tensor& input, const at::Tensor& grad_output, const ConvGeometry& c) {
+  const auto x = input.contiguous(), go = grad_output.contiguous();
+  const int64_t rows = c.out_channels / c.groups;
+  const int64_t scratch = 2 * c.out_channels * c.patch() + c.in_channels * c.height * c.width +
+                          c.out_channels * c.positions();  // result, weight-shaped argument, backend reorders
+  return GradientChunks{x.size(0), c.groups, rows, c.patch(), x.options(), scratch, grouped_max_chunk(c, x),
+                        [x, go, c, rows](int64_t start, int64_t n) {
+                          const auto image = x.narrow(0, start, n).view({1, n * c.in_channels, c.height, c.width});
+                          const auto grad = go.narrow(0, start, n).view(
+                              {1, n * c.out_channels, c.out_height, c.out_width});
+                          const auto like_weight = at::empty(
+                              {n * c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]}, x.options());
+                          const auto grads = at::convolution_backward(
+                              grad, image, like_weight, std::nullopt, c.stride, c.padding, c.dilation,
+                              /*transposed=*/false, /*output_padding=*/{0, 0}, n * c.groups, {false, true, false});
+                          return std::get<1>(grads).view({n * c.groups, rows, c.patch()});
+                        }};
+}
+
+// Takes h_n (weight-shaped) and writes, per sample, the transposed convolution of
+// left_grad_output[n] with h_n (the unfold path's fold(G_left_n h_n)) into out [N, C_in, H, W].
+WeightedConsumer grouped_to_input(const at::Tensor& left_grad_output, at::Tensor& out, const ConvGeometry& c) {
+  const auto left = left_grad_output.contiguous();
+  std::vector<int64_t> output_padding(2);
+  for (int d = 0; d < 2; ++d) {
+    const int64_t reached = (c.out_height * (d == 0) + c.out_width * (d == 1) - 1) * c.stride[d] -
+                            2 * c.padding[d] + c.dilation[d] * (c.kernel[d] - 1) + 1;
+    output_padding[d] = (d == 0 ? c.height : c.width) - reached;  // rows/cols the strided conv never read
+  }
+  return WeightedConsumer{c.in_channels * c.height * c.width, [left, &out, c, output_padding](
+                                                                   int64_t start, int64_t n, const at::Tensor& h) {
+                            const auto weight = h.reshape(
+                                {n * c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]});
+                            const auto grad = left.narrow(0, start, n).view(
+                                {1, n * c.out_channels, c.out_height, c.out_width});
+                            out.narrow(0, start, n)
+                                .view({1, n * c.in_channels, c.height, c.width})
+                                .copy_(at::conv_transpose2d(grad, weight, {}, c.stride, c.padding, output_padding,
+                                                            n * c.groups, c.dilation));
+                          }};
+}
+
+// Takes h_n and writes, per sample, the convolution of left_input[n] with h_n (the unfold path's
+// unfold(X_left_n) h_n^T) into out [N, C_out, H_out, W_out].
+WeightedConsumer grouped_to_grad_output(const at::Tensor& left_input, at::Tensor& out, const ConvGeometry& c) {
+  const auto left = left_input.contiguous();
+  return WeightedConsumer{c.out_channels * c.positions(), [left, &out, c](int64_t start, int64_t n,
+                                                                          const at::Tensor& h) {
+                            const auto weight = h.reshape(
+                                {n * c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]});
+                            const auto image = left.narrow(0, start, n).view(
+                                {1, n * c.in_channels, c.height, c.width});
+                            out.narrow(0, start, n)
+                                .view({1, n * c.out_channels, c.out_height, c.out_width})
+                                .copy_(at::conv2d(image, weight, {}, c.stride, c.padding, c.dilation, n * c.groups));
+                          }};
+}
+
 // The conv weight's shape [C_out, C_in/groups, kh, kw].
 std::vector<int64_t> weight_shape(const ConvGeometry& c) {
   return {c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]};
@@ -111,6 +203,9 @@ at::Tensor conv2d_second_moment(const at::Tensor& input, const at::Tensor& grad_
   const auto c = check_conv("conv2d_second_moment", input, "input", grad_output, "grad_output", kernel_size, stride,
                             padding, dilation, groups);
   c10::OptionalDeviceGuard guard(input.device());
+  if (use_grouped("conv2d_second_moment", c, input)) {
+    return as_weight(std::get<0>(reduce_gradients(grouped_gradients(input, grad_output, c), nullptr, false)), c);
+  }
   const auto X = patch_factors(input, c), G = position_factors(grad_output, c);
   return as_weight(std::get<0>(reduce_outer_products(X, G, nullptr, nullptr, /*with_sum=*/false)), c);
 }
@@ -120,6 +215,9 @@ at::Tensor conv2d_variance(const at::Tensor& input, const at::Tensor& grad_outpu
   const auto c = check_conv("conv2d_variance", input, "input", grad_output, "grad_output", kernel_size, stride,
                             padding, dilation, groups);
   c10::OptionalDeviceGuard guard(input.device());
+  if (use_grouped("conv2d_variance", c, input)) {
+    return as_weight(variance_of_gradients(grouped_gradients(input, grad_output, c)), c);
+  }
   return as_weight(variance_from_moments(patch_factors(input, c), position_factors(grad_output, c)), c);
 }
 
@@ -143,6 +241,10 @@ at::Tensor conv2d_cross_moment(const at::Tensor& input, const at::Tensor& grad_o
   check_float_like(op, other_input, "other_input", input, "input");
   check_float_like(op, other_grad_output, "other_grad_output", input, "input");
   c10::OptionalDeviceGuard guard(input.device());
+  if (use_grouped(op, c, input)) {
+    const auto gb = grouped_gradients(other_input, other_grad_output, c);
+    return as_weight(std::get<0>(reduce_gradients(grouped_gradients(input, grad_output, c), &gb, false)), c);
+  }
   const auto Xb = patch_factors(other_input, c), Gb = position_factors(other_grad_output, c);
   return as_weight(std::get<0>(reduce_outer_products(patch_factors(input, c), position_factors(grad_output, c), &Xb,
                                                      &Gb, /*with_sum=*/false)),
@@ -202,6 +304,12 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
   check_weight(op, weight, input, c);
   c10::OptionalDeviceGuard guard(input.device());
   const auto W = weight.reshape({c.groups, c.out_channels / c.groups, c.patch()});
+  if (use_grouped(op, c, input)) {
+    at::Tensor out = at::empty((to_input ? input : grad_output).sizes(), input.options());
+    apply_weighted_gradients(grouped_gradients(input, grad_output, c), W, at::Tensor(),
+                             {to_input ? grouped_to_input(left, out, c) : grouped_to_grad_output(left, out, c)});
+    return out;
+  }
   const auto input_patches = patch_factors(input, c);
   if (to_input) {
     at::Tensor out = at::empty(input.sizes(), input.options());
@@ -242,11 +350,17 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weighted_gradient_products(
   c10::OptionalDeviceGuard guard(input.device());
   const auto W = weight.reshape({c.groups, c.out_channels / c.groups, c.patch()});
   const auto C = centered ? center->reshape({c.groups, c.out_channels / c.groups, c.patch()}) : at::Tensor();
+  at::Tensor to_input = at::empty(input.sizes(), input.options());
+  at::Tensor to_grad_output = at::empty(grad_output.sizes(), grad_output.options());
+  if (use_grouped(op, c, input)) {
+    apply_weighted_gradients(grouped_gradients(input, grad_output, c), W, C,
+                             {grouped_to_input(left_grad_output, to_input, c),
+                              grouped_to_grad_output(left_input, to_grad_output, c)});
+    return {to_input, to_grad_output};
+  }
   const auto input_patches = patch_factors(input, c);
   const bool left_is_input = left_input.is_same(input);
   const auto other_patches = left_is_input ? Factors{} : patch_factors(left_input, c);
-  at::Tensor to_input = at::empty(input.sizes(), input.options());
-  at::Tensor to_grad_output = at::empty(grad_output.sizes(), grad_output.options());
   weighted_outer_product_apply_both(position_factors(left_grad_output, c), left_is_input ? input_patches : other_patches,
                                     input_patches, position_factors(grad_output, c), W, C, fold_into(to_input, c),
                                     copy_into(to_grad_output), /*positions_last=*/true);

@@ -17,10 +17,15 @@ namespace {
 // matrices, unfolded patches, weighted products). Extra memory stays under it whatever N is.
 constexpr int64_t kChunkBytes = int64_t(32) << 20;
 
-int64_t chunk_samples(int64_t elems_per_sample, const Factors& like) {
-  const int64_t element_size = static_cast<int64_t>(c10::elementSize(like.options.dtype().toScalarType()));
+int64_t chunk_samples(int64_t elems_per_sample, const at::TensorOptions& options, int64_t samples,
+                      int64_t max_chunk) {
+  const int64_t element_size = static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
   const int64_t bytes = std::max<int64_t>(1, elems_per_sample * element_size);
-  return std::clamp<int64_t>(kChunkBytes / bytes, 1, like.samples);
+  return std::clamp<int64_t>(kChunkBytes / bytes, 1, std::max<int64_t>(1, std::min(samples, max_chunk)));
+}
+
+int64_t chunk_samples(int64_t elems_per_sample, const Factors& like) {
+  return chunk_samples(elems_per_sample, like.options, like.samples, like.samples);
 }
 
 // Elements that chunk() allocates per sample (0 when it returns views).
@@ -46,6 +51,24 @@ void rowwise_dot(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 #endif
   if (a.is_cpu()) return rowwise_dot_cpu(out, a, b);
   out.copy_((a * b).sum(1));
+}
+
+// G_n^T X_n for a chunk, into a buffer kept across chunks (the first chunk is the largest).
+// x_chunk / g_chunk, when given, receive the factors' chunks (for callers that reuse them).
+GradientChunks outer_products(const Factors& X, const Factors& G, at::Tensor* x_chunk, at::Tensor* g_chunk) {
+  const int64_t groups = X.groups, O = G.features, I = X.features;
+  auto buf = std::make_shared<at::Tensor>();
+  return GradientChunks{
+      X.samples, groups, O, I, X.options, groups * O * I + formed(X) + formed(G), X.samples,
+      [X, G, groups, O, I, buf, x_chunk, g_chunk](int64_t start, int64_t n) {
+        if (!buf->defined() || buf->size(0) < n * groups) *buf = at::empty({n * groups, O, I}, X.options);
+        auto g = buf->narrow(0, 0, n * groups);
+        const auto Xc = X.chunk(start, n), Gc = G.chunk(start, n);
+        at::bmm_out(g, Gc.transpose(1, 2), Xc);
+        if (x_chunk != nullptr) *x_chunk = Xc;
+        if (g_chunk != nullptr) *g_chunk = Gc;
+        return g;
+      }};
 }
 
 }  // namespace
@@ -90,31 +113,47 @@ std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const
     return {moment, sum};
   }
 #endif
-  const int64_t per_sample = groups * O * I * (same ? 1 : 2) + formed(X) + formed(G) +
-                             (same ? 0 : formed(*Xb) + formed(*Gb));
-  const int64_t chunk = chunk_samples(per_sample, X);
-  at::Tensor buf = at::empty({chunk * groups, O, I}, X.options);
-  at::Tensor buf_b = same ? buf : at::empty({chunk * groups, O, I}, X.options);
-  for (int64_t start = 0; start < N; start += chunk) {
-    const int64_t n = std::min(chunk, N - start);
-    auto g = buf.narrow(0, 0, n * groups);
-    at::bmm_out(g, G.chunk(start, n).transpose(1, 2), X.chunk(start, n));
-    auto gb = g;
-    if (!same) {
-      gb = buf_b.narrow(0, 0, n * groups);
-      at::bmm_out(gb, Gb->chunk(start, n).transpose(1, 2), Xb->chunk(start, n));
-    }
-    accumulate_products(moment, sum, g.view({n, groups * O * I}), gb.view({n, groups * O * I}));
+  if (same) return reduce_gradients(outer_products(X, G), nullptr, with_sum);
+  const auto gb = outer_products(*Xb, *Gb);
+  return reduce_gradients(outer_products(X, G), &gb, with_sum);
+}
+
+GradientChunks outer_products(const Factors& X, const Factors& G) { return outer_products(X, G, nullptr, nullptr); }
+
+// moment = sum_n g_n * gb_n, sum = sum_n g_n, a chunk of samples at a time through the
+// device's fused multiply-accumulate; extra memory <= kChunkBytes + O(groups rows cols).
+std::tuple<at::Tensor, at::Tensor> reduce_gradients(const GradientChunks& g, const GradientChunks* gb, bool with_sum) {
+  at::Tensor moment = at::zeros({g.groups, g.rows, g.cols}, g.options);
+  at::Tensor sum = with_sum ? at::zeros({g.groups, g.rows, g.cols}, g.options) : at::Tensor();
+  const int64_t chunk =
+      chunk_samples(g.scratch_per_sample + (gb != nullptr ? gb->scratch_per_sample : 0), g.options, g.samples,
+                    gb != nullptr ? std::min(g.max_chunk, gb->max_chunk) : g.max_chunk);
+  const int64_t per_sample = g.groups * g.rows * g.cols;
+  for (int64_t start = 0; start < g.samples; start += chunk) {
+    const int64_t n = std::min(chunk, g.samples - start);
+    const auto gc = g.chunk(start, n);
+    const auto gbc = gb != nullptr ? gb->chunk(start, n) : gc;
+    accumulate_products(moment, sum, gc.view({n, per_sample}), gbc.view({n, per_sample}));
   }
   return {moment, sum};
+}
+
+static at::Tensor variance_from(at::Tensor moment, at::Tensor sum, int64_t N) {
+  auto mean = sum.div_(N);
+  return moment.div_(N).sub_(mean.square_()).clamp_min_(0);
 }
 
 at::Tensor variance_from_moments(const Factors& X, const Factors& G) {
   const int64_t N = X.samples;
   if (N == 1) return at::zeros({X.groups, G.features, X.features}, X.options);
   auto [moment, sum] = reduce_outer_products(X, G, nullptr, nullptr, /*with_sum=*/true);
-  auto mean = sum.div_(N);
-  return moment.div_(N).sub_(mean.square_()).clamp_min_(0);
+  return variance_from(moment, sum, N);
+}
+
+at::Tensor variance_of_gradients(const GradientChunks& g) {
+  if (g.samples == 1) return at::zeros({g.groups, g.rows, g.cols}, g.options);
+  auto [moment, sum] = reduce_gradients(g, nullptr, /*with_sum=*/true);
+  return variance_from(moment, sum, g.samples);
 }
 
 // l2[n] = sum over groups of ||G_n^T X_n||_F^2.
@@ -150,6 +189,47 @@ at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G) {
   return out;
 }
 
+void apply_weighted_gradients(const GradientChunks& g, const at::Tensor& W, const at::Tensor& center,
+                              const std::vector<WeightedConsumer>& consumers) {
+  int64_t per_sample = g.scratch_per_sample;
+  for (const auto& consumer : consumers) per_sample += consumer.scratch_per_sample;
+  const int64_t chunk = chunk_samples(per_sample, g.options, g.samples, g.max_chunk);
+  for (int64_t start = 0; start < g.samples; start += chunk) {
+    const int64_t n = std::min(chunk, g.samples - start);
+    const auto h = g.chunk(start, n);
+    auto by_sample = h.view({n, g.groups, g.rows, g.cols});
+    by_sample.mul_(W);
+    if (center.defined()) by_sample.sub_(center);
+    for (const auto& consumer : consumers) consumer.take(start, n, h);
+  }
+}
+
+// out_n = Z_n h_n (transposed: Z_n h_n^T) -> sink as [n * groups, T, features], or positions last
+// [n * groups, features, T]; `reuse`, when given, already holds Z's chunk. Output buffer kept across chunks.
+static WeightedConsumer multiply_by_factors(const Factors& Z, const at::Tensor* reuse, const Sink& sink,
+                                            bool transposed, int64_t features, bool positions_last) {
+  const int64_t groups = Z.groups, T = Z.positions;
+  auto buf = std::make_shared<at::Tensor>();
+  return WeightedConsumer{
+      groups * T * features + (reuse != nullptr ? 0 : formed(Z)),
+      [Z, reuse, &sink, transposed, features, positions_last, groups, T, buf](int64_t start, int64_t n,
+                                                                              const at::Tensor& h) {
+        if (!buf->defined() || buf->size(0) < n * groups) {
+          *buf = positions_last ? at::empty({n * groups, features, T}, Z.options)
+                                : at::empty({n * groups, T, features}, Z.options);
+        }
+        auto out = buf->narrow(0, 0, n * groups);
+        const auto Zc = reuse != nullptr ? *reuse : Z.chunk(start, n);
+        const auto hz = transposed ? h.transpose(1, 2) : h;  // [.., Z's features, features]
+        if (positions_last) {
+          at::bmm_out(out, hz.transpose(1, 2), Zc.transpose(1, 2));  // (Z_n hz)^T = hz^T Z_n^T
+        } else {
+          at::bmm_out(out, Zc, hz);
+        }
+        sink(start, n, out);
+      }};
+}
+
 // Per sample and group, out_n = Z_n (W * (Q_n^T P_n)): Z, Q [T, a]; P [T, b]; W [groups, a, b].
 // Pass the same Factors object as Z and Q when they are the same tensor: it is formed once.
 // T == 1: out = P * ((Z * Q) W), one batched GEMM. T > 1: per chunk h = Q_c^T P_c
@@ -175,41 +255,17 @@ static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P
     }
     return;
   }
-  const int64_t per_sample = groups * (a * b + T * b + (Z2 != nullptr ? T * a : 0)) + formed(Z) + formed(P) +
-                             formed(Q) + (Z2 != nullptr ? formed(*Z2) : 0);
-  const int64_t chunk = chunk_samples(per_sample, P);
-  auto buffer = [&](int64_t features) {
-    return positions_last ? at::empty({chunk * groups, features, T}, P.options)
-                          : at::empty({chunk * groups, T, features}, P.options);
-  };
-  at::Tensor h_buf = at::empty({chunk * groups, a, b}, P.options);
-  at::Tensor out_buf = buffer(b), out2_buf = Z2 != nullptr ? buffer(a) : at::Tensor();
-  for (int64_t start = 0; start < N; start += chunk) {
-    const int64_t n = std::min(chunk, N - start);
-    auto h = h_buf.narrow(0, 0, n * groups);
-    const auto Qc = Q.chunk(start, n), Pc = P.chunk(start, n);
-    at::bmm_out(h, Qc.transpose(1, 2), Pc);
-    h.view({n, groups, a, b}).mul_(W);
-    if (center.defined()) h.view({n, groups, a, b}).sub_(center);
-    auto out = out_buf.narrow(0, 0, n * groups);
-    const auto Zc = &Z == &Q ? Qc : Z.chunk(start, n);  // the same factors: formed once
-    if (positions_last) {
-      at::bmm_out(out, h.transpose(1, 2), Zc.transpose(1, 2));  // (Z_n h)^T = h^T Z_n^T
-    } else {
-      at::bmm_out(out, Zc, h);
-    }
-    sink(start, n, out);
-    if (Z2 != nullptr) {
-      auto out2 = out2_buf.narrow(0, 0, n * groups);
-      const auto Z2c = Z2 == &P ? Pc : Z2->chunk(start, n);
-      if (positions_last) {
-        at::bmm_out(out2, h, Z2c.transpose(1, 2));  // (Z2_n h^T)^T = h Z2_n^T
-      } else {
-        at::bmm_out(out2, Z2c, h.transpose(1, 2));
-      }
-      (*sink2)(start, n, out2);
-    }
+  // T > 1: h_n = Q_n^T P_n by bmm; the chunks of Q and P are kept for Z and Z2 when they are the
+  // same factors (formed once); then one bmm per product.
+  at::Tensor p_chunk, q_chunk;
+  const auto h = outer_products(P, Q, &p_chunk, &q_chunk);
+  std::vector<WeightedConsumer> consumers{
+      multiply_by_factors(Z, &Z == &Q ? &q_chunk : nullptr, sink, /*transposed=*/false, b, positions_last)};
+  if (Z2 != nullptr) {
+    consumers.push_back(
+        multiply_by_factors(*Z2, Z2 == &P ? &p_chunk : nullptr, *sink2, /*transposed=*/true, a, positions_last));
   }
+  apply_weighted_gradients(h, W, center, consumers);
 }
 
 void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Factors& Q, const at::Tensor& W,

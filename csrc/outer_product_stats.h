@@ -10,6 +10,7 @@
 #include <functional>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace gradvar {
 
@@ -22,6 +23,24 @@ struct Factors {
   std::function<at::Tensor(int64_t start, int64_t n)> chunk;
 };
 
+// The per-sample gradients themselves, a chunk of samples at a time: chunk(start, n) ->
+// [n * groups, rows, cols], a tensor the caller may overwrite (it is the producer's scratch).
+// outer_products() forms them as G_n^T X_n with bmm; a layer may bring its own producer
+// (conv2d_ops.cpp: one grouped convolution per chunk, no unfolded patches).
+struct GradientChunks {
+  int64_t samples, groups, rows, cols;
+  at::TensorOptions options;
+  int64_t scratch_per_sample;  // elements chunk() allocates per sample, its result included
+  int64_t max_chunk;           // the most samples per chunk this producer runs well with
+  std::function<at::Tensor(int64_t start, int64_t n)> chunk;
+};
+
+// Takes h_n = W * g_n - center for samples [start, start + n): h [n * groups, rows, cols].
+struct WeightedConsumer {
+  int64_t scratch_per_sample;  // elements take() allocates per sample
+  std::function<void(int64_t start, int64_t n, const at::Tensor& h)> take;
+};
+
 // Receives the weighted product for samples [start, start + n): values [n * groups, positions, features],
 // or [n * groups, features, positions] when weighted_outer_product_apply is asked for positions last.
 using Sink = std::function<void(int64_t start, int64_t n, const at::Tensor& values)>;
@@ -31,9 +50,14 @@ using Sink = std::function<void(int64_t start, int64_t n, const at::Tensor& valu
 // if with_sum. Both [groups, out, in].
 std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const Factors& G, const Factors* Xb,
                                                          const Factors* Gb, bool with_sum);
+// The same from any producer of per-sample gradients (gb null: the same one). [groups, rows, cols]
+std::tuple<at::Tensor, at::Tensor> reduce_gradients(const GradientChunks& g, const GradientChunks* gb, bool with_sum);
+// Per-sample gradients as outer products G_n^T X_n, by bmm a chunk at a time.
+GradientChunks outer_products(const Factors& X, const Factors& G);
 // The variance over samples, moment / N - (sum / N)^2, clamped at 0 (rounding can dip
 // below it); exactly 0 for N = 1. [groups, out, in]
 at::Tensor variance_from_moments(const Factors& X, const Factors& G);
+at::Tensor variance_of_gradients(const GradientChunks& g);
 // l2[n] = ||G_n^T X_n||_F^2 summed over groups. [N]
 at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G);
 // Per sample and group, Z_n (W * (Q_n^T P_n)): Z, Q [T, a]; P [T, b]; W [groups, a, b]; sent to sink as
@@ -46,6 +70,11 @@ void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Fact
 void weighted_outer_product_apply_both(const Factors& Z, const Factors& Z2, const Factors& P, const Factors& Q,
                                        const at::Tensor& W, const at::Tensor& center, const Sink& sink,
                                        const Sink& sink2, bool positions_last);
+
+// For every chunk of samples, h = W * g - center (W, center [groups, rows, cols]; center may be
+// undefined), handed to each consumer in turn; scratch <= kChunkBytes.
+void apply_weighted_gradients(const GradientChunks& g, const at::Tensor& W, const at::Tensor& center,
+                              const std::vector<WeightedConsumer>& consumers);
 
 // ---- device kernels for the reduction steps (cpu/, cuda/) ----
 // moment[j] += sum_k g[k, j] * gb[k, j]; sum[j] += sum_k g[k, j] (sum may be undefined). g, gb: [k, F].

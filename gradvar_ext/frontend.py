@@ -183,7 +183,8 @@ class _LayerData:
     so the statistics are those of the total per-sample gradient. kind "conv": the single call's
     input and grad_output in Conv2d form. kind "patches" (a conv layer called several times):
     unfolded patches [N, groups, L, f] and grad_output [N, groups, L, C_out/groups], calls
-    concatenated along L. bias_grad: [N, T, out] whose sum over T is the per-sample bias gradient.
+    concatenated along L. bias_grad: [N, out], the per-sample bias gradients (a sum over positions,
+    so the bias statistics take the no-positions GEMM path).
     """
 
     kind: str
@@ -208,15 +209,20 @@ def _layer_data(module: nn.Module, calls: list, loss_reduction: str) -> _LayerDa
     scale = calls[0][0].shape[0] if loss_reduction == "mean" else 1
     calls = [(x, go * scale if scale != 1 else go) for x, go in calls]
     if isinstance(module, nn.Linear):
-        xs = torch.cat([x.reshape(x.shape[0], -1, x.shape[-1]) for x, _ in calls], 1)
-        gos = torch.cat([go.reshape(go.shape[0], -1, go.shape[-1]) for _, go in calls], 1)
-        return _LayerData("linear", xs, gos, gos)
+        xs = _along_positions([x.reshape(x.shape[0], -1, x.shape[-1]) for x, _ in calls], 1)
+        gos = _along_positions([go.reshape(go.shape[0], -1, go.shape[-1]) for _, go in calls], 1)
+        return _LayerData("linear", xs, gos, gos.sum(1))
     as2d = [(x.unsqueeze(2), go.unsqueeze(2)) if isinstance(module, nn.Conv1d) else (x, go) for x, go in calls]
-    bias_grad = torch.cat([go.flatten(2).transpose(1, 2) for _, go in as2d], 1)
+    bias_grad = sum(go.sum((2, 3)) for _, go in as2d)
     if len(as2d) == 1:
         return _LayerData("conv", as2d[0][0], as2d[0][1], bias_grad)
     patches, positions = zip(*(_unfolded(module, x, go) for x, go in as2d))
-    return _LayerData("patches", torch.cat(patches, 2), torch.cat(positions, 2), bias_grad)
+    return _LayerData("patches", _along_positions(patches, 2), _along_positions(positions, 2), bias_grad)
+
+
+def _along_positions(tensors: list, dim: int) -> Tensor:
+    """Several calls' tensors side by side along the positions dim (one call: as it is, no copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
 def _conv2d_kwargs(module: nn.Module) -> dict:

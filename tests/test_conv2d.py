@@ -55,7 +55,7 @@ def test_reference_equals_per_sample_autograd(case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", CONV_OPS)
-def test_conv_matches_reference(op, dtype):
+def test_conv_matches_reference(op, dtype, conv_algorithm):
     torch.manual_seed(1)
     for case in CONV_CASES + [ConvCase(**{**c.__dict__, "to_input": False}) for c in CONV_CASES]:
         args = case.args(op, dtype)
@@ -66,7 +66,7 @@ def test_conv_matches_reference(op, dtype):
 
 @pytest.mark.parametrize("case", MULTI_CHUNK_CONV_CASES, ids=str)
 @pytest.mark.parametrize("op", CONV_OPS)
-def test_conv_matches_reference_over_several_chunks(op, case):
+def test_conv_matches_reference_over_several_chunks(op, case, conv_algorithm):
     torch.manual_seed(2)
     args = case.args(op, torch.float64)
     assert_matches(call(op, *args), reference.OPS[op](*args), torch.float64)
@@ -74,7 +74,7 @@ def test_conv_matches_reference_over_several_chunks(op, case):
 
 @pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
 @pytest.mark.parametrize("op", CONV_OPS)
-def test_conv_gradcheck_gradgradcheck_opcheck(op, case):
+def test_conv_gradcheck_gradgradcheck_opcheck(op, case, conv_algorithm):
     check_gradients_and_opcheck(op, case, "cpu")
 
 
@@ -182,6 +182,26 @@ def test_conv1d(kwargs):
 def test_variance_of_one_sample_is_exactly_zero():
     x, go, *conv = ConvCase(1, 3, 4, (6, 6), padding=(1, 1)).args("conv2d_variance", torch.float32)
     assert torch.equal(call("conv2d_variance", x, go, *conv), torch.zeros(4, 3, 3, 3))
+
+
+@pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the choice is the compiled kernels'")
+def test_unknown_conv_algorithm_is_named(monkeypatch):
+    monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "winograd")
+    x, go, *conv = ConvCase(2, 8, 4, (6, 6), padding=(1, 1)).args("conv2d_variance", torch.float32)
+    with pytest.raises(ValueError, match="GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold or grouped, got 'winograd'"):
+        call("conv2d_variance", x, go, *conv)
+
+
+def test_algorithms_agree_on_the_auto_choice(monkeypatch):
+    """float32, 3x3, stride 1, 16 channels: auto takes the grouped path; all three agree."""
+    x, go, *conv = ConvCase(5, 16, 8, (7, 6), padding=(1, 1)).args("conv2d_variance", torch.float32)
+    results = {}
+    for algorithm in ("auto", "unfold", "grouped"):
+        monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", algorithm)
+        results[algorithm] = call("conv2d_variance", x, go, *conv)
+    want = reference.conv2d_variance(x.double(), go.double(), *conv)
+    for result in results.values():
+        assert_matches(result, want, torch.float32, want.abs().max().item())
 
 
 # ---------------------------------------------------------------- errors

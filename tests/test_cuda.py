@@ -94,7 +94,7 @@ def test_cuda_non_default_device():
 # ---------------------------------------------------------------- Conv2d on CUDA
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", CONV_OPS)
-def test_cuda_conv_matches_reference(op, dtype):
+def test_cuda_conv_matches_reference(op, dtype, conv_algorithm):
     torch.manual_seed(14)
     cases = CONV_CASES + [ConvCase(**{**c.__dict__, "to_input": False}) for c in CONV_CASES] + MULTI_CHUNK_CONV_CASES
     for case in cases:
@@ -111,7 +111,7 @@ def test_cuda_conv_matches_reference(op, dtype):
 
 @pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
 @pytest.mark.parametrize("op", CONV_OPS)
-def test_cuda_conv_gradcheck_gradgradcheck_opcheck(op, case):
+def test_cuda_conv_gradcheck_gradgradcheck_opcheck(op, case, conv_algorithm):
     check_gradients_and_opcheck(op, case, "cuda")
 
 

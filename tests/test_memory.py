@@ -53,6 +53,8 @@ def measure(kind: str, n: int, part: str) -> dict:
     # chunk's scratch from a heap it does not return, so RSS would count freed memory (seen: +46 MB).
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if kind.startswith("conv2d-"):  # conv2d-unfold / conv2d-grouped: each way of forming g_n
+        env["GRADVAR_EXT_CONV_ALGORITHM"] = kind.split("-")[1]
     proc = subprocess.run(
         [sys.executable, "-c", MEASURE, kind, str(n), part], env=env, capture_output=True, text=True, timeout=600
     )
@@ -60,7 +62,7 @@ def measure(kind: str, n: int, part: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d-unfold", "conv2d-grouped"])
 def test_statistic_memory_is_flat_in_batch_size(kind):
     small, large = measure(kind, 32, "forward"), measure(kind, 512, "forward")
     assert large["per_sample_grads_mb"] > 250  # what materialising would cost at N = 512
@@ -68,7 +70,7 @@ def test_statistic_memory_is_flat_in_batch_size(kind):
     assert large["extra_mb"] - small["extra_mb"] < 12, (small, large)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d-unfold", "conv2d-grouped"])
 def test_backward_memory_grows_only_with_input_sized_gradients(kind):
     small, large = measure(kind, 32, "backward"), measure(kind, 512, "backward")
     growth = large["extra_mb"] - small["extra_mb"]
