@@ -165,13 +165,32 @@ OPTIONAL = {"backpack": "backpack", "opacus": "opacus"}  # method -> package it 
 
 
 # ---------------------------------------------------------------- one measurement (child process)
-def worker(method: str, workload: str, device: str, repeats: int, out_path: str, job: str) -> None:
-    """Times `repeats` runs after a warm-up, and reports the peak extra memory of those runs.
-    On the CPU the parent runs this twice: for time with glibc's default malloc, and with
-    repeats = 1 under a fixed mmap threshold for memory (RSS then tracks live memory, but
-    every large buffer becomes a fresh mmap, which would distort the timing)."""
-    import resource
+def cpu_peak_bytes(fn) -> int:
+    """Peak of live tensor bytes that one call of fn adds, from the profiler's allocation events
+    (+size at malloc, -size at free, every allocation of ATen's CPU allocator in time order).
+    Exact where RSS is not: no allocator caching, no earlier high-water mark, no one-time
+    initialisation (fn is warm). Memory that bypasses ATen's allocator (BLAS / oneDNN internal
+    buffers) is not seen."""
+    from torch.profiler import ProfilerActivity, profile
 
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def worker(method: str, workload: str, device: str, repeats: int, out_path: str, job: str) -> None:
+    """Times `repeats` runs after a warm-up, then measures the peak extra memory of one more run:
+    CUDA from the caching allocator's peak statistics, CPU from the profiler's allocation events
+    (an untimed run: profiling slows it)."""
     if method == "gradvar-fused":
         os.environ["GRADVAR_EXT_FUSED_CUDA"] = "1"
     # True float32 everywhere: cuDNN convolutions default to TF32, whose ~1e-3 rounding would fail
@@ -186,15 +205,8 @@ def worker(method: str, workload: str, device: str, repeats: int, out_path: str,
 
         model = GradSampleModule(model, loss_reduction="sum")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    # CPU: ru_maxrss is a lifetime high-water mark, so the baseline is taken before the warm-up.
-    cpu_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     fn(model, x, y, lossfunc, job)  # warm-up (loads kernels, allocator pools)
     sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = cpu_base
     times = []
     for _ in range(repeats):
         model.zero_grad(set_to_none=True)
@@ -203,18 +215,21 @@ def worker(method: str, workload: str, device: str, repeats: int, out_path: str,
         total, grads = fn(model, x, y, lossfunc, job)
         sync()
         times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
     if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(model, x, y, lossfunc, job)
+        sync()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = cpu_peak_bytes(lambda: fn(model, x, y, lossfunc, job))
     torch.save({"total": total.detach().cpu(), "grads": [g.detach().cpu() for g in grads]}, out_path)
     print(json.dumps({"median_ms": 1000 * statistics.median(times), "peak_mb": max(peak, 0) / 2**20}))
 
 
-def _run_worker(method, workload, device, repeats, out_path, job, fixed_mmap_threshold: bool) -> dict:
+def _run_worker(method, workload, device, repeats, out_path, job) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if fixed_mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # CPU peak memory by RSS: see tests/test_memory.py
     cmd = [sys.executable, __file__, "--worker", method, workload, device, str(repeats), out_path, job]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -225,12 +240,9 @@ def _run_worker(method, workload, device, repeats, out_path, job, fixed_mmap_thr
 
 def measure(method, workload, device, repeats, tmp, job) -> dict:
     out_path = os.path.join(tmp, f"{method}-{workload}.pt")
-    result = _run_worker(method, workload, device, repeats, out_path, job, fixed_mmap_threshold=False)
+    result = _run_worker(method, workload, device, repeats, out_path, job)
     if "error" in result:
         return result
-    if device == "cpu":  # the CUDA allocator's peak from the timed run is exact; RSS needs its own run
-        memory = _run_worker(method, workload, device, 1, out_path + ".mem", job, fixed_mmap_threshold=True)
-        result["peak_mb"] = memory.get("peak_mb", float("nan"))
     result["values"] = torch.load(out_path)
     return result
 

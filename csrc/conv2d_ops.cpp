@@ -105,9 +105,9 @@ Factors position_factors(const at::Tensor& grad, const ConvGeometry& c) {
 //   grouped: the chunk's n samples become the n * groups groups of one batch-1 convolution, so the
 //            backend's convolution kernels (oneDNN / cuDNN) do it without unfolded patches.
 // GRADVAR_EXT_CONV_ALGORITHM=unfold|grouped forces one; auto (default) takes grouped for float32
-// CPU tensors with a spatial kernel, stride 1 and >= 8 (or exactly 1) input channels per group,
-// where oneDNN measured 1.3-5x faster on 2 cores (benchmarks/RESULTS.md); unfold elsewhere
-// (CUDA: the path validated on a GPU).
+// CPU tensors with a kernel larger than 1x1 (or a stride / padding) and >= 8 (or exactly 1) input
+// channels per group: 1.1-5.7x faster there on 2 cores, slower for 3 input channels and for 1x1
+// kernels (benchmarks/RESULTS.md). Unfold elsewhere (CUDA: the path validated on a GPU).
 bool use_grouped(const char* op, const ConvGeometry& c, const at::Tensor& input) {
   const char* flag = std::getenv("GRADVAR_EXT_CONV_ALGORITHM");
   const std::string choice = flag != nullptr ? flag : "";
@@ -116,8 +116,8 @@ bool use_grouped(const char* op, const ConvGeometry& c, const at::Tensor& input)
   GRADVAR_CHECK(choice.empty() || choice == "auto", op,
                 "GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold or grouped, got '", choice, "'");
   const int64_t per_group = c.in_channels / c.groups;
-  return input.is_cpu() && input.scalar_type() == at::kFloat && !c.unfold_is_view() && c.stride[0] == 1 &&
-         c.stride[1] == 1 && (per_group >= 8 || per_group == 1);
+  return input.is_cpu() && input.scalar_type() == at::kFloat && !c.unfold_is_view() &&
+         (per_group >= 8 || per_group == 1);
 }
 
 // Samples per chunk for the grouped path: oneDNN ran best with <= 16 samples and ~2 MiB of

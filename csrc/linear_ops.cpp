@@ -21,6 +21,15 @@ Factors linear_factors(const at::Tensor& t) {
 
 at::Tensor weight_of_group(const at::Tensor& moment) { return moment.squeeze(0); }
 
+// A weight-shaped argument: [out, in], float like input.
+void check_linear_weight(const char* op, const at::Tensor& weight, const char* name, const at::Tensor& input,
+                         const at::Tensor& grad_output) {
+  GRADVAR_CHECK(weight.dim() == 2 && weight.size(0) == grad_output.size(-1) && weight.size(1) == input.size(-1),
+                op, name, " must have shape [out, in] = [", grad_output.size(-1), ", ", input.size(-1), "], got ",
+                weight.sizes());
+  check_float_like(op, weight, name, input, "input");
+}
+
 }  // namespace
 
 at::Tensor linear_second_moment(const at::Tensor& input, const at::Tensor& grad_output) {
@@ -63,10 +72,7 @@ at::Tensor weighted_gradient_product(const at::Tensor& left, const at::Tensor& i
   check_samples_pair(op, input, "input", grad_output, "grad_output");
   check_same_shape(op, left, "left", grad_output, "grad_output");
   check_float_like(op, left, "left", input, "input");
-  GRADVAR_CHECK(weight.dim() == 2 && weight.size(0) == grad_output.size(-1) && weight.size(1) == input.size(-1),
-                op, "weight must have shape [out, in] = [", grad_output.size(-1), ", ", input.size(-1),
-                "], got ", weight.sizes());
-  check_float_like(op, weight, "weight", input, "input");
+  check_linear_weight(op, weight, "weight", input, grad_output);
   c10::OptionalDeviceGuard guard(input.device());
   const auto P = linear_factors(input);
   at::Tensor out = at::empty({P.samples, P.positions, P.features}, input.options());
@@ -75,6 +81,39 @@ at::Tensor weighted_gradient_product(const at::Tensor& left, const at::Tensor& i
                                  out.narrow(0, start, n).copy_(values);
                                });
   return out.view(input.sizes());
+}
+
+// Both products from one h_n = W * g_n - center per chunk: left_grad_output[n] h_n (like input)
+// and left_input[n] h_n^T (like grad_output). The variance's backward: one pass over g_n, not two.
+std::tuple<at::Tensor, at::Tensor> weighted_gradient_products(const at::Tensor& left_grad_output,
+                                                              const at::Tensor& left_input, const at::Tensor& input,
+                                                              const at::Tensor& grad_output, const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& center) {
+  const char* op = "weighted_gradient_products";
+  check_samples_pair(op, input, "input", grad_output, "grad_output");
+  check_same_shape(op, left_grad_output, "left_grad_output", grad_output, "grad_output");
+  check_same_shape(op, left_input, "left_input", input, "input");
+  check_float_like(op, left_grad_output, "left_grad_output", input, "input");
+  check_float_like(op, left_input, "left_input", input, "input");
+  check_linear_weight(op, weight, "weight", input, grad_output);
+  const bool centered = center.has_value() && center->defined();
+  if (centered) check_linear_weight(op, *center, "center", input, grad_output);
+  c10::OptionalDeviceGuard guard(input.device());
+  const auto P = linear_factors(input), Q = linear_factors(grad_output);
+  const bool z_is_q = left_grad_output.is_same(grad_output), z2_is_p = left_input.is_same(input);
+  const auto Z = z_is_q ? Factors{} : linear_factors(left_grad_output);
+  const auto Z2 = z2_is_p ? Factors{} : linear_factors(left_input);
+  at::Tensor to_input = at::empty({P.samples, P.positions, P.features}, input.options());
+  at::Tensor to_grad_output = at::empty({Q.samples, Q.positions, Q.features}, input.options());
+  weighted_outer_product_apply_both(
+      z_is_q ? Q : Z, z2_is_p ? P : Z2, P, Q, weight.unsqueeze(0),
+      centered ? center->unsqueeze(0) : at::Tensor(),
+      [&to_input](int64_t start, int64_t n, const at::Tensor& values) { to_input.narrow(0, start, n).copy_(values); },
+      [&to_grad_output](int64_t start, int64_t n, const at::Tensor& values) {
+        to_grad_output.narrow(0, start, n).copy_(values);
+      },
+      /*positions_last=*/false);
+  return {to_input.view(input.sizes()), to_grad_output.view(grad_output.sizes())};
 }
 
 }  // namespace gradvar

@@ -107,6 +107,10 @@ at::Tensor linear_cross_moment(const at::Tensor& input, const at::Tensor& grad_o
                                const at::Tensor& other_input, const at::Tensor& other_grad_output);
 at::Tensor weighted_gradient_product(const at::Tensor& left, const at::Tensor& input,
                                      const at::Tensor& grad_output, const at::Tensor& weight);
+std::tuple<at::Tensor, at::Tensor> weighted_gradient_products(const at::Tensor& left_grad_output,
+                                                              const at::Tensor& left_input, const at::Tensor& input,
+                                                              const at::Tensor& grad_output, const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& center);
 
 // ---- Conv2d front door (registered ops); conv = (kernel_size, stride, padding, dilation) ----
 at::Tensor conv2d_second_moment(const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size,

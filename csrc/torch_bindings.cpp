@@ -16,6 +16,8 @@ TORCH_LIBRARY(gradvar, m) {
   m.def("linear_cross_moment(Tensor input, Tensor grad_output, Tensor other_input, Tensor other_grad_output) -> Tensor");
   // left[n] @ (weight * g_n), left [N, *, out], weight [out, in] (backward helper) -> [N, *, in]
   m.def("weighted_gradient_product(Tensor left, Tensor input, Tensor grad_output, Tensor weight) -> Tensor");
+  // both VJPs from one h_n = weight * g_n - center: (left_grad_output[n] @ h_n, left_input[n] @ h_n^T) (backward helper)
+  m.def("weighted_gradient_products(Tensor left_grad_output, Tensor left_input, Tensor input, Tensor grad_output, Tensor weight, Tensor? center) -> (Tensor, Tensor)");
 
   // Conv2d: input [N, C_in, H, W], grad_output [N, C_out, H_out, W_out]; g_n has the weight's
   // shape [C_out, C_in/groups, kh, kw]; the same statistics as the Linear ops above.
@@ -39,6 +41,7 @@ void register_kernels(torch::Library& m) {
   m.impl("linear_batch_l2", &gradvar::linear_batch_l2);
   m.impl("linear_cross_moment", &gradvar::linear_cross_moment);
   m.impl("weighted_gradient_product", &gradvar::weighted_gradient_product);
+  m.impl("weighted_gradient_products", &gradvar::weighted_gradient_products);
   m.impl("conv2d_second_moment", &gradvar::conv2d_second_moment);
   m.impl("conv2d_variance", &gradvar::conv2d_variance);
   m.impl("conv2d_batch_l2", &gradvar::conv2d_batch_l2);

@@ -82,6 +82,21 @@ def check_weighted_gradient_product(op: str, left, input, grad_output, weight) -
     check_float_like(op, weight, "weight", input, "input")
 
 
+def check_weighted_gradient_products(op: str, left_grad_output, left_input, input, grad_output, weight, center):
+    check_samples_pair(op, input, "input", grad_output, "grad_output")
+    check_same_shape(op, left_grad_output, "left_grad_output", grad_output, "grad_output")
+    check_same_shape(op, left_input, "left_input", input, "input")
+    check_float_like(op, left_grad_output, "left_grad_output", input, "input")
+    check_float_like(op, left_input, "left_input", input, "input")
+    expected = [grad_output.shape[-1], input.shape[-1]]
+    for t, name in ((weight, "weight"), (center, "center")):
+        if t is None:
+            continue
+        if t.dim() != 2 or list(t.shape) != expected:
+            fail(op, f"{name} must have shape [out, in] = {expected}, got {list(t.shape)}")
+        check_float_like(op, t, name, input, "input")
+
+
 def check_conv(op: str, input, input_name, grad_output, grad_name, kernel_size, stride, padding, dilation, groups):
     """Mirror of csrc/conv2d_ops.cpp's check_conv; returns the weight shape [C_out, C_in/groups, kh, kw]."""
     for values, name, minimum in (

@@ -27,6 +27,8 @@ SCHEMAS = {
     "linear_batch_l2": "(Tensor input, Tensor grad_output) -> Tensor",
     "linear_cross_moment": "(Tensor input, Tensor grad_output, Tensor other_input, Tensor other_grad_output) -> Tensor",
     "weighted_gradient_product": "(Tensor left, Tensor input, Tensor grad_output, Tensor weight) -> Tensor",
+    "weighted_gradient_products": "(Tensor left_grad_output, Tensor left_input, Tensor input, Tensor grad_output, "
+    "Tensor weight, Tensor? center) -> (Tensor, Tensor)",
     **{
         f"conv2d_{stat}": f"(Tensor input, Tensor grad_output, {_CONV}) -> Tensor"
         for stat in ("second_moment", "variance", "batch_l2")

@@ -1,12 +1,14 @@
 """Fake (meta) kernels, autograd formulas and the documented Python entry points of the ops.
 
-Every backward is written with two ops of the same library,
+Every backward is written with ops of the same library,
 
     linear_cross_moment(X, G, Xb, Gb)      = sum_n (G_n^T X_n) * (Gb_n^T Xb_n)
     weighted_gradient_product(Z, P, Q, W)  = Z_n (W * (Q_n^T P_n))            (per sample n)
+    weighted_gradient_products(Z, Z2, X, G, W, C) = both Z_n h_n and Z2_n h_n^T, h_n = W * g_n - C
 
-and the backward of each of those two is again written with the two of them, so gradients
-of any order stay inside the kernels and never materialise per-sample gradients.
+(the last one: the statistics' backward in one pass over g_n), and the backward of each of
+those is again written with them, so gradients of any order stay inside the kernels and never
+materialise per-sample gradients.
 """
 
 from __future__ import annotations
@@ -60,32 +62,48 @@ def _(left: Tensor, input: Tensor, grad_output: Tensor, weight: Tensor) -> Tenso
     return input.new_empty(input.shape)
 
 
+@torch.library.register_fake("gradvar::weighted_gradient_products")
+def _(left_grad_output, left_input, input, grad_output, weight, center) -> tuple[Tensor, Tensor]:
+    _checks.check_weighted_gradient_products(
+        "weighted_gradient_products", left_grad_output, left_input, input, grad_output, weight, center
+    )
+    return input.new_empty(input.shape), grad_output.new_empty(grad_output.shape)
+
+
 # ---------------------------------------------------------------- autograd
 def _save_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
+def _both_products(x: Tensor, g: Tensor, weight: Tensor, center: Tensor | None, need) -> tuple:
+    """(G_n h_n, X_n h_n^T) per sample with h_n = weight * g_n - center: the gradients w.r.t. (x, g)
+    of sum_n <weight, g_n^2> / 2 - <center, g_n>. One pass over g_n when both are needed."""
+    if need[0] and need[1]:
+        return _ops.weighted_gradient_products(g, x, x, g, weight, center)
+    grad_x = grad_g = None
+    if need[0]:
+        grad_x = _ops.weighted_gradient_product(g, x, g, weight)
+        grad_x = grad_x if center is None else grad_x - g @ center
+    if need[1]:
+        grad_g = _ops.weighted_gradient_product(x, g, x, weight.t())
+        grad_g = grad_g if center is None else grad_g - x @ center.t()
+    return grad_x, grad_g
+
+
 def _second_moment_backward(ctx, grad: Tensor):
     # d/dX_n <W, sum_n g_n^2> = 2 G_n (W * g_n);  d/dG_n = 2 X_n (W * g_n)^T
     x, g = ctx.saved_tensors
-    grad_x = 2 * _ops.weighted_gradient_product(g, x, g, grad) if ctx.needs_input_grad[0] else None
-    grad_g = 2 * _ops.weighted_gradient_product(x, g, x, grad.t()) if ctx.needs_input_grad[1] else None
-    return grad_x, grad_g
+    return _both_products(x, g, 2 * grad, None, ctx.needs_input_grad)
 
 
 def _variance_backward(ctx, grad: Tensor):
     # variance = S / N - M^2 with M = sum_n g_n / N = G_flat^T X_flat / N, so
-    # d/dX_n = (2 / N) [G_n (W * g_n) - G_n (W * M)], likewise for G with W^T.
+    # d/dX_n = (2 / N) G_n (W * (g_n - M)), likewise for G with the transpose.
     x, g = ctx.saved_tensors
     n = x.shape[0]
     scaled = grad * (2 / n)  # scale the [out, in] weight, not the input-sized results
     weighted_mean = scaled * (_flat(g).t() @ _flat(x)) / n  # (2/N) W * M, differentiable torch ops
-    grad_x = grad_g = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _ops.weighted_gradient_product(g, x, g, scaled) - (_flat(g) @ weighted_mean).reshape(x.shape)
-    if ctx.needs_input_grad[1]:
-        grad_g = _ops.weighted_gradient_product(x, g, x, scaled.t()) - (_flat(x) @ weighted_mean.t()).reshape(g.shape)
-    return grad_x, grad_g
+    return _both_products(x, g, scaled, weighted_mean, ctx.needs_input_grad)
 
 
 def _batch_l2_backward(ctx, grad: Tensor):
@@ -115,9 +133,40 @@ def _cross_moment_backward(ctx, grad: Tensor):
 
 
 def _weighted_gradient_product_backward(ctx, grad: Tensor):
-    # out_n = Z_n (W * Q_n^T P_n); L = sum_n <U_n, out_n> = sum_n <W * (Z_n^T U_n), Q_n^T P_n>
     z, p, q, w = ctx.saved_tensors
+    return _product_vjp(z, p, q, w, grad, ctx.needs_input_grad)
+
+
+def _weighted_gradient_products_backward(ctx, grad_to_x: Tensor | None, grad_to_go: Tensor | None):
+    # out1 = wgp(left_go, x, go, W) - left_go @ C;  out2 = wgp(left_x, go, x, W^T) - left_x @ C^T
+    left_go, left_x, x, go, weight, center = ctx.saved_tensors
     need = ctx.needs_input_grad
+    grads: list = [None] * 6
+
+    def add(indices, values):
+        for i, value in zip(indices, values):
+            if value is not None:
+                grads[i] = value if grads[i] is None else grads[i] + value
+
+    if grad_to_x is not None:  # shaped like x
+        add((0, 2, 3, 4), _product_vjp(left_go, x, go, weight, grad_to_x, [need[i] for i in (0, 2, 3, 4)]))
+        if center is not None:
+            to_center = -(_flat(left_go).t() @ _flat(grad_to_x)) if need[5] else None
+            add((0, 5), (-(grad_to_x @ center.t()) if need[0] else None, to_center))
+    if grad_to_go is not None:  # shaped like go
+        to_left, to_go, to_x, to_wt = _product_vjp(
+            left_x, go, x, weight.t(), grad_to_go, [need[i] for i in (1, 3, 2, 4)]
+        )
+        add((1, 3, 2, 4), (to_left, to_go, to_x, None if to_wt is None else to_wt.t()))
+        if center is not None:
+            to_center = -(_flat(grad_to_go).t() @ _flat(left_x)) if need[5] else None
+            add((1, 5), (-(grad_to_go @ center) if need[1] else None, to_center))
+    return tuple(grads)
+
+
+def _product_vjp(z: Tensor, p: Tensor, q: Tensor, w: Tensor, grad: Tensor, need) -> tuple:
+    """Gradients w.r.t. (z, p, q, w) of <grad, weighted_gradient_product(z, p, q, w)>, None where
+    need is False. out_n = Z_n (W * Q_n^T P_n); L = sum_n <U_n, out_n> = sum_n <W * (Z_n^T U_n), Q_n^T P_n>."""
     wgp = _ops.weighted_gradient_product
     return (
         wgp(grad, q, p, w.t()) if need[0] else None,  # U_n (W * Q_n^T P_n)^T
@@ -133,6 +182,7 @@ for _name, _backward in (
     ("linear_batch_l2", _batch_l2_backward),
     ("linear_cross_moment", _cross_moment_backward),
     ("weighted_gradient_product", _weighted_gradient_product_backward),
+    ("weighted_gradient_products", _weighted_gradient_products_backward),
 ):
     torch.library.register_autograd(f"gradvar::{_name}", _backward, setup_context=_save_inputs)
 

@@ -57,6 +57,19 @@ def weighted_gradient_product(
     return torch.einsum("nto,noi->nti", _as_samples(left), h).reshape(input.shape)
 
 
+def weighted_gradient_products(left_grad_output, left_input, input, grad_output, weight, center):
+    _checks.check_weighted_gradient_products(
+        "weighted_gradient_products", left_grad_output, left_input, input, grad_output, weight, center
+    )
+    h = weight * per_sample_gradients(input, grad_output)
+    if center is not None:
+        h = h - center
+    return (
+        torch.einsum("nto,noi->nti", _as_samples(left_grad_output), h).reshape(input.shape),
+        torch.einsum("nti,noi->nto", _as_samples(left_input), h).reshape(grad_output.shape),
+    )
+
+
 # Bias statistics: the per-sample bias gradient is grad_output[n] summed over the middle dims.
 def per_sample_bias_gradients(grad_output: torch.Tensor) -> torch.Tensor:
     """Per-sample bias gradients: [N, out]."""
@@ -156,6 +169,7 @@ OPS = {
     "linear_batch_l2": linear_batch_l2,
     "linear_cross_moment": linear_cross_moment,
     "weighted_gradient_product": weighted_gradient_product,
+    "weighted_gradient_products": weighted_gradient_products,
     "conv2d_second_moment": conv2d_second_moment,
     "conv2d_variance": conv2d_variance,
     "conv2d_batch_l2": conv2d_batch_l2,

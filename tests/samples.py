@@ -17,6 +17,7 @@ OPS = (
     "linear_batch_l2",
     "linear_cross_moment",
     "weighted_gradient_product",
+    "weighted_gradient_products",
 )
 
 
@@ -42,6 +43,10 @@ def op_args(op: str, n, middle, fin, fout, dtype, device, contiguous=True, requi
     if op == "weighted_gradient_product":
         weight = randn((fout, fin), dtype, device, contiguous, requires_grad)
         return make(fout), x, g, weight
+    if op == "weighted_gradient_products":
+        weight = randn((fout, fin), dtype, device, contiguous, requires_grad)
+        center = randn((fout, fin), dtype, device, contiguous, requires_grad)
+        return make(fout), make(fin), x, g, weight, center
     return x, g
 
 

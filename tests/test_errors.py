@@ -70,6 +70,18 @@ BAD_INPUTS = [
         TypeError,
         "weight has dtype",
     ),
+    (
+        "weighted_gradient_products",
+        (t(4, 3), t(4, 5), t(4, 5), t(4, 3), t(3, 5), t(5, 3)),
+        ValueError,
+        "center must have shape [out, in] = [3, 5], got [5, 3]",
+    ),
+    (
+        "weighted_gradient_products",
+        (t(4, 3), t(4, 3), t(4, 5), t(4, 3), t(3, 5), None),
+        ValueError,
+        "left_input must have the shape of input",
+    ),
 ]
 IDS = [f"{op}-{text[:30]}" for op, _, _, text in BAD_INPUTS]
 
@@ -95,7 +107,7 @@ def test_reference_rejects(op, args, exc, text):
 @pytest.mark.parametrize("op,args,exc,text", BAD_INPUTS, ids=IDS)
 def test_fake_kernel_rejects(op, args, exc, text):
     with FakeTensorMode() as mode:
-        fake_args = tuple(mode.from_tensor(a) for a in args)
+        fake_args = tuple(None if a is None else mode.from_tensor(a) for a in args)
         _check(getattr(torch.ops.gradvar, op), op, fake_args, exc, text)
 
 
