@@ -221,6 +221,19 @@ at::Tensor conv2d_variance(const at::Tensor& input, const at::Tensor& grad_outpu
   return as_weight(variance_from_moments(patch_factors(input, c), position_factors(grad_output, c)), c);
 }
 
+std::tuple<at::Tensor, at::Tensor> conv2d_moments(const at::Tensor& input, const at::Tensor& grad_output,
+                                                  at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto c = check_conv("conv2d_moments", input, "input", grad_output, "grad_output", kernel_size, stride,
+                            padding, dilation, groups);
+  c10::OptionalDeviceGuard guard(input.device());
+  auto [moment, sum] = use_grouped("conv2d_moments", c, input)
+                           ? reduce_gradients(grouped_gradients(input, grad_output, c), nullptr, /*with_sum=*/true)
+                           : reduce_outer_products(patch_factors(input, c), position_factors(grad_output, c), nullptr,
+                                                   nullptr, /*with_sum=*/true);
+  return {as_weight(moment, c), as_weight(sum, c)};
+}
+
 at::Tensor conv2d_batch_l2(const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const auto c = check_conv("conv2d_batch_l2", input, "input", grad_output, "grad_output", kernel_size, stride,

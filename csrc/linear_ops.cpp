@@ -46,6 +46,14 @@ at::Tensor linear_variance(const at::Tensor& input, const at::Tensor& grad_outpu
   return weight_of_group(variance_from_moments(X, G));
 }
 
+std::tuple<at::Tensor, at::Tensor> linear_moments(const at::Tensor& input, const at::Tensor& grad_output) {
+  check_samples_pair("linear_moments", input, "input", grad_output, "grad_output");
+  c10::OptionalDeviceGuard guard(input.device());
+  auto [moment, sum] = reduce_outer_products(linear_factors(input), linear_factors(grad_output), nullptr, nullptr,
+                                             /*with_sum=*/true);
+  return {weight_of_group(moment), weight_of_group(sum)};
+}
+
 at::Tensor linear_batch_l2(const at::Tensor& input, const at::Tensor& grad_output) {
   check_samples_pair("linear_batch_l2", input, "input", grad_output, "grad_output");
   c10::OptionalDeviceGuard guard(input.device());

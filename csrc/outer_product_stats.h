@@ -103,6 +103,7 @@ void rowwise_dot_cuda(at::Tensor& out, const at::Tensor& a, const at::Tensor& b)
 at::Tensor linear_second_moment(const at::Tensor& input, const at::Tensor& grad_output);
 at::Tensor linear_variance(const at::Tensor& input, const at::Tensor& grad_output);
 at::Tensor linear_batch_l2(const at::Tensor& input, const at::Tensor& grad_output);
+std::tuple<at::Tensor, at::Tensor> linear_moments(const at::Tensor& input, const at::Tensor& grad_output);
 at::Tensor linear_cross_moment(const at::Tensor& input, const at::Tensor& grad_output,
                                const at::Tensor& other_input, const at::Tensor& other_grad_output);
 at::Tensor weighted_gradient_product(const at::Tensor& left, const at::Tensor& input,
@@ -118,6 +119,9 @@ at::Tensor conv2d_second_moment(const at::Tensor& input, const at::Tensor& grad_
                                 int64_t groups);
 at::Tensor conv2d_variance(const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+std::tuple<at::Tensor, at::Tensor> conv2d_moments(const at::Tensor& input, const at::Tensor& grad_output,
+                                                  at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 at::Tensor conv2d_batch_l2(const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 at::Tensor conv2d_cross_moment(const at::Tensor& input, const at::Tensor& grad_output, const at::Tensor& other_input,

@@ -10,6 +10,8 @@ TORCH_LIBRARY(gradvar, m) {
   m.def("linear_second_moment(Tensor input, Tensor grad_output) -> Tensor");
   // sum_n g_n**2 / N - (sum_n g_n / N)**2, >= 0     -> [out, in]
   m.def("linear_variance(Tensor input, Tensor grad_output) -> Tensor");
+  // (sum_n g_n**2, sum_n g_n) in one pass: the variance's parts, whose backward needs no second pass -> [out, in] x 2
+  m.def("linear_moments(Tensor input, Tensor grad_output) -> (Tensor, Tensor)");
   // ||g_n||_F**2 per sample                          -> [N]
   m.def("linear_batch_l2(Tensor input, Tensor grad_output) -> Tensor");
   // sum_n g_n * h_n, h_n from (other_input, other_grad_output) (backward helper) -> [out, in]
@@ -23,6 +25,7 @@ TORCH_LIBRARY(gradvar, m) {
   // shape [C_out, C_in/groups, kh, kw]; the same statistics as the Linear ops above.
   m.def("conv2d_second_moment(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   m.def("conv2d_variance(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_moments(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor)");
   m.def("conv2d_batch_l2(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   m.def("conv2d_cross_moment(Tensor input, Tensor grad_output, Tensor other_input, Tensor other_grad_output, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   // to_input: fold(left[n] @ (weight * g_n)), left like grad_output -> like input;
@@ -38,12 +41,14 @@ namespace {
 void register_kernels(torch::Library& m) {
   m.impl("linear_second_moment", &gradvar::linear_second_moment);
   m.impl("linear_variance", &gradvar::linear_variance);
+  m.impl("linear_moments", &gradvar::linear_moments);
   m.impl("linear_batch_l2", &gradvar::linear_batch_l2);
   m.impl("linear_cross_moment", &gradvar::linear_cross_moment);
   m.impl("weighted_gradient_product", &gradvar::weighted_gradient_product);
   m.impl("weighted_gradient_products", &gradvar::weighted_gradient_products);
   m.impl("conv2d_second_moment", &gradvar::conv2d_second_moment);
   m.impl("conv2d_variance", &gradvar::conv2d_variance);
+  m.impl("conv2d_moments", &gradvar::conv2d_moments);
   m.impl("conv2d_batch_l2", &gradvar::conv2d_batch_l2);
   m.impl("conv2d_cross_moment", &gradvar::conv2d_cross_moment);
   m.impl("conv2d_weighted_gradient_product", &gradvar::conv2d_weighted_gradient_product);

@@ -24,6 +24,7 @@ from .conv_ops import (  # noqa: E402
     conv2d_bias_batch_l2,
     conv2d_bias_second_moment,
     conv2d_bias_variance,
+    conv2d_moments,
     conv2d_second_moment,
     conv2d_variance,
 )
@@ -34,8 +35,10 @@ from .ops import (  # noqa: E402
     bias_variance,
     linear_batch_l2,
     linear_cross_moment,
+    linear_moments,
     linear_second_moment,
     linear_variance,
+    variance_from_moments,
     weighted_gradient_product,
 )
 
@@ -56,6 +59,7 @@ __all__ = [
     "conv2d_bias_batch_l2",
     "conv2d_bias_second_moment",
     "conv2d_bias_variance",
+    "conv2d_moments",
     "conv2d_second_moment",
     "conv2d_variance",
     "bias_batch_l2",
@@ -63,8 +67,10 @@ __all__ = [
     "bias_variance",
     "linear_batch_l2",
     "linear_cross_moment",
+    "linear_moments",
     "linear_second_moment",
     "linear_variance",
     "reference",
+    "variance_from_moments",
     "weighted_gradient_product",
 ]

@@ -25,6 +25,7 @@ SCHEMAS = {
     "linear_second_moment": "(Tensor input, Tensor grad_output) -> Tensor",
     "linear_variance": "(Tensor input, Tensor grad_output) -> Tensor",
     "linear_batch_l2": "(Tensor input, Tensor grad_output) -> Tensor",
+    "linear_moments": "(Tensor input, Tensor grad_output) -> (Tensor, Tensor)",
     "linear_cross_moment": "(Tensor input, Tensor grad_output, Tensor other_input, Tensor other_grad_output) -> Tensor",
     "weighted_gradient_product": "(Tensor left, Tensor input, Tensor grad_output, Tensor weight) -> Tensor",
     "weighted_gradient_products": "(Tensor left_grad_output, Tensor left_input, Tensor input, Tensor grad_output, "
@@ -33,6 +34,7 @@ SCHEMAS = {
         f"conv2d_{stat}": f"(Tensor input, Tensor grad_output, {_CONV}) -> Tensor"
         for stat in ("second_moment", "variance", "batch_l2")
     },
+    "conv2d_moments": f"(Tensor input, Tensor grad_output, {_CONV}) -> (Tensor, Tensor)",
     "conv2d_cross_moment": "(Tensor input, Tensor grad_output, Tensor other_input, Tensor other_grad_output, "
     f"{_CONV}) -> Tensor",
     "conv2d_weighted_gradient_product": "(Tensor left, Tensor input, Tensor grad_output, Tensor weight, "

@@ -41,12 +41,14 @@ def _fake_statistic(op: str):
         shape = _checks.check_conv(
             op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation, groups
         )
+        if op == "conv2d_moments":
+            return input.new_empty(shape), input.new_empty(shape)
         return input.new_empty((input.shape[0],) if op == "conv2d_batch_l2" else shape)
 
     return fake
 
 
-for _op in ("conv2d_second_moment", "conv2d_variance", "conv2d_batch_l2"):
+for _op in ("conv2d_second_moment", "conv2d_variance", "conv2d_moments", "conv2d_batch_l2"):
     torch.library.register_fake(f"gradvar::{_op}")(_fake_statistic(_op))
 
 
@@ -135,10 +137,24 @@ def _variance_backward(ctx, grad):
     return (grad_x, grad_go, *_no_grads_for(conv))
 
 
+def _moments_backward(ctx, grad_moment, grad_sum):
+    # L = <A, sum_n g_n^2> + <B, sum_n g_n>: h_n = 2 A * g_n + B, the products with center -B (no mean pass).
+    x, go = ctx.saved_tensors
+    conv = ctx.conv
+    weight = 2 * grad_moment if grad_moment is not None else x.new_zeros(_weight_shape(x, go, conv))
+    center = None if grad_sum is None else -grad_sum
+    to_x, to_go = _both_products(x, go, weight, conv, ctx.needs_input_grad, center=center)
+    return (to_x, to_go, *_no_grads_for(conv))
+
+
+def _weight_shape(x, go, conv):
+    return (go.shape[1], x.shape[1] // conv[4], *conv[0])
+
+
 def _batch_l2_backward(ctx, grad):
     x, go = ctx.saved_tensors
     need, conv = ctx.needs_input_grad, ctx.conv
-    ones = x.new_ones((go.shape[1], x.shape[1] // conv[4], *conv[0]))
+    ones = x.new_ones(_weight_shape(x, go, conv))
     w = grad.reshape(-1, 1, 1, 1)
     grad_x = 2 * _wgp(w * go, x, go, ones, conv, True) if need[0] else None
     grad_go = 2 * _wgp(w * x, x, go, ones, conv, False) if need[1] else None
@@ -226,6 +242,7 @@ def _weighted_gradient_products_backward(ctx, grad_to_x, grad_to_go):
 for _name, _backward, _tensor_args in (
     ("conv2d_second_moment", _second_moment_backward, 2),
     ("conv2d_variance", _variance_backward, 2),
+    ("conv2d_moments", _moments_backward, 2),
     ("conv2d_batch_l2", _batch_l2_backward, 2),
     ("conv2d_cross_moment", _cross_moment_backward, 4),
     ("conv2d_weighted_gradient_product", _weighted_gradient_product_backward, 4),
@@ -313,7 +330,7 @@ def _conv2d_function(op: str, summary: str):
         dilation: IntOrPair = 1,
         groups: int = 1,
         padding_mode: str = "zeros",
-    ) -> Tensor:
+    ) -> Tensor | tuple[Tensor, Tensor]:
         args = conv2d_arguments(input, kernel_size, stride, padding, dilation, groups, padding_mode, op=op)
         return getattr(_ops, op)(args[0], grad_output, *args[1:])
 
@@ -330,6 +347,12 @@ conv2d_variance = _conv2d_function(
     "conv2d_variance",
     "Variance over samples of the per-sample Conv2d weight gradients (BackPACK's ``Variance``), "
     "``[C_out, C_in/groups, kh, kw]``, never negative.",
+)
+conv2d_moments = _conv2d_function(
+    "conv2d_moments",
+    "``(sum_n g_n**2, sum_n g_n)`` of the per-sample Conv2d weight gradients in one pass, each "
+    "``[C_out, C_in/groups, kh, kw]``: the variance's parts (``ops.variance_from_moments``), with a "
+    "backward that needs no extra pass for the mean.",
 )
 conv2d_batch_l2 = _conv2d_function(
     "conv2d_batch_l2", "``||g_n||**2`` of each sample's Conv2d weight gradient, ``[N]``."

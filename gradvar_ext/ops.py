@@ -44,6 +44,13 @@ def _(input: Tensor, grad_output: Tensor) -> Tensor:
     return input.new_empty((grad_output.shape[-1], input.shape[-1]))
 
 
+@torch.library.register_fake("gradvar::linear_moments")
+def _(input: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+    _checks.check_samples_pair("linear_moments", input, "input", grad_output, "grad_output")
+    shape = (grad_output.shape[-1], input.shape[-1])
+    return input.new_empty(shape), input.new_empty(shape)
+
+
 @torch.library.register_fake("gradvar::linear_batch_l2")
 def _(input: Tensor, grad_output: Tensor) -> Tensor:
     _checks.check_samples_pair("linear_batch_l2", input, "input", grad_output, "grad_output")
@@ -104,6 +111,14 @@ def _variance_backward(ctx, grad: Tensor):
     scaled = grad * (2 / n)  # scale the [out, in] weight, not the input-sized results
     weighted_mean = scaled * (_flat(g).t() @ _flat(x)) / n  # (2/N) W * M, differentiable torch ops
     return _both_products(x, g, scaled, weighted_mean, ctx.needs_input_grad)
+
+
+def _moments_backward(ctx, grad_moment: Tensor | None, grad_sum: Tensor | None):
+    # L = <A, sum_n g_n^2> + <B, sum_n g_n>: h_n = 2 A * g_n + B, the products with center -B.
+    # No pass for the mean: that is what sets these apart from the variance op's backward.
+    x, g = ctx.saved_tensors
+    weight = 2 * grad_moment if grad_moment is not None else x.new_zeros((g.shape[-1], x.shape[-1]))
+    return _both_products(x, g, weight, None if grad_sum is None else -grad_sum, ctx.needs_input_grad)
 
 
 def _batch_l2_backward(ctx, grad: Tensor):
@@ -179,6 +194,7 @@ def _product_vjp(z: Tensor, p: Tensor, q: Tensor, w: Tensor, grad: Tensor, need)
 for _name, _backward in (
     ("linear_second_moment", _second_moment_backward),
     ("linear_variance", _variance_backward),
+    ("linear_moments", _moments_backward),
     ("linear_batch_l2", _batch_l2_backward),
     ("linear_cross_moment", _cross_moment_backward),
     ("weighted_gradient_product", _weighted_gradient_product_backward),
@@ -211,6 +227,26 @@ def linear_variance(input: Tensor, grad_output: Tensor) -> Tensor:
     never negative, exactly 0 for N = 1. Arguments as in :func:`linear_second_moment`.
     """
     return _ops.linear_variance(input, grad_output)
+
+
+def linear_moments(input: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum_n g_n ** 2, sum_n g_n)`` of a Linear layer's per-sample weight gradients in one pass,
+    each ``[out_features, in_features]``. Arguments as in :func:`linear_second_moment`.
+
+    The parts of the variance (``moment / N - (sum / N) ** 2``); differentiable (any order), and
+    its backward, unlike :func:`linear_variance`'s, needs no extra pass for the mean. The front end
+    builds ``Variance`` from it.
+    """
+    return _ops.linear_moments(input, grad_output)
+
+
+def variance_from_moments(moment: Tensor, sum: Tensor, n: int) -> Tensor:
+    """``moment / n - (sum / n) ** 2``, clamped at 0 (rounding can dip below it); exactly 0 for n = 1,
+    like the variance ops. Differentiable torch ops."""
+    if n == 1:
+        return torch.zeros_like(moment)
+    mean = sum / n
+    return (moment / n - mean * mean).clamp_min(0)
 
 
 def linear_batch_l2(input: Tensor, grad_output: Tensor) -> Tensor:

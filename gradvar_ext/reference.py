@@ -41,6 +41,12 @@ def linear_batch_l2(input: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
     return per_sample_gradients(input, grad_output).square().sum((1, 2))
 
 
+def linear_moments(input: torch.Tensor, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _checks.check_samples_pair("linear_moments", input, "input", grad_output, "grad_output")
+    g = per_sample_gradients(input, grad_output)
+    return g.square().sum(0), g.sum(0)
+
+
 def linear_cross_moment(
     input: torch.Tensor, grad_output: torch.Tensor, other_input: torch.Tensor, other_grad_output: torch.Tensor
 ) -> torch.Tensor:
@@ -113,6 +119,12 @@ def conv2d_variance(input, grad_output, *conv):
     return conv2d_per_sample_gradients(input, grad_output, *conv).var(dim=0, unbiased=False)
 
 
+def conv2d_moments(input, grad_output, *conv):
+    _checks.check_conv("conv2d_moments", input, "input", grad_output, "grad_output", *conv)
+    g = conv2d_per_sample_gradients(input, grad_output, *conv)
+    return g.square().sum(0), g.sum(0)
+
+
 def conv2d_batch_l2(input, grad_output, *conv):
     _checks.check_conv("conv2d_batch_l2", input, "input", grad_output, "grad_output", *conv)
     return conv2d_per_sample_gradients(input, grad_output, *conv).square().sum((1, 2, 3, 4))
@@ -168,10 +180,12 @@ OPS = {
     "linear_variance": linear_variance,
     "linear_batch_l2": linear_batch_l2,
     "linear_cross_moment": linear_cross_moment,
+    "linear_moments": linear_moments,
     "weighted_gradient_product": weighted_gradient_product,
     "weighted_gradient_products": weighted_gradient_products,
     "conv2d_second_moment": conv2d_second_moment,
     "conv2d_variance": conv2d_variance,
+    "conv2d_moments": conv2d_moments,
     "conv2d_batch_l2": conv2d_batch_l2,
     "conv2d_cross_moment": conv2d_cross_moment,
     "conv2d_weighted_gradient_product": conv2d_weighted_gradient_product,

@@ -9,6 +9,7 @@ import torch
 CONV_OPS = (
     "conv2d_second_moment",
     "conv2d_variance",
+    "conv2d_moments",
     "conv2d_batch_l2",
     "conv2d_cross_moment",
     "conv2d_weighted_gradient_product",

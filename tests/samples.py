@@ -14,6 +14,7 @@ FEATURES = ((1, 1), (5, 3), (1, 7), (4, 1), (16, 12))
 OPS = (
     "linear_second_moment",
     "linear_variance",
+    "linear_moments",
     "linear_batch_l2",
     "linear_cross_moment",
     "weighted_gradient_product",
