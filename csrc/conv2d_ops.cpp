@@ -269,7 +269,7 @@ namespace {
 // Sinks for the weighted products, which arrive positions-last: [n*g, f, L] is col2im's layout
 // (towards the input); [n*g, C_out/g, L] is grad_output's (towards grad_output).
 Sink fold_into(at::Tensor& out, const ConvGeometry& c) {
-  return [&out, &c](int64_t start, int64_t n, const at::Tensor& values) {
+  return Sink{nullptr, [&out, &c](int64_t start, int64_t n, const at::Tensor& values) {
     const auto cols = values.view({n, c.in_channels * c.kernel[0] * c.kernel[1], c.positions()});
     auto dst = out.narrow(0, start, n);
     if (c.unfold_is_view()) {
@@ -279,14 +279,15 @@ Sink fold_into(at::Tensor& out, const ConvGeometry& c) {
     } else {
       dst.copy_(at::col2im(cols, {c.height, c.width}, c.kernel, c.dilation, c.padding, c.stride));
     }
-  };
+  }};
 }
 
-Sink copy_into(at::Tensor& out) {
-  return [&out](int64_t start, int64_t n, const at::Tensor& values) {
-    auto dst = out.narrow(0, start, n);
-    dst.copy_(values.view(dst.sizes()));
-  };
+// grad_output-shaped results take the products in place: [n*g, C_out/g, L] is a view of their rows.
+Sink write_into(at::Tensor& out, const ConvGeometry& c) {
+  return Sink{[&out, &c](int64_t start, int64_t n) {
+                return out.narrow(0, start, n).view({n * c.groups, c.out_channels / c.groups, c.positions()});
+              },
+              nullptr};
 }
 
 void check_weight(const char* op, const at::Tensor& weight, const at::Tensor& input, const ConvGeometry& c) {
@@ -335,7 +336,7 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
   const auto other_patches = left_is_input ? Factors{} : patch_factors(left, c);
   at::Tensor out = at::empty(grad_output.sizes(), grad_output.options());
   weighted_outer_product_apply(left_is_input ? input_patches : other_patches, position_factors(grad_output, c),
-                               input_patches, W.transpose(1, 2), copy_into(out), /*positions_last=*/true);
+                               input_patches, W.transpose(1, 2), write_into(out, c), /*positions_last=*/true);
   return out;
 }
 
@@ -376,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weighted_gradient_products(
   const auto other_patches = left_is_input ? Factors{} : patch_factors(left_input, c);
   weighted_outer_product_apply_both(position_factors(left_grad_output, c), left_is_input ? input_patches : other_patches,
                                     input_patches, position_factors(grad_output, c), W, C, fold_into(to_input, c),
-                                    copy_into(to_grad_output), /*positions_last=*/true);
+                                    write_into(to_grad_output, c), /*positions_last=*/true);
   return {to_input, to_grad_output};
 }
 

@@ -21,6 +21,11 @@ Factors linear_factors(const at::Tensor& t) {
 
 at::Tensor weight_of_group(const at::Tensor& moment) { return moment.squeeze(0); }
 
+// A [N, T, F] result whose sample rows the core writes in place.
+Sink rows_of(at::Tensor& out) {
+  return Sink{[&out](int64_t start, int64_t n) { return out.narrow(0, start, n); }, nullptr};
+}
+
 // A weight-shaped argument: [out, in], float like input.
 void check_linear_weight(const char* op, const at::Tensor& weight, const char* name, const at::Tensor& input,
                          const at::Tensor& grad_output) {
@@ -85,9 +90,7 @@ at::Tensor weighted_gradient_product(const at::Tensor& left, const at::Tensor& i
   const auto P = linear_factors(input);
   at::Tensor out = at::empty({P.samples, P.positions, P.features}, input.options());
   weighted_outer_product_apply(linear_factors(left), P, linear_factors(grad_output), weight.unsqueeze(0),
-                               [&out](int64_t start, int64_t n, const at::Tensor& values) {
-                                 out.narrow(0, start, n).copy_(values);
-                               });
+                               rows_of(out));
   return out.view(input.sizes());
 }
 
@@ -115,11 +118,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_gradient_products(const at::Tensor& 
   at::Tensor to_grad_output = at::empty({Q.samples, Q.positions, Q.features}, input.options());
   weighted_outer_product_apply_both(
       z_is_q ? Q : Z, z2_is_p ? P : Z2, P, Q, weight.unsqueeze(0),
-      centered ? center->unsqueeze(0) : at::Tensor(),
-      [&to_input](int64_t start, int64_t n, const at::Tensor& values) { to_input.narrow(0, start, n).copy_(values); },
-      [&to_grad_output](int64_t start, int64_t n, const at::Tensor& values) {
-        to_grad_output.narrow(0, start, n).copy_(values);
-      },
+      centered ? center->unsqueeze(0) : at::Tensor(), rows_of(to_input), rows_of(to_grad_output),
       /*positions_last=*/false);
   return {to_input.view(input.sizes()), to_grad_output.view(grad_output.sizes())};
 }

@@ -15,7 +15,7 @@ namespace {
 
 // Scratch budget for everything formed per chunk of samples (per-sample gradients, Gram
 // matrices, unfolded patches, weighted products). Extra memory stays under it whatever N is.
-constexpr int64_t kChunkBytes = int64_t(32) << 20;
+constexpr int64_t kChunkBytes = int64_t(8) << 20;
 
 int64_t chunk_samples(int64_t elems_per_sample, const at::TensorOptions& options, int64_t samples,
                       int64_t max_chunk) {
@@ -205,20 +205,21 @@ void apply_weighted_gradients(const GradientChunks& g, const at::Tensor& W, cons
 }
 
 // out_n = Z_n h_n (transposed: Z_n h_n^T) -> sink as [n * groups, T, features], or positions last
-// [n * groups, features, T]; `reuse`, when given, already holds Z's chunk. Output buffer kept across chunks.
+// [n * groups, features, T]; `reuse`, when given, already holds Z's chunk. Written straight into
+// the sink's view when it has one, else into a buffer kept across chunks.
 static WeightedConsumer multiply_by_factors(const Factors& Z, const at::Tensor* reuse, const Sink& sink,
                                             bool transposed, int64_t features, bool positions_last) {
   const int64_t groups = Z.groups, T = Z.positions;
   auto buf = std::make_shared<at::Tensor>();
   return WeightedConsumer{
-      groups * T * features + (reuse != nullptr ? 0 : formed(Z)),
+      (sink.into ? 0 : groups * T * features) + (reuse != nullptr ? 0 : formed(Z)),
       [Z, reuse, &sink, transposed, features, positions_last, groups, T, buf](int64_t start, int64_t n,
                                                                               const at::Tensor& h) {
-        if (!buf->defined() || buf->size(0) < n * groups) {
+        if (!sink.into && (!buf->defined() || buf->size(0) < n * groups)) {
           *buf = positions_last ? at::empty({n * groups, features, T}, Z.options)
                                 : at::empty({n * groups, T, features}, Z.options);
         }
-        auto out = buf->narrow(0, 0, n * groups);
+        auto out = sink.into ? sink.into(start, n) : buf->narrow(0, 0, n * groups);
         const auto Zc = reuse != nullptr ? *reuse : Z.chunk(start, n);
         const auto hz = transposed ? h.transpose(1, 2) : h;  // [.., Z's features, features]
         if (positions_last) {
@@ -226,7 +227,7 @@ static WeightedConsumer multiply_by_factors(const Factors& Z, const at::Tensor* 
         } else {
           at::bmm_out(out, Zc, hz);
         }
-        sink(start, n, out);
+        if (!sink.into) sink.take(start, n, out);
       }};
 }
 
@@ -242,7 +243,7 @@ static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P
                            bool positions_last) {
   const int64_t N = P.samples, groups = P.groups, T = P.positions, a = Q.features, b = P.features;
   auto emit = [&](const Sink& to, int64_t start, int64_t n, const at::Tensor& values, int64_t features) {
-    to(start, n, positions_last ? values.view({n * groups, features, 1}) : values);
+    to.deliver(start, n, positions_last ? values.view({n * groups, features, 1}) : values);
   };
   if (T == 1) {
     auto out = by_group(P) * at::bmm(by_group(Z) * by_group(Q), W);  // [groups, N, b]

@@ -41,9 +41,21 @@ struct WeightedConsumer {
   std::function<void(int64_t start, int64_t n, const at::Tensor& h)> take;
 };
 
-// Receives the weighted product for samples [start, start + n): values [n * groups, positions, features],
-// or [n * groups, features, positions] when weighted_outer_product_apply is asked for positions last.
-using Sink = std::function<void(int64_t start, int64_t n, const at::Tensor& values)>;
+// Where the weighted product for samples [start, start + n) goes, shaped [n * groups, positions,
+// features] ([n * groups, features, positions] when positions last): `into(start, n)` is a view
+// of the result to write it to directly (no scratch); or, for a result that needs a
+// transformation (col2im), `take(start, n, values)` receives it from scratch.
+struct Sink {
+  std::function<at::Tensor(int64_t start, int64_t n)> into;
+  std::function<void(int64_t start, int64_t n, const at::Tensor& values)> take;
+  void deliver(int64_t start, int64_t n, const at::Tensor& values) const {
+    if (take) {
+      take(start, n, values);
+    } else {
+      into(start, n).copy_(values);
+    }
+  }
+};
 
 // ---- core (device-agnostic ATen; chunked over samples; extra memory <= a fixed budget) ----
 // moment = sum_n (G_n^T X_n) * (Gb_n^T Xb_n) (Xb, Gb null: the same pair); sum = sum_n G_n^T X_n

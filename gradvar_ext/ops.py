@@ -240,13 +240,31 @@ def linear_moments(input: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
     return _ops.linear_moments(input, grad_output)
 
 
+class _VarianceFromMoments(torch.autograd.Function):
+    """moment / n - (total / n)**2 clamped at 0, saving only ``total`` (the op's output, alive anyway);
+    like the variance ops, the backward ignores the clamp (it only removes rounding below 0)."""
+
+    @staticmethod
+    def forward(ctx, moment: Tensor, total: Tensor, n: int) -> Tensor:
+        ctx.save_for_backward(total)
+        ctx.n = n
+        if n == 1:  # exactly 0, as the variance ops (the gradients below cancel to 0 as well)
+            return torch.zeros_like(moment)
+        mean = total / n
+        return (moment / n).addcmul_(mean, mean, value=-1).clamp_min_(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (total,) = ctx.saved_tensors  # differentiable again: torch ops on saved inputs
+        n = ctx.n
+        return grad / n, grad * total * (-2 / n**2), None
+
+
 def variance_from_moments(moment: Tensor, sum: Tensor, n: int) -> Tensor:
     """``moment / n - (sum / n) ** 2``, clamped at 0 (rounding can dip below it); exactly 0 for n = 1,
-    like the variance ops. Differentiable torch ops."""
-    if n == 1:
-        return torch.zeros_like(moment)
-    mean = sum / n
-    return (moment / n - mean * mean).clamp_min(0)
+    like the variance ops. ``(moment, sum)`` as :func:`linear_moments` returns them; differentiable
+    (any order)."""
+    return _VarianceFromMoments.apply(moment, sum, n)
 
 
 def linear_batch_l2(input: Tensor, grad_output: Tensor) -> Tensor:

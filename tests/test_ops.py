@@ -145,3 +145,31 @@ def test_results_are_deterministic():
     x, g = Case(150, (3,), 200, 180).args("linear_variance", torch.float32)
     for op in ("linear_variance", "linear_batch_l2"):
         assert torch.equal(call(op, x, g), call(op, x, g))
+
+
+# ---------------------------------------------------------------- variance from the one-pass moments
+@pytest.mark.parametrize("case", [Case(1, (), 3, 2), Case(5, (), 4, 3), Case(4, (3,), 3, 2)], ids=str)
+def test_variance_from_moments_equals_the_variance_op_with_its_gradients(case):
+    """The front end's Variance (moments op + variance_from_moments): the variance op's values,
+    and first and second derivatives equal to autograd through the reference variance."""
+    torch.manual_seed(5)
+    x, g = case.args("linear_variance", torch.float64, requires_grad=True)
+    ours = gradvar_ext.variance_from_moments(*gradvar_ext.linear_moments(x, g), case.n)
+    ref = reference.linear_variance(x, g)
+    assert_matches(ours, call("linear_variance", x, g), torch.float64, ref.abs().max().item())
+    upstream = torch.randn_like(ref)
+    g_ours = torch.autograd.grad(ours, (x, g), upstream, create_graph=True)
+    g_ref = torch.autograd.grad(ref, (x, g), upstream, create_graph=True)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    if case.n > 1:
+        probes = [torch.randn_like(t) for t in g_ref]
+        for a, b in zip(torch.autograd.grad(g_ours, (x, g), probes), torch.autograd.grad(g_ref, (x, g), probes)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        assert torch.autograd.gradgradcheck(
+            lambda a, b: gradvar_ext.variance_from_moments(a, b, 3),
+            (
+                torch.rand(3, 2, dtype=torch.float64, requires_grad=True) + 2,
+                torch.randn(3, 2, dtype=torch.float64, requires_grad=True),
+            ),
+        )
