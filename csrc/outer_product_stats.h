@@ -84,7 +84,7 @@ void weighted_outer_product_apply_both(const Factors& Z, const Factors& Z2, cons
                                        const Sink& sink2, bool positions_last);
 
 // For every chunk of samples, h = W * g - center (W, center [groups, rows, cols]; center may be
-// undefined), handed to each consumer in turn; scratch <= kChunkBytes.
+// undefined), handed to each consumer in turn; scratch <= the chunk budget (kChunkBytes, see .cpp).
 void apply_weighted_gradients(const GradientChunks& g, const at::Tensor& W, const at::Tensor& center,
                               const std::vector<WeightedConsumer>& consumers);
 
