@@ -102,7 +102,8 @@ void col2im_cpu(const at::Tensor& cols, at::Tensor& image, at::IntArrayRef kerne
                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_height, int64_t out_width);
 #ifdef GRADVAR_WITH_CUDA
 // GRADVAR_EXT_FUSED_CUDA=1: the moments of CUDA tensors with positions (T > 1) use the fused
-// kernel (cuda/fused_moments.cu) instead of bmm + accumulate. Opt-in until validated on a GPU.
+// kernel (cuda/fused_moments.cu) instead of bmm + accumulate; =tf32x3 its tensor-core variant
+// for float32 on sm_80+ (not yet run on a GPU). Opt-in until validated and faster than cuBLAS.
 bool fused_cuda_enabled();
 // moment (+)= sum_s g_s * h_s, sum (+)= sum_s g_s over one chunk; X, G (Xb, Gb): [S * groups, T, F].
 void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X, const at::Tensor& G,

@@ -2,7 +2,8 @@
 # Everything that needs a GPU, in one run on a lent GPU machine (logs and JSON under $OUT):
 # build against the machine's torch, CUDA tests, the example; unless QUICK=1, also the fused-kernel
 # benchmark, the variance benchmark and a CNN batch-size sweep (with BackPACK if its wheels were
-# carried in .whl/), and compute-sanitizer memcheck + racecheck on scripts/sanitize_case.py.
+# carried in .whl/), the two conv algorithms timed on CUDA, and compute-sanitizer memcheck +
+# racecheck on scripts/sanitize_case.py.
 #   QUICK=1 OUT=... bash scripts/gpu_check.sh     # about 1.5 min on an H200 once started
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -31,6 +32,11 @@ timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --json "$OUT/
 stage "cnn batch-size sweep"
 timeout 150 $PY benchmarks/bench_variance.py --device cuda --quick --workloads cnn-16 cnn-128 cnn-512 \
   --methods gradvar torch.func backpack --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -14
+stage "conv algorithms on CUDA (auto = unfold there; is grouped, i.e. cuDNN grouped convs, faster?)"
+for algo in unfold grouped; do
+  GRADVAR_EXT_CONV_ALGORITHM=$algo timeout 120 $PY benchmarks/bench_variance.py --device cuda --quick \
+    --workloads cnn cnn-256 --methods gradvar --json "$OUT/conv_$algo.json" 2>&1 | tee "$OUT/conv_$algo.log" | tail -3
+done
 stage "compute-sanitizer"
 for tool in memcheck racecheck; do
   timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1

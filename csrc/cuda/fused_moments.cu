@@ -10,6 +10,7 @@
 // the moment / sum registers. Samples are split over gridDim.z only as far as needed to fill
 // the GPU; the splits' partials are reduced in a fixed order afterwards.
 // Memory: partials [splits, groups, O, I] with splits = 1 when the tiles alone fill the GPU.
+// GRADVAR_EXT_FUSED_CUDA=tf32x3 (float32, sm_80+): the same walk on tensor cores, 3xTF32 (below).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -18,7 +19,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <mma.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "../outer_product_stats.h"
 
@@ -34,14 +39,14 @@ struct Operand {  // a [S * groups, T, F] factor with element strides
 
 // Loads rows [t0, t0 + kSteps) x features [f0, f0 + kTile) of sample-group `b` into tile[k][f],
 // zero-filling outside [T, F). Consecutive threads walk the operand's unit-stride dimension.
-template <typename scalar_t>
+template <typename scalar_t, int kBlock = kThreads>
 __device__ void load_tile(scalar_t (*tile)[kTile], const Operand& op, int64_t b, int64_t t0, int64_t f0,
                           int64_t T, int64_t F) {
   const auto* base = static_cast<const scalar_t*>(op.data) + b * op.s_batch;
   const bool features_fastest = op.s_feat == 1;
 #pragma unroll
-  for (int r = 0; r < kSteps * kTile / kThreads; ++r) {
-    const int e = threadIdx.x + r * kThreads;
+  for (int r = 0; r < kSteps * kTile / kBlock; ++r) {
+    const int e = threadIdx.x + r * kBlock;
     const int k = features_fastest ? e / kTile : e % kSteps;
     const int f = features_fastest ? e % kTile : e / kSteps;
     const int64_t t = t0 + k, feat = f0 + f;
@@ -122,6 +127,136 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// ---- tensor cores: 3xTF32 (float32 inputs, float32 accumulation, ~float32 accuracy) ----
+// Same tile walk; 4 warps, each owning a 32 x 32 quarter of the 64 x 64 tile as 2 x 2 wmma
+// 16 x 16 accumulators. Per 8 positions, A = G^T (16 o x 8 t, column-major in gs[t][o]) and
+// B = X (8 t x 16 i, row-major in xs[t][i]); each operand is split v = big + small (tf32 parts)
+// and g += a_small b_big + a_big b_small + a_big b_big (the 3xTF32 scheme: the dropped
+// small * small term is ~2^-22 relative). Accumulator fragments of one shape share their element
+// layout, so the moment / sum updates are elementwise on fragments. Results go through shared
+// memory to global (bounds-checked). Shared memory: 2 x 4 KiB operand tiles + 16 KiB output tile.
+namespace wmma = nvcuda::wmma;
+constexpr int kTcThreads = 128;
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+template <typename Frag>
+__device__ void split_tf32(Frag& big, Frag& small) {
+#pragma unroll
+  for (int e = 0; e < big.num_elements; ++e) {
+    const float v = big.x[e];
+    const float hi = wmma::__float_to_tf32(v);
+    big.x[e] = hi;
+    small.x[e] = wmma::__float_to_tf32(v - hi);
+  }
+}
+
+__device__ void accumulate_sample_tc(FragC (&acc)[2][2], float (*gs)[kTile], float (*xs)[kTile], const Operand& G,
+                                     const Operand& X, int64_t b, int64_t o0, int64_t i0, int64_t T, int64_t O,
+                                     int64_t I, int wo, int wi) {
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) wmma::fill_fragment(acc[a][c], 0.0f);
+  for (int64_t t0 = 0; t0 < T; t0 += kSteps) {
+    load_tile<float, kTcThreads>(gs, G, b, t0, o0, T, O);
+    load_tile<float, kTcThreads>(xs, X, b, t0, i0, T, I);
+    __syncthreads();
+#pragma unroll
+    for (int k0 = 0; k0 < kSteps; k0 += 8) {
+      FragA a_big[2], a_small[2];
+      FragB b_big[2], b_small[2];
+#pragma unroll
+      for (int a = 0; a < 2; ++a) {
+        wmma::load_matrix_sync(a_big[a], &gs[k0][wo + 16 * a], kTile);
+        split_tf32(a_big[a], a_small[a]);
+      }
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        wmma::load_matrix_sync(b_big[c], &xs[k0][wi + 16 * c], kTile);
+        split_tf32(b_big[c], b_small[c]);
+      }
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          wmma::mma_sync(acc[a][c], a_small[a], b_big[c], acc[a][c]);
+          wmma::mma_sync(acc[a][c], a_big[a], b_small[c], acc[a][c]);
+          wmma::mma_sync(acc[a][c], a_big[a], b_big[c], acc[a][c]);
+        }
+    }
+    __syncthreads();
+  }
+}
+
+// Writes a block's 64 x 64 result (2 x 2 fragments per warp) to out[o, i] (+= when accumulate).
+__device__ void store_tile(float (*staging)[kTile], FragC (&frags)[2][2], float* out, int64_t o0, int64_t i0,
+                           int64_t O, int64_t I, int wo, int wi, bool accumulate) {
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      wmma::store_matrix_sync(&staging[wo + 16 * a][wi + 16 * c], frags[a][c], kTile, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = threadIdx.x; e < kTile * kTile; e += kTcThreads) {
+    const int64_t o = o0 + e / kTile, i = i0 + e % kTile;
+    if (o < O && i < I) {
+      const float v = staging[e / kTile][e % kTile];
+      out[o * I + i] = accumulate ? out[o * I + i] + v : v;
+    }
+  }
+  __syncthreads();
+}
+
+template <bool kCross, bool kSum>
+__global__ void __launch_bounds__(kTcThreads)
+    fused_moments_tf32x3_kernel(Operand X, Operand G, Operand Xb, Operand Gb, float* __restrict__ moment_out,
+                                float* __restrict__ sum_out, int64_t samples, int64_t groups, int64_t T, int64_t I,
+                                int64_t O, int64_t splits) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  __shared__ __align__(32) float gs[kSteps][kTile];
+  __shared__ __align__(32) float xs[kSteps][kTile];
+  __shared__ __align__(32) float staging[kTile][kTile];
+  const int warp = threadIdx.x / 32, wo = (warp / 2) * 32, wi = (warp % 2) * 32;
+  const int64_t i0 = int64_t(blockIdx.x) * kTile, o0 = int64_t(blockIdx.y) * kTile;
+  const int64_t group = blockIdx.z % groups, split = blockIdx.z / groups;
+  const int64_t s_begin = samples * split / splits, s_end = samples * (split + 1) / splits;
+  FragC m[2][2], s[2][2], g[2][2], h[2][2];
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      wmma::fill_fragment(m[a][c], 0.0f);
+      wmma::fill_fragment(s[a][c], 0.0f);
+    }
+  for (int64_t n = s_begin; n < s_end; ++n) {
+    const int64_t b = n * groups + group;
+    accumulate_sample_tc(g, gs, xs, G, X, b, o0, i0, T, O, I, wo, wi);
+    if (kCross) accumulate_sample_tc(h, gs, xs, Gb, Xb, b, o0, i0, T, O, I, wo, wi);
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+#pragma unroll
+        for (int e = 0; e < m[a][c].num_elements; ++e) {
+          m[a][c].x[e] += g[a][c].x[e] * (kCross ? h[a][c].x[e] : g[a][c].x[e]);
+          if (kSum) s[a][c].x[e] += g[a][c].x[e];
+        }
+  }
+  const int64_t out_base = (split * groups + group) * O * I;  // [splits, groups, O, I]
+  store_tile(staging, m, moment_out + out_base, o0, i0, O, I, wo, wi, splits == 1);
+  if (kSum) store_tile(staging, s, sum_out + out_base, o0, i0, O, I, wo, wi, splits == 1);
+#else
+  __trap();  // the host launches this only on sm_80+
+#endif
+}
+
+bool tensor_cores_requested() {
+  const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
+  return flag != nullptr && std::strcmp(flag, "tf32x3") == 0;
+}
+
 Operand operand(const at::Tensor& t) { return Operand{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 int multiprocessors(int device) {
@@ -153,21 +288,39 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool cross = Xb != nullptr;
   const Operand x = operand(X), g = operand(G), xb = cross ? operand(*Xb) : x, gb = cross ? operand(*Gb) : g;
-  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "fused_moments_cuda", [&] {
-    auto* m_ptr = moment_out.mutable_data_ptr<scalar_t>();
-    auto* s_ptr = sum.defined() ? sum_out.mutable_data_ptr<scalar_t>() : nullptr;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, X.get_device()));
+  if (X.scalar_type() == at::kFloat && major >= 8 && tensor_cores_requested()) {
+    float* m_ptr = moment_out.mutable_data_ptr<float>();
+    float* s_ptr = sum.defined() ? sum_out.mutable_data_ptr<float>() : nullptr;
     auto launch = [&](auto kernel) {
-      kernel<<<grid, kThreads, 0, stream>>>(x, g, xb, gb, m_ptr, s_ptr, samples, groups, T, I, O, splits);
+      kernel<<<grid, kTcThreads, 0, stream>>>(x, g, xb, gb, m_ptr, s_ptr, samples, groups, T, I, O, splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (cross) {
-      launch(fused_moments_kernel<scalar_t, true, false>);
+      launch(fused_moments_tf32x3_kernel<true, false>);
     } else if (sum.defined()) {
-      launch(fused_moments_kernel<scalar_t, false, true>);
+      launch(fused_moments_tf32x3_kernel<false, true>);
     } else {
-      launch(fused_moments_kernel<scalar_t, false, false>);
+      launch(fused_moments_tf32x3_kernel<false, false>);
     }
-  });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "fused_moments_cuda", [&] {
+      auto* m_ptr = moment_out.mutable_data_ptr<scalar_t>();
+      auto* s_ptr = sum.defined() ? sum_out.mutable_data_ptr<scalar_t>() : nullptr;
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, kThreads, 0, stream>>>(x, g, xb, gb, m_ptr, s_ptr, samples, groups, T, I, O, splits);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (cross) {
+        launch(fused_moments_kernel<scalar_t, true, false>);
+      } else if (sum.defined()) {
+        launch(fused_moments_kernel<scalar_t, false, true>);
+      } else {
+        launch(fused_moments_kernel<scalar_t, false, false>);
+      }
+    });
+  }
   if (splits > 1) {  // fixed-order reduction of the partials: deterministic
     moment.add_(moment_out.sum(0));
     if (sum.defined()) sum.add_(sum_out.sum(0));
