@@ -128,6 +128,11 @@ int64_t grouped_max_chunk(const ConvGeometry& c, const at::Tensor& input) {
   return std::clamp<int64_t>((int64_t(2) << 20) / std::max<int64_t>(1, bytes), 1, 16);
 }
 
+// n samples' weight-shaped tensors as the weight of one grouped convolution: [n * C_out, C_in/groups, kh, kw].
+std::vector<int64_t> grouped_weight_shape(int64_t n, const ConvGeometry& c) {
+  return {n * c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]};
+}
+
 // g_n for samples [start, start + n) as the weight gradient of one grouped convolution:
 // input [1, n*C_in, H, W], grad_output [1, n*C_out, H_out, W_out], groups n*groups ->
 // [n*C_out, C_in/groups, kh, kw] = [n * groups, C_out/groups, patch].
@@ -141,8 +146,7 @@ GradientChunks grouped_gradients(const at::Tensor& input, const at::Tensor& grad
                           const auto image = x.narrow(0, start, n).view({1, n * c.in_channels, c.height, c.width});
                           const auto grad = go.narrow(0, start, n).view(
                               {1, n * c.out_channels, c.out_height, c.out_width});
-                          const auto like_weight = at::empty(
-                              {n * c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]}, x.options());
+                          const auto like_weight = at::empty(grouped_weight_shape(n, c), x.options());
                           const auto grads = at::convolution_backward(
                               grad, image, like_weight, std::nullopt, c.stride, c.padding, c.dilation,
                               /*transposed=*/false, /*output_padding=*/{0, 0}, n * c.groups, {false, true, false});
@@ -162,8 +166,7 @@ WeightedConsumer grouped_to_input(const at::Tensor& left_grad_output, at::Tensor
   }
   return WeightedConsumer{c.in_channels * c.height * c.width, [left, &out, c, output_padding](
                                                                    int64_t start, int64_t n, const at::Tensor& h) {
-                            const auto weight = h.reshape(
-                                {n * c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]});
+                            const auto weight = h.reshape(grouped_weight_shape(n, c));
                             const auto grad = left.narrow(0, start, n).view(
                                 {1, n * c.out_channels, c.out_height, c.out_width});
                             out.narrow(0, start, n)
@@ -179,8 +182,7 @@ WeightedConsumer grouped_to_grad_output(const at::Tensor& left_input, at::Tensor
   const auto left = left_input.contiguous();
   return WeightedConsumer{c.out_channels * c.positions(), [left, &out, c](int64_t start, int64_t n,
                                                                           const at::Tensor& h) {
-                            const auto weight = h.reshape(
-                                {n * c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]});
+                            const auto weight = h.reshape(grouped_weight_shape(n, c));
                             const auto image = left.narrow(0, start, n).view(
                                 {1, n * c.in_channels, c.height, c.width});
                             out.narrow(0, start, n)
