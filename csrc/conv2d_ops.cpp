@@ -150,7 +150,7 @@ GradientChunks grouped_gradients(const at::Tensor& input, const at::Tensor& grad
                           const auto grads = at::convolution_backward(
                               grad, image, like_weight, std::nullopt, c.stride, c.padding, c.dilation,
                               /*transposed=*/false, /*output_padding=*/{0, 0}, n * c.groups, {false, true, false});
-                          return std::get<1>(grads).view({n * c.groups, rows, c.patch()});
+                          return std::get<1>(grads).contiguous().view({n * c.groups, rows, c.patch()});
                         }};
 }
 

@@ -91,18 +91,18 @@ bool fused_cuda_enabled() {
 std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const Factors& G, const Factors* Xb,
                                                          const Factors* Gb, bool with_sum) {
   const bool same = Xb == nullptr;
-  const int64_t N = X.samples, groups = X.groups, T = X.positions, I = X.features, O = G.features;
-  if (T == 1) {
+  if (X.positions == 1) {
     const auto x = by_group(X), g = by_group(G);
     at::Tensor moment = same ? at::bmm(g.square().transpose(1, 2), x.square())
                              : at::bmm((g * by_group(*Gb)).transpose(1, 2), x * by_group(*Xb));
     at::Tensor sum = with_sum ? at::bmm(g.transpose(1, 2), x) : at::Tensor();
     return {moment, sum};
   }
-  at::Tensor moment = at::zeros({groups, O, I}, X.options);
-  at::Tensor sum = with_sum ? at::zeros({groups, O, I}, X.options) : at::Tensor();
 #ifdef GRADVAR_WITH_CUDA
   if (X.options.device().is_cuda() && fused_cuda_enabled()) {  // no [c, O, I] scratch: chunk only unfolding
+    const int64_t N = X.samples, groups = X.groups, I = X.features, O = G.features;
+    at::Tensor moment = at::zeros({groups, O, I}, X.options);
+    at::Tensor sum = with_sum ? at::zeros({groups, O, I}, X.options) : at::Tensor();
     const int64_t chunk = chunk_samples(std::max<int64_t>(1, formed(X) + formed(G) + (same ? 0 : formed(*Xb) + formed(*Gb))), X);
     for (int64_t start = 0; start < N; start += chunk) {
       const int64_t n = std::min(chunk, N - start);
