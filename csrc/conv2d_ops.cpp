@@ -300,15 +300,26 @@ void check_weight(const char* op, const at::Tensor& weight, const at::Tensor& in
   check_float_like(op, weight, "weight", input, "input");
 }
 
+// A defined center, checked like the weight, as [groups, C_out/groups, patch]; else undefined.
+at::Tensor checked_center(const char* op, const std::optional<at::Tensor>& center, const at::Tensor& weight,
+                          const at::Tensor& input, const ConvGeometry& c) {
+  if (!center.has_value() || !center->defined()) return at::Tensor();
+  GRADVAR_CHECK(center->sizes() == weight.sizes(), op, "center must have the weight's shape ", weight.sizes(),
+                ", got ", center->sizes());
+  check_float_like(op, *center, "center", input, "input");
+  return center->reshape({c.groups, c.out_channels / c.groups, c.patch()});
+}
+
 }  // namespace
 
-// to_input: per sample, fold(G_left_n (W * g_n)) -> [N, C_in, H, W], left shaped like grad_output.
-// else:     per sample, X_left_n (W * g_n)^T -> [N, C_out, H_out, W_out], left shaped like input.
+// to_input: per sample, fold(G_left_n h_n) -> [N, C_in, H, W], left shaped like grad_output.
+// else:     per sample, X_left_n h_n^T -> [N, C_out, H_out, W_out], left shaped like input.
+// h_n = W * g_n - center (center, like W, may be undefined).
 at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Tensor& input,
                                             const at::Tensor& grad_output, const at::Tensor& weight,
                                             at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                            bool to_input) {
+                                            bool to_input, const std::optional<at::Tensor>& center) {
   const char* op = "conv2d_weighted_gradient_product";
   const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
                             groups);
@@ -319,18 +330,19 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
   }
   check_float_like(op, left, "left", input, "input");
   check_weight(op, weight, input, c);
+  const auto C = checked_center(op, center, weight, input, c);
   c10::OptionalDeviceGuard guard(input.device());
   const auto W = weight.reshape({c.groups, c.out_channels / c.groups, c.patch()});
   if (use_grouped(op, c, input)) {
     at::Tensor out = at::empty((to_input ? input : grad_output).sizes(), input.options());
-    apply_weighted_gradients(grouped_gradients(input, grad_output, c), W, at::Tensor(),
+    apply_weighted_gradients(grouped_gradients(input, grad_output, c), W, C,
                              {to_input ? grouped_to_input(left, out, c) : grouped_to_grad_output(left, out, c)});
     return out;
   }
   const auto input_patches = patch_factors(input, c);
   if (to_input) {
     at::Tensor out = at::empty(input.sizes(), input.options());
-    weighted_outer_product_apply(position_factors(left, c), input_patches, position_factors(grad_output, c), W,
+    weighted_outer_product_apply(position_factors(left, c), input_patches, position_factors(grad_output, c), W, C,
                                  fold_into(out, c), /*positions_last=*/true);
     return out;
   }
@@ -339,7 +351,8 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
   const auto other_patches = left_is_input ? Factors{} : patch_factors(left, c);
   at::Tensor out = at::empty(grad_output.sizes(), grad_output.options());
   weighted_outer_product_apply(left_is_input ? input_patches : other_patches, position_factors(grad_output, c),
-                               input_patches, W.transpose(1, 2), write_into(out, c), /*positions_last=*/true);
+                               input_patches, W.transpose(1, 2), C.defined() ? C.transpose(1, 2) : C,
+                               write_into(out, c), /*positions_last=*/true);
   return out;
 }
 
@@ -358,15 +371,9 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weighted_gradient_products(
   check_float_like(op, left_grad_output, "left_grad_output", input, "input");
   check_float_like(op, left_input, "left_input", input, "input");
   check_weight(op, weight, input, c);
-  const bool centered = center.has_value() && center->defined();
-  if (centered) {
-    GRADVAR_CHECK(center->sizes() == weight.sizes(), op, "center must have the weight's shape ", weight.sizes(),
-                  ", got ", center->sizes());
-    check_float_like(op, *center, "center", input, "input");
-  }
+  const auto C = checked_center(op, center, weight, input, c);
   c10::OptionalDeviceGuard guard(input.device());
   const auto W = weight.reshape({c.groups, c.out_channels / c.groups, c.patch()});
-  const auto C = centered ? center->reshape({c.groups, c.out_channels / c.groups, c.patch()}) : at::Tensor();
   at::Tensor to_input = at::empty(input.sizes(), input.options());
   at::Tensor to_grad_output = at::empty(grad_output.sizes(), grad_output.options());
   if (use_grouped(op, c, input)) {

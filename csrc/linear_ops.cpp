@@ -80,17 +80,20 @@ at::Tensor linear_cross_moment(const at::Tensor& input, const at::Tensor& grad_o
 }
 
 at::Tensor weighted_gradient_product(const at::Tensor& left, const at::Tensor& input,
-                                     const at::Tensor& grad_output, const at::Tensor& weight) {
+                                     const at::Tensor& grad_output, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& center) {
   const char* op = "weighted_gradient_product";
   check_samples_pair(op, input, "input", grad_output, "grad_output");
   check_same_shape(op, left, "left", grad_output, "grad_output");
   check_float_like(op, left, "left", input, "input");
   check_linear_weight(op, weight, "weight", input, grad_output);
+  const bool centered = center.has_value() && center->defined();
+  if (centered) check_linear_weight(op, *center, "center", input, grad_output);
   c10::OptionalDeviceGuard guard(input.device());
   const auto P = linear_factors(input);
   at::Tensor out = at::empty({P.samples, P.positions, P.features}, input.options());
   weighted_outer_product_apply(linear_factors(left), P, linear_factors(grad_output), weight.unsqueeze(0),
-                               rows_of(out));
+                               centered ? center->unsqueeze(0) : at::Tensor(), rows_of(out));
   return out.view(input.sizes());
 }
 

@@ -274,8 +274,8 @@ static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P
 }
 
 void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Factors& Q, const at::Tensor& W,
-                                  const Sink& sink, bool positions_last) {
-  apply_weighted(Z, nullptr, P, Q, W, at::Tensor(), sink, nullptr, positions_last);
+                                  const at::Tensor& center, const Sink& sink, bool positions_last) {
+  apply_weighted(Z, nullptr, P, Q, W, center, sink, nullptr, positions_last);
 }
 
 void weighted_outer_product_apply_both(const Factors& Z, const Factors& Z2, const Factors& P, const Factors& Q,

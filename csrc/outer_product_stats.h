@@ -72,10 +72,11 @@ at::Tensor variance_from_moments(const Factors& X, const Factors& G);
 at::Tensor variance_of_gradients(const GradientChunks& g);
 // l2[n] = ||G_n^T X_n||_F^2 summed over groups. [N]
 at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G);
-// Per sample and group, Z_n (W * (Q_n^T P_n)): Z, Q [T, a]; P [T, b]; W [groups, a, b]; sent to sink as
-// [.., T, b], or as its transpose [.., b, T] (positions_last: the layout col2im reads).
+// Per sample and group, Z_n (W * (Q_n^T P_n) - center): Z, Q [T, a]; P [T, b]; W, center [groups, a, b]
+// (center may be undefined); sent to sink as [.., T, b], or as its transpose [.., b, T]
+// (positions_last: the layout col2im reads).
 void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Factors& Q, const at::Tensor& W,
-                                  const Sink& sink, bool positions_last = false);
+                                  const at::Tensor& center, const Sink& sink, bool positions_last = false);
 // Both vector-Jacobian products from one h_n = W * (Q_n^T P_n) - center per chunk (center [groups, a, b],
 // may be undefined): Z_n h_n -> sink ([.., T, b]) and Z2_n h_n^T -> sink2 ([.., T, a]), Z2 [T, b]
 // (each transposed when positions_last).
@@ -120,7 +121,8 @@ std::tuple<at::Tensor, at::Tensor> linear_moments(const at::Tensor& input, const
 at::Tensor linear_cross_moment(const at::Tensor& input, const at::Tensor& grad_output,
                                const at::Tensor& other_input, const at::Tensor& other_grad_output);
 at::Tensor weighted_gradient_product(const at::Tensor& left, const at::Tensor& input,
-                                     const at::Tensor& grad_output, const at::Tensor& weight);
+                                     const at::Tensor& grad_output, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& center);
 std::tuple<at::Tensor, at::Tensor> weighted_gradient_products(const at::Tensor& left_grad_output,
                                                               const at::Tensor& left_input, const at::Tensor& input,
                                                               const at::Tensor& grad_output, const at::Tensor& weight,
@@ -145,7 +147,7 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
                                             const at::Tensor& grad_output, const at::Tensor& weight,
                                             at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                            bool to_input);
+                                            bool to_input, const std::optional<at::Tensor>& center);
 std::tuple<at::Tensor, at::Tensor> conv2d_weighted_gradient_products(
     const at::Tensor& left_grad_output, const at::Tensor& left_input, const at::Tensor& input,
     const at::Tensor& grad_output, const at::Tensor& weight, const std::optional<at::Tensor>& center,

@@ -16,8 +16,8 @@ TORCH_LIBRARY(gradvar, m) {
   m.def("linear_batch_l2(Tensor input, Tensor grad_output) -> Tensor");
   // sum_n g_n * h_n, h_n from (other_input, other_grad_output) (backward helper) -> [out, in]
   m.def("linear_cross_moment(Tensor input, Tensor grad_output, Tensor other_input, Tensor other_grad_output) -> Tensor");
-  // left[n] @ (weight * g_n), left [N, *, out], weight [out, in] (backward helper) -> [N, *, in]
-  m.def("weighted_gradient_product(Tensor left, Tensor input, Tensor grad_output, Tensor weight) -> Tensor");
+  // left[n] @ (weight * g_n - center), left [N, *, out], weight, center [out, in] (backward helper) -> [N, *, in]
+  m.def("weighted_gradient_product(Tensor left, Tensor input, Tensor grad_output, Tensor weight, Tensor? center=None) -> Tensor");
   // both VJPs from one h_n = weight * g_n - center: (left_grad_output[n] @ h_n, left_input[n] @ h_n^T) (backward helper)
   m.def("weighted_gradient_products(Tensor left_grad_output, Tensor left_input, Tensor input, Tensor grad_output, Tensor weight, Tensor? center) -> (Tensor, Tensor)");
 
@@ -28,9 +28,9 @@ TORCH_LIBRARY(gradvar, m) {
   m.def("conv2d_moments(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor)");
   m.def("conv2d_batch_l2(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   m.def("conv2d_cross_moment(Tensor input, Tensor grad_output, Tensor other_input, Tensor other_grad_output, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
-  // to_input: fold(left[n] @ (weight * g_n)), left like grad_output -> like input;
-  // else: unfold(left[n]) @ (weight * g_n)^T, left like input -> like grad_output (backward helper)
-  m.def("conv2d_weighted_gradient_product(Tensor left, Tensor input, Tensor grad_output, Tensor weight, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups, bool to_input) -> Tensor");
+  // to_input: fold(left[n] @ h_n), left like grad_output -> like input; else: unfold(left[n]) @ h_n^T,
+  // left like input -> like grad_output; h_n = weight * g_n - center (backward helper)
+  m.def("conv2d_weighted_gradient_product(Tensor left, Tensor input, Tensor grad_output, Tensor weight, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups, bool to_input, Tensor? center=None) -> Tensor");
   // both of the above from one h_n = weight * g_n - center: (to_input with left_grad_output, to grad_output with left_input)
   m.def("conv2d_weighted_gradient_products(Tensor left_grad_output, Tensor left_input, Tensor input, Tensor grad_output, Tensor weight, Tensor? center, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor)");
 }

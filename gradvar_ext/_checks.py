@@ -72,14 +72,21 @@ def check_cross_moment(op: str, input, grad_output, other_input, other_grad_outp
     check_float_like(op, other_grad_output, "other_grad_output", input, "input")
 
 
-def check_weighted_gradient_product(op: str, left, input, grad_output, weight) -> None:
+def check_weighted_gradient_product(op: str, left, input, grad_output, weight, center=None) -> None:
     check_samples_pair(op, input, "input", grad_output, "grad_output")
     check_same_shape(op, left, "left", grad_output, "grad_output")
     check_float_like(op, left, "left", input, "input")
+    _check_linear_weights(op, input, grad_output, weight, center)
+
+
+def _check_linear_weights(op: str, input, grad_output, weight, center) -> None:
     expected = [grad_output.shape[-1], input.shape[-1]]
-    if weight.dim() != 2 or list(weight.shape) != expected:
-        fail(op, f"weight must have shape [out, in] = {expected}, got {list(weight.shape)}")
-    check_float_like(op, weight, "weight", input, "input")
+    for t, name in ((weight, "weight"), (center, "center")):
+        if t is None:
+            continue
+        if t.dim() != 2 or list(t.shape) != expected:
+            fail(op, f"{name} must have shape [out, in] = {expected}, got {list(t.shape)}")
+        check_float_like(op, t, name, input, "input")
 
 
 def check_weighted_gradient_products(op: str, left_grad_output, left_input, input, grad_output, weight, center):
@@ -88,13 +95,7 @@ def check_weighted_gradient_products(op: str, left_grad_output, left_input, inpu
     check_same_shape(op, left_input, "left_input", input, "input")
     check_float_like(op, left_grad_output, "left_grad_output", input, "input")
     check_float_like(op, left_input, "left_input", input, "input")
-    expected = [grad_output.shape[-1], input.shape[-1]]
-    for t, name in ((weight, "weight"), (center, "center")):
-        if t is None:
-            continue
-        if t.dim() != 2 or list(t.shape) != expected:
-            fail(op, f"{name} must have shape [out, in] = {expected}, got {list(t.shape)}")
-        check_float_like(op, t, name, input, "input")
+    _check_linear_weights(op, input, grad_output, weight, center)
 
 
 def check_conv(op: str, input, input_name, grad_output, grad_name, kernel_size, stride, padding, dilation, groups):
@@ -151,8 +152,7 @@ def check_conv_cross_moment(op, input, grad_output, other_input, other_grad_outp
     return shape
 
 
-def check_conv_weighted_gradient_product(op, left, input, grad_output, weight, *conv_and_to_input):
-    *conv, to_input = conv_and_to_input
+def check_conv_weighted_gradient_product(op, left, input, grad_output, weight, *conv, to_input, center=None):
     shape = check_conv(op, input, "input", grad_output, "grad_output", *conv)
     if to_input:
         check_same_shape(op, left, "left (to_input=True)", grad_output, "grad_output")
@@ -160,6 +160,14 @@ def check_conv_weighted_gradient_product(op, left, input, grad_output, weight, *
         check_same_shape(op, left, "left (to_input=False)", input, "input")
     check_float_like(op, left, "left", input, "input")
     check_conv_weight(op, weight, input, shape)
+    check_conv_center(op, center, weight, input)
+
+
+def check_conv_center(op, center, weight, input) -> None:
+    if center is not None:
+        if list(center.shape) != list(weight.shape):
+            fail(op, f"center must have the weight's shape {list(weight.shape)}, got {list(center.shape)}")
+        check_float_like(op, center, "center", input, "input")
 
 
 def check_conv_weight(op, weight, input, shape) -> None:
@@ -170,10 +178,7 @@ def check_conv_weight(op, weight, input, shape) -> None:
 
 def check_conv_weighted_gradient_products(op, left_grad_output, left_input, input, grad_output, weight, center, *conv):
     shape = check_conv(op, input, "input", grad_output, "grad_output", *conv)
-    if center is not None:
-        if list(center.shape) != list(weight.shape):
-            fail(op, f"center must have the weight's shape {list(weight.shape)}, got {list(center.shape)}")
-        check_float_like(op, center, "center", input, "input")
+    check_conv_center(op, center, weight, input)
     check_same_shape(op, left_grad_output, "left_grad_output", grad_output, "grad_output")
     check_same_shape(op, left_input, "left_input", input, "input")
     check_float_like(op, left_grad_output, "left_grad_output", input, "input")

@@ -27,7 +27,8 @@ SCHEMAS = {
     "linear_batch_l2": "(Tensor input, Tensor grad_output) -> Tensor",
     "linear_moments": "(Tensor input, Tensor grad_output) -> (Tensor, Tensor)",
     "linear_cross_moment": "(Tensor input, Tensor grad_output, Tensor other_input, Tensor other_grad_output) -> Tensor",
-    "weighted_gradient_product": "(Tensor left, Tensor input, Tensor grad_output, Tensor weight) -> Tensor",
+    "weighted_gradient_product": "(Tensor left, Tensor input, Tensor grad_output, Tensor weight, "
+    "Tensor? center=None) -> Tensor",
     "weighted_gradient_products": "(Tensor left_grad_output, Tensor left_input, Tensor input, Tensor grad_output, "
     "Tensor weight, Tensor? center) -> (Tensor, Tensor)",
     **{
@@ -38,7 +39,7 @@ SCHEMAS = {
     "conv2d_cross_moment": "(Tensor input, Tensor grad_output, Tensor other_input, Tensor other_grad_output, "
     f"{_CONV}) -> Tensor",
     "conv2d_weighted_gradient_product": "(Tensor left, Tensor input, Tensor grad_output, Tensor weight, "
-    f"{_CONV}, bool to_input) -> Tensor",
+    f"{_CONV}, bool to_input, Tensor? center=None) -> Tensor",
     "conv2d_weighted_gradient_products": "(Tensor left_grad_output, Tensor left_input, Tensor input, "
     f"Tensor grad_output, Tensor weight, Tensor? center, {_CONV}) -> (Tensor, Tensor)",
 }

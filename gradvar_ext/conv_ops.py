@@ -61,11 +61,12 @@ def _(input, grad_output, other_input, other_grad_output, *conv):
 
 
 @torch.library.register_fake("gradvar::conv2d_weighted_gradient_product")
-def _(left, input, grad_output, weight, *conv_and_to_input):
+def _(left, input, grad_output, weight, kernel_size, stride, padding, dilation, groups, to_input, center=None):
+    conv = (kernel_size, stride, padding, dilation, groups)
     _checks.check_conv_weighted_gradient_product(
-        "conv2d_weighted_gradient_product", left, input, grad_output, weight, *conv_and_to_input
+        "conv2d_weighted_gradient_product", left, input, grad_output, weight, *conv, to_input=to_input, center=center
     )
-    return input.new_empty(input.shape if conv_and_to_input[-1] else grad_output.shape)
+    return input.new_empty(input.shape if to_input else grad_output.shape)
 
 
 @torch.library.register_fake("gradvar::conv2d_weighted_gradient_products")
@@ -83,24 +84,19 @@ def _saver(n_tensors: int):
     def save(ctx, inputs, output) -> None:
         ctx.save_for_backward(*inputs[:n_tensors])
         ctx.conv = tuple(inputs[n_tensors : n_tensors + 5])  # kernel_size, stride, padding, dilation, groups
-        ctx.flags = tuple(inputs[n_tensors + 5 :])  # to_input, for the weighted product
 
     return save
 
 
-def _conv_input_grad(grad, weight, input_shape, conv):
-    """The input gradient of a conv with weight `weight` for output gradient `grad` (a transposed conv)."""
-    kernel_size, stride, padding, dilation, groups = conv
-    output_padding = [
-        input_shape[2 + d]
-        - ((grad.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (kernel_size[d] - 1) + 1)
-        for d in range(2)
-    ]
-    return F.conv_transpose2d(grad, weight, None, stride, padding, output_padding, groups, dilation)
+def _save_product(ctx, inputs, output) -> None:
+    """setup_context of conv2d_weighted_gradient_product(left, x, go, weight, *conv, to_input, center)."""
+    left, x, go, weight, *conv, to_input, center = inputs
+    ctx.save_for_backward(left, x, go, weight, center)
+    ctx.conv, ctx.to_input = tuple(conv), to_input
 
 
-def _wgp(left, x, go, weight, conv, to_input):
-    return _ops.conv2d_weighted_gradient_product(left, x, go, weight, *conv, to_input)
+def _wgp(left, x, go, weight, conv, to_input, center=None):
+    return _ops.conv2d_weighted_gradient_product(left, x, go, weight, *conv, to_input, center)
 
 
 def _no_grads_for(conv, flags=()):
@@ -111,11 +107,8 @@ def _both_products(x, go, weight, conv, need, center=None):
     """fold(go_n (W * g_n - C)) and unfold(x)_n (W * g_n - C)^T, as needed: one pass when both are."""
     if need[0] and need[1]:
         return _ops.conv2d_weighted_gradient_products(go, x, x, go, weight, center, *conv)
-    to_x = _wgp(go, x, go, weight, conv, True) if need[0] else None
-    to_go = _wgp(x, x, go, weight, conv, False) if need[1] else None
-    if center is not None:  # the center's part: a transposed conv / a conv with weight C
-        to_x = to_x - _conv_input_grad(go, center, x.shape, conv) if need[0] else None
-        to_go = to_go - F.conv2d(x, center, None, *conv[1:4], conv[4]) if need[1] else None
+    to_x = _wgp(go, x, go, weight, conv, True, center) if need[0] else None
+    to_go = _wgp(x, x, go, weight, conv, False, center) if need[1] else None
     return to_x, to_go
 
 
@@ -173,36 +166,53 @@ def _cross_moment_backward(ctx, grad):
     )
 
 
-def _product_vjp(left, x, go, weight, conv, to_input, grad, need):
-    """Gradients w.r.t. (left, x, go, weight) of <grad, conv2d_weighted_gradient_product(left, x, go,
-    weight, to_input)>, each written with the same two conv ops; None where need is False."""
+def _product_vjp(left, x, go, weight, center, conv, to_input, grad, need):
+    """Gradients w.r.t. (left, x, go, weight, center) of <grad, conv2d_weighted_gradient_product(left, x,
+    go, weight, to_input, center)>, written with the library's conv ops; None where need is False.
+    With h_n = W * g_n - C, the center's own gradient is -(the weight gradient of a conv from
+    left to grad, or from grad to left)."""
     cross = _ops.conv2d_cross_moment
+    to_center = None
     if to_input:  # grad is shaped like x
+        if center is not None and need[4]:
+            to_center = -torch.nn.grad.conv2d_weight(grad, center.shape, left, *conv[1:4], conv[4])
         return (
-            _wgp(grad, x, go, weight, conv, False) if need[0] else None,
+            _wgp(grad, x, go, weight, conv, False, center) if need[0] else None,
             _wgp(go, grad, left, weight, conv, True) if need[1] else None,
             _wgp(x, grad, left, weight, conv, False) if need[2] else None,
             cross(grad, left, x, go, *conv) if need[3] else None,
+            to_center,
         )
-    return (  # grad is shaped like go
-        _wgp(grad, x, go, weight, conv, True) if need[0] else None,
+    if center is not None and need[4]:  # grad is shaped like go
+        to_center = -torch.nn.grad.conv2d_weight(left, center.shape, grad, *conv[1:4], conv[4])
+    return (
+        _wgp(grad, x, go, weight, conv, True, center) if need[0] else None,
         _wgp(go, left, grad, weight, conv, True) if need[1] else None,
         _wgp(x, left, grad, weight, conv, False) if need[2] else None,
         cross(left, grad, x, go, *conv) if need[3] else None,
+        to_center,
     )
 
 
 def _weighted_gradient_product_backward(ctx, grad):
-    left, x, go, weight = ctx.saved_tensors
-    (to_input,) = ctx.flags
-    grads = _product_vjp(left, x, go, weight, ctx.conv, to_input, grad, ctx.needs_input_grad)
-    return (*grads, *_no_grads_for(ctx.conv, ctx.flags))
+    left, x, go, weight, center = ctx.saved_tensors
+    grads = _product_vjp(
+        left,
+        x,
+        go,
+        weight,
+        center,
+        ctx.conv,
+        ctx.to_input,
+        grad,
+        ctx.needs_input_grad[:4] + (ctx.needs_input_grad[-1],),
+    )
+    return (*grads[:4], *_no_grads_for(ctx.conv, (ctx.to_input,)), grads[4])
 
 
 def _weighted_gradient_products_backward(ctx, grad_to_x, grad_to_go):
-    # The two single-output products' backwards (to_input with left_grad_output, to grad_output
-    # with left_input), summed, plus the center's part: the products subtract
-    # conv_transpose(left_grad_output, C) and conv2d(left_input, C), plain torch convs.
+    # The two single products' backwards, summed: (to_input with left_grad_output, to grad_output
+    # with left_input), both with h_n = W * g_n - C.
     left_go, left_x, x, go, weight, center = ctx.saved_tensors
     need, conv = ctx.needs_input_grad, ctx.conv
     grads = [None] * 6
@@ -212,30 +222,12 @@ def _weighted_gradient_products_backward(ctx, grad_to_x, grad_to_go):
             if value is not None:
                 grads[i] = value if grads[i] is None else grads[i] + value
 
-    if grad_to_x is not None:  # shaped like x
-        add((0, 2, 3, 4), _product_vjp(left_go, x, go, weight, conv, True, grad_to_x, [need[i] for i in (0, 2, 3, 4)]))
-        if center is not None:
-            add((0,), (-F.conv2d(grad_to_x, center, None, *conv[1:4], conv[4]) if need[0] else None,))
-            add(
-                (5,),
-                (
-                    -torch.nn.grad.conv2d_weight(grad_to_x, center.shape, left_go, *conv[1:4], conv[4])
-                    if need[5]
-                    else None,
-                ),
-            )
-    if grad_to_go is not None:  # shaped like go
-        add((1, 2, 3, 4), _product_vjp(left_x, x, go, weight, conv, False, grad_to_go, [need[i] for i in (1, 2, 3, 4)]))
-        if center is not None:
-            add((1,), (-_conv_input_grad(grad_to_go, center, left_x.shape, conv) if need[1] else None,))
-            add(
-                (5,),
-                (
-                    -torch.nn.grad.conv2d_weight(left_x, center.shape, grad_to_go, *conv[1:4], conv[4])
-                    if need[5]
-                    else None,
-                ),
-            )
+    for grad, left, to_input, order in (
+        (grad_to_x, left_go, True, (0, 2, 3, 4, 5)),
+        (grad_to_go, left_x, False, (1, 2, 3, 4, 5)),
+    ):
+        if grad is not None:
+            add(order, _product_vjp(left, x, go, weight, center, conv, to_input, grad, [need[i] for i in order]))
     return (*grads, *_no_grads_for(conv))
 
 
@@ -245,10 +237,12 @@ for _name, _backward, _tensor_args in (
     ("conv2d_moments", _moments_backward, 2),
     ("conv2d_batch_l2", _batch_l2_backward, 2),
     ("conv2d_cross_moment", _cross_moment_backward, 4),
-    ("conv2d_weighted_gradient_product", _weighted_gradient_product_backward, 4),
     ("conv2d_weighted_gradient_products", _weighted_gradient_products_backward, 6),
 ):
     torch.library.register_autograd(f"gradvar::{_name}", _backward, setup_context=_saver(_tensor_args))
+torch.library.register_autograd(
+    "gradvar::conv2d_weighted_gradient_product", _weighted_gradient_product_backward, setup_context=_save_product
+)
 
 
 # ---------------------------------------------------------------- argument resolution

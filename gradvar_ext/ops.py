@@ -64,8 +64,8 @@ def _(input: Tensor, grad_output: Tensor, other_input: Tensor, other_grad_output
 
 
 @torch.library.register_fake("gradvar::weighted_gradient_product")
-def _(left: Tensor, input: Tensor, grad_output: Tensor, weight: Tensor) -> Tensor:
-    _checks.check_weighted_gradient_product("weighted_gradient_product", left, input, grad_output, weight)
+def _(left: Tensor, input: Tensor, grad_output: Tensor, weight: Tensor, center: Tensor | None = None) -> Tensor:
+    _checks.check_weighted_gradient_product("weighted_gradient_product", left, input, grad_output, weight, center)
     return input.new_empty(input.shape)
 
 
@@ -87,14 +87,13 @@ def _both_products(x: Tensor, g: Tensor, weight: Tensor, center: Tensor | None, 
     of sum_n <weight, g_n^2> / 2 - <center, g_n>. One pass over g_n when both are needed."""
     if need[0] and need[1]:
         return _ops.weighted_gradient_products(g, x, x, g, weight, center)
-    grad_x = grad_g = None
-    if need[0]:
-        grad_x = _ops.weighted_gradient_product(g, x, g, weight)
-        grad_x = grad_x if center is None else grad_x - g @ center
-    if need[1]:
-        grad_g = _ops.weighted_gradient_product(x, g, x, weight.t())
-        grad_g = grad_g if center is None else grad_g - x @ center.t()
+    grad_x = _ops.weighted_gradient_product(g, x, g, weight, center) if need[0] else None
+    grad_g = _ops.weighted_gradient_product(x, g, x, weight.t(), _t(center)) if need[1] else None
     return grad_x, grad_g
+
+
+def _t(matrix: Tensor | None) -> Tensor | None:
+    return None if matrix is None else matrix.t()
 
 
 def _second_moment_backward(ctx, grad: Tensor):
@@ -148,12 +147,13 @@ def _cross_moment_backward(ctx, grad: Tensor):
 
 
 def _weighted_gradient_product_backward(ctx, grad: Tensor):
-    z, p, q, w = ctx.saved_tensors
-    return _product_vjp(z, p, q, w, grad, ctx.needs_input_grad)
+    z, p, q, w, c = ctx.saved_tensors
+    return _product_vjp(z, p, q, w, c, grad, ctx.needs_input_grad)
 
 
 def _weighted_gradient_products_backward(ctx, grad_to_x: Tensor | None, grad_to_go: Tensor | None):
-    # out1 = wgp(left_go, x, go, W) - left_go @ C;  out2 = wgp(left_x, go, x, W^T) - left_x @ C^T
+    # The two single products' backwards, summed:
+    # out1 = weighted_gradient_product(left_go, x, go, W, C), out2 = weighted_gradient_product(left_x, go, x, W^T, C^T)
     left_go, left_x, x, go, weight, center = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads: list = [None] * 6
@@ -164,30 +164,27 @@ def _weighted_gradient_products_backward(ctx, grad_to_x: Tensor | None, grad_to_
                 grads[i] = value if grads[i] is None else grads[i] + value
 
     if grad_to_x is not None:  # shaped like x
-        add((0, 2, 3, 4), _product_vjp(left_go, x, go, weight, grad_to_x, [need[i] for i in (0, 2, 3, 4)]))
-        if center is not None:
-            to_center = -(_flat(left_go).t() @ _flat(grad_to_x)) if need[5] else None
-            add((0, 5), (-(grad_to_x @ center.t()) if need[0] else None, to_center))
+        order = (0, 2, 3, 4, 5)
+        add(order, _product_vjp(left_go, x, go, weight, center, grad_to_x, [need[i] for i in order]))
     if grad_to_go is not None:  # shaped like go
-        to_left, to_go, to_x, to_wt = _product_vjp(
-            left_x, go, x, weight.t(), grad_to_go, [need[i] for i in (1, 3, 2, 4)]
+        order = (1, 3, 2, 4, 5)
+        to_left, to_go, to_x, to_wt, to_ct = _product_vjp(
+            left_x, go, x, weight.t(), _t(center), grad_to_go, [need[i] for i in order]
         )
-        add((1, 3, 2, 4), (to_left, to_go, to_x, None if to_wt is None else to_wt.t()))
-        if center is not None:
-            to_center = -(_flat(grad_to_go).t() @ _flat(left_x)) if need[5] else None
-            add((1, 5), (-(grad_to_go @ center) if need[1] else None, to_center))
+        add(order, (to_left, to_go, to_x, _t(to_wt), _t(to_ct)))
     return tuple(grads)
 
 
-def _product_vjp(z: Tensor, p: Tensor, q: Tensor, w: Tensor, grad: Tensor, need) -> tuple:
-    """Gradients w.r.t. (z, p, q, w) of <grad, weighted_gradient_product(z, p, q, w)>, None where
-    need is False. out_n = Z_n (W * Q_n^T P_n); L = sum_n <U_n, out_n> = sum_n <W * (Z_n^T U_n), Q_n^T P_n>."""
+def _product_vjp(z: Tensor, p: Tensor, q: Tensor, w: Tensor, c: Tensor | None, grad: Tensor, need) -> tuple:
+    """Gradients w.r.t. (z, p, q, w, c) of <grad, weighted_gradient_product(z, p, q, w, c)>, None where
+    need is False. out_n = Z_n (W * Q_n^T P_n - C); L = sum_n <W * (Z_n^T U_n), Q_n^T P_n> - <C, sum_n Z_n^T U_n>."""
     wgp = _ops.weighted_gradient_product
     return (
-        wgp(grad, q, p, w.t()) if need[0] else None,  # U_n (W * Q_n^T P_n)^T
+        wgp(grad, q, p, w.t(), _t(c)) if need[0] else None,  # U_n (W * Q_n^T P_n - C)^T
         wgp(q, grad, z, w) if need[1] else None,  # Q_n (W * Z_n^T U_n)
         wgp(p, z, grad, w.t()) if need[2] else None,  # P_n (W * Z_n^T U_n)^T
         _ops.linear_cross_moment(grad, z, p, q) if need[3] else None,  # sum_n (Z_n^T U_n) * (Q_n^T P_n)
+        -(_flat(z).t() @ _flat(grad)) if c is not None and need[4] else None,  # -sum_n Z_n^T U_n
     )
 
 

@@ -56,10 +56,16 @@ def linear_cross_moment(
 
 
 def weighted_gradient_product(
-    left: torch.Tensor, input: torch.Tensor, grad_output: torch.Tensor, weight: torch.Tensor
+    left: torch.Tensor,
+    input: torch.Tensor,
+    grad_output: torch.Tensor,
+    weight: torch.Tensor,
+    center: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _checks.check_weighted_gradient_product("weighted_gradient_product", left, input, grad_output, weight)
+    _checks.check_weighted_gradient_product("weighted_gradient_product", left, input, grad_output, weight, center)
     h = weight * per_sample_gradients(input, grad_output)
+    if center is not None:
+        h = h - center
     return torch.einsum("nto,noi->nti", _as_samples(left), h).reshape(input.shape)
 
 
@@ -150,13 +156,15 @@ def _apply_weighted(left, input, grad_output, h, conv, to_input):
 
 
 def conv2d_weighted_gradient_product(
-    left, input, grad_output, weight, kernel_size, stride, padding, dilation, groups, to_input
+    left, input, grad_output, weight, kernel_size, stride, padding, dilation, groups, to_input, center=None
 ):
     conv = (kernel_size, stride, padding, dilation, groups)
     _checks.check_conv_weighted_gradient_product(
-        "conv2d_weighted_gradient_product", left, input, grad_output, weight, *conv, to_input
+        "conv2d_weighted_gradient_product", left, input, grad_output, weight, *conv, to_input=to_input, center=center
     )
     h = weight * conv2d_per_sample_gradients(input, grad_output, *conv)
+    if center is not None:
+        h = h - center
     return _apply_weighted(left, input, grad_output, h, conv, to_input)
 
 

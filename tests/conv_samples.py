@@ -73,7 +73,8 @@ class ConvCase:
         if op == "conv2d_weighted_gradient_product":
             weight = torch.randn(self.c_out, self.c_in // self.groups, *self.kernel, dtype=dtype, device=device)
             left = grad() if self.to_input else image()
-            return (left, x, go, weight.requires_grad_(requires_grad), *self.conv, self.to_input)
+            center = torch.randn_like(weight).requires_grad_(requires_grad)
+            return (left, x, go, weight.requires_grad_(requires_grad), *self.conv, self.to_input, center)
         return (x, go, *self.conv)
 
 
@@ -108,12 +109,16 @@ def check_gradients_and_opcheck(op: str, case: ConvCase, device: str) -> None:
     """gradcheck + gradgradcheck in float64 over the op's tensor arguments, and opcheck."""
     torch.manual_seed(3)
     args = case.args(op, torch.float64, device=device, requires_grad=True)
-    n_tensors = sum(isinstance(a, torch.Tensor) for a in args)
+    where = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]  # tensors may follow the conv
     op_fn = getattr(torch.ops.gradvar, op)
 
     def fn(*tensors):
-        return op_fn(*tensors, *args[n_tensors:])
+        full = list(args)
+        for i, t in zip(where, tensors):
+            full[i] = t
+        return op_fn(*full)
 
-    assert torch.autograd.gradcheck(fn, args[:n_tensors])
-    assert torch.autograd.gradgradcheck(fn, args[:n_tensors])
+    tensors = tuple(args[i] for i in where)
+    assert torch.autograd.gradcheck(fn, tensors)
+    assert torch.autograd.gradgradcheck(fn, tensors)
     torch.library.opcheck(op_fn.default, args)

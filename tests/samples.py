@@ -43,7 +43,8 @@ def op_args(op: str, n, middle, fin, fout, dtype, device, contiguous=True, requi
         return x, g, make(fin), make(fout)
     if op == "weighted_gradient_product":
         weight = randn((fout, fin), dtype, device, contiguous, requires_grad)
-        return make(fout), x, g, weight
+        center = randn((fout, fin), dtype, device, contiguous, requires_grad)
+        return make(fout), x, g, weight, center
     if op == "weighted_gradient_products":
         weight = randn((fout, fin), dtype, device, contiguous, requires_grad)
         center = randn((fout, fin), dtype, device, contiguous, requires_grad)

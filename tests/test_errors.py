@@ -71,6 +71,12 @@ BAD_INPUTS = [
         "weight has dtype",
     ),
     (
+        "weighted_gradient_product",
+        (t(4, 3), t(4, 5), t(4, 3), t(3, 5), t(5, 3)),
+        ValueError,
+        "center must have shape [out, in] = [3, 5], got [5, 3]",
+    ),
+    (
         "weighted_gradient_products",
         (t(4, 3), t(4, 5), t(4, 5), t(4, 3), t(3, 5), t(5, 3)),
         ValueError,
