@@ -3,7 +3,7 @@
 Every backward is written with ops of the same library,
 
     linear_cross_moment(X, G, Xb, Gb)      = sum_n (G_n^T X_n) * (Gb_n^T Xb_n)
-    weighted_gradient_product(Z, P, Q, W)  = Z_n (W * (Q_n^T P_n))            (per sample n)
+    weighted_gradient_product(Z, P, Q, W, C) = Z_n (W * (Q_n^T P_n) - C)    (per sample n; C optional)
     weighted_gradient_products(Z, Z2, X, G, W, C) = both Z_n h_n and Z2_n h_n^T, h_n = W * g_n - C
 
 (the last one: the statistics' backward in one pass over g_n), and the backward of each of
@@ -278,10 +278,13 @@ def linear_cross_moment(input: Tensor, grad_output: Tensor, other_input: Tensor,
     return _ops.linear_cross_moment(input, grad_output, other_input, other_grad_output)
 
 
-def weighted_gradient_product(left: Tensor, input: Tensor, grad_output: Tensor, weight: Tensor) -> Tensor:
-    """Per sample, ``left[n] @ (weight * g_n)``: ``left`` ``[N, *, out]``, ``weight`` ``[out, in]``,
-    result shaped like ``input`` ``[N, *, in]``. The vector-Jacobian product of the statistics."""
-    return _ops.weighted_gradient_product(left, input, grad_output, weight)
+def weighted_gradient_product(
+    left: Tensor, input: Tensor, grad_output: Tensor, weight: Tensor, center: Tensor | None = None
+) -> Tensor:
+    """Per sample, ``left[n] @ (weight * g_n - center)``: ``left`` ``[N, *, out]``, ``weight`` and
+    ``center`` (optional) ``[out, in]``, result shaped like ``input`` ``[N, *, in]``. The
+    vector-Jacobian product of the statistics."""
+    return _ops.weighted_gradient_product(left, input, grad_output, weight, center)
 
 
 def _ones_input(op: str, grad_output: Tensor) -> Tensor:
