@@ -281,6 +281,13 @@ def main() -> int:
         "total variance w.r.t. all parameters (double backward)",
     )
     parser.add_argument("--json", default=None, help="output path (default benchmarks/results/<device>-<job>.json)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every method this many times per workload, in rotating order, and report the "
+        "median of the rounds' medians (a machine whose speed drifts biases one pass per method)",
+    )
     args = parser.parse_args()
     methods = args.methods or [m for m in METHODS if m != "gradvar-fused" or args.device == "cuda"]
     repeats = 3 if args.quick else 7
@@ -288,19 +295,25 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for workload in args.workloads:
             measured = {}
-            for method in ["loop"] + [m for m in methods if m != "loop"]:
-                if method in OPTIONAL:
-                    try:
-                        __import__(OPTIONAL[method])
-                    except ImportError:
-                        measured[method] = {"error": "not installed"}
+            order = ["loop"] + [m for m in methods if m != "loop"]
+            for round_ in range(args.rounds):
+                for method in order[round_ % len(order) :] + order[: round_ % len(order)]:
+                    if method in OPTIONAL:
+                        try:
+                            __import__(OPTIONAL[method])
+                        except ImportError:
+                            measured[method] = {"error": "not installed"}
+                            continue
+                    if "error" in measured.get(method, {}):
                         continue
-                measured[method] = measure(method, workload, args.device, repeats, tmp, args.job)
-                print(
-                    f"{workload:>12} {method:>14}: "
-                    + (measured[method].get("error") or f"{measured[method]['median_ms']:.2f} ms"),
-                    flush=True,
-                )
+                    r = measure(method, workload, args.device, repeats, tmp, args.job)
+                    if "error" in r or method not in measured:
+                        measured[method] = dict(r, round_ms=[r.get("median_ms")])
+                    else:
+                        measured[method]["round_ms"].append(r["median_ms"])
+                        measured[method]["median_ms"] = statistics.median(measured[method]["round_ms"])
+                    print(f"{workload:>12} {method:>14}: " + (r.get("error") or f"{r['median_ms']:.2f} ms"), flush=True)
+            measured = {m: measured[m] for m in order if m in measured}
             truth = measured["loop"].get("values")
             results["workloads"][workload] = {}
             for method, r in measured.items():
@@ -316,6 +329,7 @@ def main() -> int:
                 rows.append(f"| {workload} | {method} | {r['median_ms']:.2f} | {r['peak_mb']:.1f} | {ok} |")
                 results["workloads"][workload][method] = {
                     "median_ms": r["median_ms"],
+                    "round_ms": r["round_ms"],
                     "peak_mb": r["peak_mb"],
                     "matches_loop": ok,
                 }
