@@ -52,4 +52,13 @@ inline void check_same_shape(const char* op, const at::Tensor& t, const char* na
                 like.sizes(), ", got ", t.sizes());
 }
 
+// A second (input, grad_output) pair of an op: shaped like input / grad_output, float like input.
+inline void check_pair_like(const char* op, const at::Tensor& x, const char* x_name, const at::Tensor& g,
+                            const char* g_name, const at::Tensor& input, const at::Tensor& grad_output) {
+  check_same_shape(op, x, x_name, input, "input");
+  check_same_shape(op, g, g_name, grad_output, "grad_output");
+  check_float_like(op, x, x_name, input, "input");
+  check_float_like(op, g, g_name, input, "input");
+}
+
 }  // namespace gradvar

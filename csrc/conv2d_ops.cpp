@@ -252,10 +252,7 @@ at::Tensor conv2d_cross_moment(const at::Tensor& input, const at::Tensor& grad_o
   const char* op = "conv2d_cross_moment";
   const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
                             groups);
-  check_same_shape(op, other_input, "other_input", input, "input");
-  check_same_shape(op, other_grad_output, "other_grad_output", grad_output, "grad_output");
-  check_float_like(op, other_input, "other_input", input, "input");
-  check_float_like(op, other_grad_output, "other_grad_output", input, "input");
+  check_pair_like(op, other_input, "other_input", other_grad_output, "other_grad_output", input, grad_output);
   c10::OptionalDeviceGuard guard(input.device());
   if (use_grouped(op, c, input)) {
     const auto gb = grouped_gradients(other_input, other_grad_output, c);
@@ -366,10 +363,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weighted_gradient_products(
   const char* op = "conv2d_weighted_gradient_products";
   const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
                             groups);
-  check_same_shape(op, left_grad_output, "left_grad_output", grad_output, "grad_output");
-  check_same_shape(op, left_input, "left_input", input, "input");
-  check_float_like(op, left_grad_output, "left_grad_output", input, "input");
-  check_float_like(op, left_input, "left_input", input, "input");
+  check_pair_like(op, left_input, "left_input", left_grad_output, "left_grad_output", input, grad_output);
   check_weight(op, weight, input, c);
   const auto C = checked_center(op, center, weight, input, c);
   c10::OptionalDeviceGuard guard(input.device());

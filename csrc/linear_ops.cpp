@@ -69,10 +69,7 @@ at::Tensor linear_cross_moment(const at::Tensor& input, const at::Tensor& grad_o
                                const at::Tensor& other_input, const at::Tensor& other_grad_output) {
   const char* op = "linear_cross_moment";
   check_samples_pair(op, input, "input", grad_output, "grad_output");
-  check_same_shape(op, other_input, "other_input", input, "input");
-  check_same_shape(op, other_grad_output, "other_grad_output", grad_output, "grad_output");
-  check_float_like(op, other_input, "other_input", input, "input");
-  check_float_like(op, other_grad_output, "other_grad_output", input, "input");
+  check_pair_like(op, other_input, "other_input", other_grad_output, "other_grad_output", input, grad_output);
   c10::OptionalDeviceGuard guard(input.device());
   const auto Xb = linear_factors(other_input), Gb = linear_factors(other_grad_output);
   return weight_of_group(std::get<0>(
@@ -105,10 +102,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_gradient_products(const at::Tensor& 
                                                               const std::optional<at::Tensor>& center) {
   const char* op = "weighted_gradient_products";
   check_samples_pair(op, input, "input", grad_output, "grad_output");
-  check_same_shape(op, left_grad_output, "left_grad_output", grad_output, "grad_output");
-  check_same_shape(op, left_input, "left_input", input, "input");
-  check_float_like(op, left_grad_output, "left_grad_output", input, "input");
-  check_float_like(op, left_input, "left_input", input, "input");
+  check_pair_like(op, left_input, "left_input", left_grad_output, "left_grad_output", input, grad_output);
   check_linear_weight(op, weight, "weight", input, grad_output);
   const bool centered = center.has_value() && center->defined();
   if (centered) check_linear_weight(op, *center, "center", input, grad_output);

@@ -64,12 +64,17 @@ def check_same_shape(op: str, t: torch.Tensor, name: str, like: torch.Tensor, li
         fail(op, f"{name} must have the shape of {like_name} {list(like.shape)}, got {list(t.shape)}")
 
 
+def check_pair_like(op: str, x, x_name: str, g, g_name: str, input, grad_output) -> None:
+    """A second (input, grad_output) pair of an op: shaped like input / grad_output, float like input."""
+    check_same_shape(op, x, x_name, input, "input")
+    check_same_shape(op, g, g_name, grad_output, "grad_output")
+    check_float_like(op, x, x_name, input, "input")
+    check_float_like(op, g, g_name, input, "input")
+
+
 def check_cross_moment(op: str, input, grad_output, other_input, other_grad_output) -> None:
     check_samples_pair(op, input, "input", grad_output, "grad_output")
-    check_same_shape(op, other_input, "other_input", input, "input")
-    check_same_shape(op, other_grad_output, "other_grad_output", grad_output, "grad_output")
-    check_float_like(op, other_input, "other_input", input, "input")
-    check_float_like(op, other_grad_output, "other_grad_output", input, "input")
+    check_pair_like(op, other_input, "other_input", other_grad_output, "other_grad_output", input, grad_output)
 
 
 def check_weighted_gradient_product(op: str, left, input, grad_output, weight, center=None) -> None:
@@ -91,10 +96,7 @@ def _check_linear_weights(op: str, input, grad_output, weight, center) -> None:
 
 def check_weighted_gradient_products(op: str, left_grad_output, left_input, input, grad_output, weight, center):
     check_samples_pair(op, input, "input", grad_output, "grad_output")
-    check_same_shape(op, left_grad_output, "left_grad_output", grad_output, "grad_output")
-    check_same_shape(op, left_input, "left_input", input, "input")
-    check_float_like(op, left_grad_output, "left_grad_output", input, "input")
-    check_float_like(op, left_input, "left_input", input, "input")
+    check_pair_like(op, left_input, "left_input", left_grad_output, "left_grad_output", input, grad_output)
     _check_linear_weights(op, input, grad_output, weight, center)
 
 
@@ -145,10 +147,7 @@ def check_conv(op: str, input, input_name, grad_output, grad_name, kernel_size, 
 
 def check_conv_cross_moment(op, input, grad_output, other_input, other_grad_output, *conv):
     shape = check_conv(op, input, "input", grad_output, "grad_output", *conv)
-    check_same_shape(op, other_input, "other_input", input, "input")
-    check_same_shape(op, other_grad_output, "other_grad_output", grad_output, "grad_output")
-    check_float_like(op, other_input, "other_input", input, "input")
-    check_float_like(op, other_grad_output, "other_grad_output", input, "input")
+    check_pair_like(op, other_input, "other_input", other_grad_output, "other_grad_output", input, grad_output)
     return shape
 
 
@@ -179,8 +178,5 @@ def check_conv_weight(op, weight, input, shape) -> None:
 def check_conv_weighted_gradient_products(op, left_grad_output, left_input, input, grad_output, weight, center, *conv):
     shape = check_conv(op, input, "input", grad_output, "grad_output", *conv)
     check_conv_center(op, center, weight, input)
-    check_same_shape(op, left_grad_output, "left_grad_output", grad_output, "grad_output")
-    check_same_shape(op, left_input, "left_input", input, "input")
-    check_float_like(op, left_grad_output, "left_grad_output", input, "input")
-    check_float_like(op, left_input, "left_input", input, "input")
+    check_pair_like(op, left_input, "left_input", left_grad_output, "left_grad_output", input, grad_output)
     check_conv_weight(op, weight, input, shape)
