@@ -5,6 +5,10 @@
 # carried in .whl/), the two conv algorithms timed on CUDA, and compute-sanitizer memcheck +
 # racecheck on scripts/sanitize_case.py.
 #   QUICK=1 OUT=... bash scripts/gpu_check.sh     # about 1.5 min on an H200 once started
+# PART=core: build, tests, example, fused benchmark, sanitizers (the built module is copied to
+# $OUT, so that a second call can carry it as gradvar_ext/_C.so); PART=bench: the model
+# benchmarks only (no build when a carried gradvar_ext/_C.so loads). Default: both.
+# TEST_FILTER="..." passes -k to pytest (e.g. only the fused-kernel tests after a kernel change).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -16,30 +20,40 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import torch; print(torch.__version__)"; } \
   2>&1 | tee "$OUT/machine.txt"
+PART=${PART:-all}
 stage build
-timeout 200 $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo BUILD FAILED; tail -30 "$OUT/build.log"; exit 1; }
-stage "cuda tests"
-timeout 200 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_cuda.log" | tail -8
-stage example
-timeout 60 $PY examples/gradient_of_variance.py > "$OUT/example.log" 2>&1
-echo "example exit $?"; grep -E "^\[|same\?|all checks|FAILED" "$OUT/example.log" | tail -16
-[ "${QUICK:-0}" = 1 ] && { stage done; exit 0; }
-stage "fused kernel benchmark"
-timeout 90 $PY benchmarks/bench_fused_cuda.py 2>&1 | tee "$OUT/bench_fused.log" | tail -14
+if [ "$PART" = bench ] && $PY -c "import gradvar_ext as g, sys; sys.exit(g.backend() != 'prebuilt')" 2>/dev/null; then
+  echo "using the carried prebuilt module"
+else
+  timeout 200 $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo BUILD FAILED; tail -30 "$OUT/build.log"; exit 1; }
+  cp gradvar_ext/_C*.so "$OUT/" 2>/dev/null
+fi
+if [ "$PART" != bench ]; then
+  stage "cuda tests"
+  timeout 200 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 |
+    tee "$OUT/test_cuda.log" | tail -8
+  stage example
+  timeout 60 $PY examples/gradient_of_variance.py > "$OUT/example.log" 2>&1
+  echo "example exit $?"; grep -E "^\[|same\?|all checks|FAILED" "$OUT/example.log" | tail -16
+  [ "${QUICK:-0}" = 1 ] && { stage done; exit 0; }
+  stage "fused kernel benchmark"
+  timeout 90 $PY benchmarks/bench_fused_cuda.py 2>&1 | tee "$OUT/bench_fused.log" | tail -14
+  stage "compute-sanitizer"
+  for tool in memcheck racecheck; do
+    timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1
+    echo "$tool exit: $?: $(grep 'SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
+  done
+fi
+[ "$PART" = core ] && { stage done; exit 0; }
 stage "variance benchmark"
-timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --json "$OUT/bench_cuda.json" 2>&1 |
+timeout 150 $PY benchmarks/bench_variance.py --device cuda --quick --json "$OUT/bench_cuda.json" 2>&1 |
   tee "$OUT/bench_variance.log" | tail -28
 stage "cnn batch-size sweep"
-timeout 150 $PY benchmarks/bench_variance.py --device cuda --quick --workloads cnn-16 cnn-128 cnn-512 \
-  --methods gradvar torch.func backpack --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -14
+timeout 100 $PY benchmarks/bench_variance.py --device cuda --quick --workloads cnn-16 cnn-128 cnn-512 \
+  --methods gradvar torch.func --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -14
 stage "conv algorithms on CUDA (auto = unfold there; is grouped, i.e. cuDNN grouped convs, faster?)"
 for algo in unfold grouped; do
-  GRADVAR_EXT_CONV_ALGORITHM=$algo timeout 120 $PY benchmarks/bench_variance.py --device cuda --quick \
+  GRADVAR_EXT_CONV_ALGORITHM=$algo timeout 50 $PY benchmarks/bench_variance.py --device cuda --quick \
     --workloads cnn cnn-256 --methods gradvar --json "$OUT/conv_$algo.json" 2>&1 | tee "$OUT/conv_$algo.log" | tail -3
-done
-stage "compute-sanitizer"
-for tool in memcheck racecheck; do
-  timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1
-  echo "$tool exit: $?: $(grep 'SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
 done
 stage done
