@@ -6,8 +6,7 @@ For Linear shapes [N, T, in] -> [N, T, out] it times, with CUDA events (median o
   bmm      torch.bmm(G^T, X): the per-sample gradients [N, out, in] (cuBLAS; O(N out in) memory)
   default  linear_variance on the default CUDA path (chunked bmm + fused accumulate)
   fused    linear_variance with GRADVAR_EXT_FUSED_CUDA=1 (one pass, O(out in) memory)
-  tf32x3   the same on tensor cores, GRADVAR_EXT_FUSED_CUDA=tf32x3 (float32 only, sm_80+);
-           tf32x3:3 the same capped at 168 registers (3 blocks per SM)
+  tf32x3   the same on tensor cores, GRADVAR_EXT_FUSED_CUDA=tf32x3 (float32 only, sm_80+)
 Throughput counts the per-sample GEMM FLOPs (2 N T out in) for all three; peak memory is what the
 call allocates beyond its inputs. Issue target: fused >= 50% of bmm's throughput.
 """
@@ -56,18 +55,18 @@ def main() -> None:
             results["bmm"] = timed(lambda x=x, g=g: torch.bmm(g.transpose(1, 2), x))
             os.environ.pop("GRADVAR_EXT_FUSED_CUDA", None)
             results["default"] = timed(lambda x=x, g=g: gradvar_ext.linear_variance(x, g))
-            for name, flag in (("fused", "1"), ("tf32x3", "tf32x3"), ("tf32x3:3", "tf32x3:3")):
+            for name, flag in (("fused", "1"), ("tf32x3", "tf32x3")):
                 os.environ["GRADVAR_EXT_FUSED_CUDA"] = flag
                 results[name] = timed(lambda x=x, g=g: gradvar_ext.linear_variance(x, g))
             os.environ.pop("GRADVAR_EXT_FUSED_CUDA", None)
             cells = " | ".join(f"{ms:.3f} ms, {flops / ms / 1e9:.1f} TF/s, {mb:.0f} MB" for ms, mb in results.values())
-            best = min(results["fused"][0], results["tf32x3"][0], results["tf32x3:3"][0])
+            best = min(results["fused"][0], results["tf32x3"][0])
             rows.append(f"| {str(dtype)[6:]} | {n}x{t}x{i}->{o} | {cells} | {results['bmm'][0] / best:.2f} |")
     print(
         "\n| dtype | N x T x in -> out | bmm (per-sample grads) | default path | fused | fused tf32x3 "
-        "(float64: = fused) | tf32x3, 3 blocks/SM | best fused / bmm throughput |"
+        "(float64: = fused) | best fused / bmm throughput |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

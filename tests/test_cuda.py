@@ -120,10 +120,9 @@ MOMENT_OPS = ("linear_second_moment", "linear_variance", "linear_cross_moment")
 CONV_MOMENT_OPS = ("conv2d_second_moment", "conv2d_variance", "conv2d_cross_moment")
 
 
-@pytest.fixture(params=["1", "tf32x3", "tf32x3:3"])
+@pytest.fixture(params=["1", "tf32x3"])
 def fused(request, monkeypatch):
-    """The fused kernel on CUDA cores ("1") and, for float32 on sm_80+, on tensor cores (3xTF32;
-    "tf32x3:3": register-capped for 3 blocks per SM)."""
+    """The fused kernel on CUDA cores ("1") and, for float32 on sm_80+, on tensor cores (3xTF32)."""
     monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", request.param)
 
 

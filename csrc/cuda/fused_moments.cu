@@ -259,10 +259,11 @@ __device__ Step next_step(Step s, int64_t T) {
   return s;
 }
 
-// kMinBlocks = 3 caps registers at 168 (3 blocks per SM; the sum / cross variants then spill
-// their moment registers, touched once per sample); 2 keeps them all in registers.
-template <bool kCross, bool kSum, int kMinBlocks>
-__global__ void __launch_bounds__(kTcThreads, kMinBlocks)
+// Capped at 168 registers for 3 blocks per SM (the sum / cross variants spill ~230 bytes, touched
+// once per sample): on an H200 5-12% faster than 2 blocks per SM with no spills on 4 of 5 shapes
+// (8% slower on 64x128x1024->1024), both variants tested there (benchmarks/RESULTS.md).
+template <bool kCross, bool kSum>
+__global__ void __launch_bounds__(kTcThreads, 3)
     fused_moments_tf32x3_kernel(Operand X, Operand G, Operand Xb, Operand Gb, float* __restrict__ moment_out,
                                 float* __restrict__ sum_out, int64_t samples, int64_t groups, int64_t T, int64_t I,
                                 int64_t O, int64_t splits) {
@@ -322,12 +323,9 @@ __global__ void __launch_bounds__(kTcThreads, kMinBlocks)
 #endif
 }
 
-// GRADVAR_EXT_FUSED_CUDA = tf32x3 (2 blocks per SM) or tf32x3:3 (3 blocks per SM); else 0.
-int tensor_core_blocks_requested() {
+bool tensor_cores_requested() {
   const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
-  if (flag == nullptr) return 0;
-  if (std::strcmp(flag, "tf32x3") == 0) return 2;
-  return std::strcmp(flag, "tf32x3:3") == 0 ? 3 : 0;
+  return flag != nullptr && std::strcmp(flag, "tf32x3") == 0;
 }
 
 Operand operand(const at::Tensor& t) { return Operand{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
@@ -363,8 +361,7 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
   const Operand x = operand(X), g = operand(G), xb = cross ? operand(*Xb) : x, gb = cross ? operand(*Gb) : g;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, X.get_device()));
-  const int tc_blocks = tensor_core_blocks_requested();
-  if (X.scalar_type() == at::kFloat && major >= 8 && tc_blocks > 0) {
+  if (X.scalar_type() == at::kFloat && major >= 8 && tensor_cores_requested()) {
     float* m_ptr = moment_out.mutable_data_ptr<float>();
     float* s_ptr = sum.defined() ? sum_out.mutable_data_ptr<float>() : nullptr;
     auto launch = [&](auto kernel) {
@@ -372,13 +369,11 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (cross) {
-      tc_blocks == 3 ? launch(fused_moments_tf32x3_kernel<true, false, 3>)
-                     : launch(fused_moments_tf32x3_kernel<true, false, 2>);
+      launch(fused_moments_tf32x3_kernel<true, false>);
     } else if (sum.defined()) {
-      tc_blocks == 3 ? launch(fused_moments_tf32x3_kernel<false, true, 3>)
-                     : launch(fused_moments_tf32x3_kernel<false, true, 2>);
+      launch(fused_moments_tf32x3_kernel<false, true>);
     } else {
-      launch(fused_moments_tf32x3_kernel<false, false, 3>);  // 168 registers either way
+      launch(fused_moments_tf32x3_kernel<false, false>);
     }
   } else {
     AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "fused_moments_cuda", [&] {
