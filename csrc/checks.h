@@ -11,11 +11,13 @@
 
 namespace gradvar {
 
-// float32 / float64 only, same dtype and device as `like`.
+// float32 / float64 only (the Python layer promotes half precision), same dtype and device as `like`.
 inline void check_float_like(const char* op, const at::Tensor& t, const char* name,
                              const at::Tensor& like, const char* like_name) {
+  const bool half = t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
   GRADVAR_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, name,
-                     " must be float32 or float64, got ", t.scalar_type());
+                     " must be float32 or float64, got ", t.scalar_type(),
+                     half ? " (the gradvar_ext.* functions and the front end promote it to float32)" : "");
   GRADVAR_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, name, " has dtype ",
                      t.scalar_type(), " but ", like_name, " has dtype ", like.scalar_type());
   GRADVAR_CHECK(t.device() == like.device(), op, name, " is on ", t.device(), " but ",

@@ -17,7 +17,9 @@ def fail(op: str, message: str, kind: type[Exception] = ValueError) -> None:
 
 def check_float_like(op: str, t: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
-        fail(op, f"{name} must be float32 or float64, got {t.dtype}", TypeError)
+        hint = " (the gradvar_ext.* functions and the front end promote it to float32)"
+        low = t.dtype in (torch.float16, torch.bfloat16)
+        fail(op, f"{name} must be float32 or float64, got {t.dtype}{hint if low else ''}", TypeError)
     if t.dtype != like.dtype:
         fail(op, f"{name} has dtype {t.dtype} but {like_name} has dtype {like.dtype}", TypeError)
     if t.device != like.device:

@@ -325,6 +325,7 @@ def _conv2d_function(op: str, summary: str):
         groups: int = 1,
         padding_mode: str = "zeros",
     ) -> Tensor | tuple[Tensor, Tensor]:
+        input, grad_output = ops.promoted(input, grad_output)
         args = conv2d_arguments(input, kernel_size, stride, padding, dilation, groups, padding_mode, op=op)
         return getattr(_ops, op)(args[0], grad_output, *args[1:])
 

@@ -221,6 +221,7 @@ def _store(module: nn.Module, calls: list, collector: _Collector) -> None:
 
 def _layer_data(module: nn.Module, calls: list, loss_reduction: str) -> _LayerData:
     scale = calls[0][0].shape[0] if loss_reduction == "mean" else 1
+    calls = [ops.promoted(x, go) for x, go in calls]  # mixed precision: float32 statistics
     calls = [(x, go * scale if scale != 1 else go) for x, go in calls]
     if isinstance(module, nn.Linear):
         xs = _along_positions([x.reshape(x.shape[0], -1, x.shape[-1]) for x, _ in calls], 1)

@@ -16,9 +16,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _checks, _loader
 
 _ops = torch.ops.gradvar
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def promoted(*tensors):
+    """The arguments, float16 / bfloat16 tensors cast to float32 (others as they are).
+
+    The documented functions and the front end call the ops through this: statistics of
+    half-precision gradients are accumulated and returned in float32 (squared gradients underflow
+    in half precision; mixed precision hands a layer bfloat16 grad_outputs with float32 inputs).
+    The cast is differentiable: gradients flow back in the arguments' own dtypes. The raw
+    ``torch.ops.gradvar`` ops take float32 / float64 only.
+    """
+    return tuple(t.float() if isinstance(t, Tensor) and t.dtype in _LOW_PRECISION else t for t in tensors)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -200,6 +213,15 @@ for _name, _backward in (
     torch.library.register_autograd(f"gradvar::{_name}", _backward, setup_context=_save_inputs)
 
 
+# Inside torch.autocast the ops run with autocast off and float16 / bfloat16 arguments cast to
+# float32 (float64 is left alone): statistics of squared gradients need float32, and the kernels'
+# own matrix products must not be downcast by autocast either.
+for _name in _loader.SCHEMAS:
+    for _device in ("cpu", "cuda"):
+        if torch.amp.is_autocast_available(_device):
+            torch.library.register_autocast(f"gradvar::{_name}", _device, torch.float32)
+
+
 # ---------------------------------------------------------------- public functions
 def linear_second_moment(input: Tensor, grad_output: Tensor) -> Tensor:
     """Sum over samples of the squared per-sample weight gradients of a Linear layer.
@@ -211,9 +233,10 @@ def linear_second_moment(input: Tensor, grad_output: Tensor) -> Tensor:
 
     Returns:
         ``sum_n g_n ** 2``, shaped like the weight ``[out_features, in_features]``. Differentiable
-        (any order) w.r.t. both arguments. BackPACK's ``SumGradSquared``.
+        (any order) w.r.t. both arguments. BackPACK's ``SumGradSquared``. float16 / bfloat16
+        arguments are computed and returned in float32 (:func:`promoted`), as by every function here.
     """
-    return _ops.linear_second_moment(input, grad_output)
+    return _ops.linear_second_moment(*promoted(input, grad_output))
 
 
 def linear_variance(input: Tensor, grad_output: Tensor) -> Tensor:
@@ -223,7 +246,7 @@ def linear_variance(input: Tensor, grad_output: Tensor) -> Tensor:
     ``torch.var(per_sample_grads, dim=0, unbiased=False)``), ``[out_features, in_features]``,
     never negative, exactly 0 for N = 1. Arguments as in :func:`linear_second_moment`.
     """
-    return _ops.linear_variance(input, grad_output)
+    return _ops.linear_variance(*promoted(input, grad_output))
 
 
 def linear_moments(input: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
@@ -234,7 +257,7 @@ def linear_moments(input: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
     its backward, unlike :func:`linear_variance`'s, needs no extra pass for the mean. The front end
     builds ``Variance`` from it.
     """
-    return _ops.linear_moments(input, grad_output)
+    return _ops.linear_moments(*promoted(input, grad_output))
 
 
 class _VarianceFromMoments(torch.autograd.Function):
@@ -269,13 +292,13 @@ def linear_batch_l2(input: Tensor, grad_output: Tensor) -> Tensor:
 
     Arguments as in :func:`linear_second_moment`.
     """
-    return _ops.linear_batch_l2(input, grad_output)
+    return _ops.linear_batch_l2(*promoted(input, grad_output))
 
 
 def linear_cross_moment(input: Tensor, grad_output: Tensor, other_input: Tensor, other_grad_output: Tensor) -> Tensor:
     """``sum_n g_n * h_n`` for two per-sample gradients ``g_n`` (from ``input, grad_output``) and
     ``h_n`` (from ``other_input, other_grad_output``, same shapes). ``[out, in]``. Used by backward formulas."""
-    return _ops.linear_cross_moment(input, grad_output, other_input, other_grad_output)
+    return _ops.linear_cross_moment(*promoted(input, grad_output, other_input, other_grad_output))
 
 
 def weighted_gradient_product(
@@ -284,26 +307,27 @@ def weighted_gradient_product(
     """Per sample, ``left[n] @ (weight * g_n - center)``: ``left`` ``[N, *, out]``, ``weight`` and
     ``center`` (optional) ``[out, in]``, result shaped like ``input`` ``[N, *, in]``. The
     vector-Jacobian product of the statistics."""
-    return _ops.weighted_gradient_product(left, input, grad_output, weight, center)
+    return _ops.weighted_gradient_product(*promoted(left, input, grad_output, weight, center))
 
 
-def _ones_input(op: str, grad_output: Tensor) -> Tensor:
+def _with_ones_input(op: str, grad_output: Tensor) -> tuple[Tensor, Tensor]:
     """A Linear layer's bias is a weight column fed by a constant 1: its statistics are the
-    weight statistics with ``input = 1`` ([N, *, 1])."""
+    weight statistics with ``input = 1`` ([N, *, 1]). Returns ``(ones, grad_output)``, promoted."""
+    (grad_output,) = promoted(grad_output)
     _checks.check_samples_pair(op, grad_output, "grad_output", grad_output, "grad_output")
-    return grad_output.new_ones(grad_output.shape[:-1] + (1,)).detach()
+    return grad_output.new_ones(grad_output.shape[:-1] + (1,)).detach(), grad_output
 
 
 def bias_second_moment(grad_output: Tensor) -> Tensor:
     """``sum_n b_n ** 2`` for the per-sample bias gradients ``b_n = sum_* grad_output[n]``: ``[out_features]``."""
-    return _ops.linear_second_moment(_ones_input("bias_second_moment", grad_output), grad_output)[:, 0]
+    return _ops.linear_second_moment(*_with_ones_input("bias_second_moment", grad_output))[:, 0]
 
 
 def bias_variance(grad_output: Tensor) -> Tensor:
     """Variance over samples of the per-sample bias gradients: ``[out_features]``, never negative."""
-    return _ops.linear_variance(_ones_input("bias_variance", grad_output), grad_output)[:, 0]
+    return _ops.linear_variance(*_with_ones_input("bias_variance", grad_output))[:, 0]
 
 
 def bias_batch_l2(grad_output: Tensor) -> Tensor:
     """``||b_n||**2`` per sample for the per-sample bias gradients: ``[N]``."""
-    return _ops.linear_batch_l2(_ones_input("bias_batch_l2", grad_output), grad_output)
+    return _ops.linear_batch_l2(*_with_ones_input("bias_batch_l2", grad_output))

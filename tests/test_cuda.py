@@ -173,3 +173,16 @@ def test_cuda_front_end_matches_per_sample_loop():
             lossfunc(model(x), y).backward()
         assert model[0].weight.variance.is_cuda if isinstance(model, torch.nn.Sequential) else True
         assert_statistics(model, per_sample_grads(model, x, y, lossfunc), torch.float64)
+
+
+def test_cuda_half_precision_is_promoted_to_float32():
+    torch.manual_seed(19)
+    x, g = torch.randn(9, 3, 20, device="cuda"), torch.randn(9, 3, 12, device="cuda")
+    want = gradvar_ext.reference.linear_variance(x.half().double().cpu(), g.half().double().cpu())
+    out = gradvar_ext.linear_variance(x.half(), g.half())
+    assert out.dtype == torch.float32 and out.is_cuda
+    assert_matches(out, want, torch.float32, scale_for("linear_variance", [x.half().cpu(), g.half().cpu()]))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        exact = torch.ops.gradvar.linear_variance(x, g)
+    assert exact.dtype == torch.float32
+    assert torch.equal(exact, torch.ops.gradvar.linear_variance(x, g))
