@@ -4,8 +4,9 @@ the seed's job), measured side by side for several methods, each in a fresh subp
     python benchmarks/bench_variance.py [--job a|b] [--device cuda] [--quick] [--workloads mlp cnn]
 
 Methods: floor (a plain forward + backward, for scale), gradvar (this library's front end,
-extend + collect),
-gradvar-fused (CUDA only: the opt-in fused moment kernel), loop (per-sample autograd loop: the
+extend + collect, statistics-only backward: collect.backward, no .grad), gradvar+grad (the same
+with loss.backward(): the parameters' .grad as well), gradvar-fused (CUDA only: the opt-in fused
+moment kernel), loop (per-sample autograd loop: the
 ground truth every other method is checked against), torch.func (vmap of grad), backpack (when
 installed), opacus (job a only, when installed). Prints a markdown table last and writes JSON to
 benchmarks/results/.
@@ -92,6 +93,20 @@ def run_floor(model, x, y, lossfunc, job):
 
 
 def run_gradvar(model, x, y, lossfunc, job):
+    """The statistics only: forward and backward inside collect, collect.backward (no .grad)."""
+    import gradvar_ext as gv
+
+    model = gv.extend(model)  # idempotent
+    params = list(model.parameters())
+    with gv.collect(gv.Variance()) as stats:
+        stats.backward(lossfunc(model(x), y), create_graph=job == "b")
+    result = _finish(job, params, [p.variance for p in params])
+    gv.clear(model)
+    return result
+
+
+def run_gradvar_with_grad(model, x, y, lossfunc, job):
+    """loss.backward() inside collect: the statistics and the parameters' ordinary .grad."""
     import gradvar_ext as gv
 
     model = gv.extend(model)  # idempotent
@@ -155,6 +170,7 @@ def run_opacus(model, x, y, lossfunc, job):
 METHODS = {
     "floor": run_floor,
     "gradvar": run_gradvar,
+    "gradvar+grad": run_gradvar_with_grad,
     "gradvar-fused": run_gradvar,
     "loop": run_loop,
     "torch.func": run_torch_func,

@@ -6,6 +6,12 @@
         loss.backward(retain_graph=True, create_graph=True)
     p.variance, p.sum_grad_squared, p.batch_l2   # for every parameter of an extended layer
 
+Statistics only, faster when ``.grad`` is not needed (the parameters' ordinary gradients are not
+computed): run the forward inside the block too and call its ``backward``:
+
+    with gradvar_ext.collect(gradvar_ext.Variance()) as stats:
+        stats.backward(lossfunc(model(x), y), create_graph=True)
+
 Data flows one way: forward hooks attach a tensor hook to each layer output that holds the
 layer's input; during backward, inside ``collect``, the hook records ``(input, grad_output)``;
 when the block exits, the ``gradvar`` ops turn the records into statistics on the parameters.
@@ -61,6 +67,7 @@ class _Collector:
     extensions: tuple
     loss_reduction: str
     records: dict = field(default_factory=dict)  # module -> {forward call: (input, grad_output)}
+    outputs: list = field(default_factory=list)  # gradient edges of the layer outputs of forwards inside
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -109,6 +116,8 @@ def _on_forward(module: nn.Module, inputs: tuple, output: Tensor) -> None:
         calls[call] = (layer_input, grad_output)
 
     output.register_hook(on_grad)
+    if _ACTIVE:  # a forward inside a collect block: collect.backward may ask for this output's gradient
+        _ACTIVE[-1].outputs.append(torch.autograd.graph.get_gradient_edge(output))
 
 
 class collect:
@@ -121,7 +130,9 @@ class collect:
             those of the per-sample loss gradients (the backpropagated ones times N).
 
     With ``backward(create_graph=True)`` the results are differentiable w.r.t. the parameters.
-    Results of an earlier block are removed when a new block starts, so none is stale.
+    Results of an earlier block are removed when a new block starts, so none is stale. With the
+    forward inside the block as well, :meth:`backward` computes the statistics without the
+    parameters' ordinary gradients.
     """
 
     def __init__(self, *extensions: Extension, loss_reduction: str = "sum") -> None:
@@ -139,8 +150,39 @@ class collect:
         _ACTIVE.append(self._collector)
         return self
 
+    def backward(self, loss: Tensor, *, create_graph: bool = False, retain_graph: bool | None = None) -> None:
+        """Backpropagate ``loss`` for the statistics only; the forward must run inside this block too.
+
+        Like ``loss.backward(create_graph=..., retain_graph=...)``, but autograd computes only the
+        gradients w.r.t. the outputs of the extended layers that ran inside the block, which is
+        what the statistics are made of: no parameter's ``.grad`` is computed or accumulated, so
+        the layers' weight-gradient products (and the first layer's input gradient) are skipped.
+        The statistics are the same. Use it when they are the goal (a variance regulariser, noise
+        scale estimates); use ``loss.backward()`` when you also need ``.grad``.
+
+        Raises RuntimeError when no extended layer ran a forward with gradients inside the block,
+        or when ``loss`` depends on none of them.
+        """
+        if self._collector not in _ACTIVE:
+            raise RuntimeError("gradvar_ext.collect.backward: call it inside its `with` block")
+        if not self._collector.outputs:
+            raise RuntimeError(
+                "gradvar_ext.collect.backward: no extended layer ran a forward with gradients inside this block; "
+                "run the forward inside it (and extend the model with gradvar_ext.extend)"
+            )
+        edges = self._collector.outputs
+        grads = torch.autograd.grad(
+            loss, edges, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
+        )
+        if all(g is None for g in grads):
+            raise RuntimeError(
+                "gradvar_ext.collect.backward: the loss does not depend on the output of any extended layer "
+                "that ran inside this block"
+            )
+
     def __exit__(self, *exc_info) -> None:
         _ACTIVE.remove(self._collector)
+        self._collector.outputs = []  # the gradient edges hold the graph: release it with the block
         records, self._collector.records = self._collector.records, {}
         if exc_info[0] is None:
             for module, calls in records.items():

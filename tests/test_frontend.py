@@ -34,6 +34,19 @@ def collect_all(model, loss, loss_reduction="sum", create_graph=False):
         loss.backward(retain_graph=create_graph, create_graph=create_graph)
 
 
+def collect_with(backward, model, x, y, lossfunc, create_graph=False):
+    """All statistics from ``loss.backward`` (forward before the block) or from the statistics-only
+    ``collect.backward`` (forward inside the block), which must leave every ``.grad`` untouched."""
+    if backward == "loss.backward":
+        return collect_all(model, lossfunc(model(x), y), create_graph=create_graph)
+    with gv.collect(*ALL) as stats:
+        stats.backward(lossfunc(model(x), y), create_graph=create_graph)
+    assert all(p.grad is None for p in model.parameters())
+
+
+BACKWARDS = ("loss.backward", "collect.backward")
+
+
 def assert_statistics(model, per_sample, dtype):
     for p, g in zip(model.parameters(), per_sample):
         # the variance cancels: compare it on the scale of the second moment / N
@@ -110,20 +123,22 @@ def build(name, dtype, device="cpu"):
     return model, x, y, lossfunc
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("name", list(seed_models()))
-def test_statistics_match_per_sample_loop(name, dtype):
+def test_statistics_match_per_sample_loop(name, dtype, backward):
     model, x, y, lossfunc = build(name, dtype)
-    collect_all(model, lossfunc(model(x), y))
+    collect_with(backward, model, x, y, lossfunc)
     assert_statistics(model, per_sample_grads(model, x, y, lossfunc), dtype)
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("name", list(seed_models()))
-def test_gradient_of_total_variance_matches_per_sample_loop(name, dtype):
+def test_gradient_of_total_variance_matches_per_sample_loop(name, dtype, backward):
     model, x, y, lossfunc = build(name, dtype)
     params = list(model.parameters())
-    collect_all(model, lossfunc(model(x), y), create_graph=True)
+    collect_with(backward, model, x, y, lossfunc, create_graph=True)
     ours = torch.autograd.grad(sum(p.variance.sum() for p in params), params)
     gv.clear(model)
     model.zero_grad(set_to_none=True)  # the create_graph grads hold the graph
@@ -169,13 +184,14 @@ class Reuse(nn.Module):
         return self.lin(torch.sigmoid(self.lin(h)))
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_reused_layers_get_statistics_of_their_total_gradient(dtype):
+def test_reused_layers_get_statistics_of_their_total_gradient(dtype, backward):
     torch.manual_seed(1)
     model = gv.extend(Reuse().to(dtype))
     x, y = torch.randn(5, 2, 4, 4, dtype=dtype), torch.randn(5, 4, dtype=dtype)
     lossfunc = nn.MSELoss(reduction="sum")
-    collect_all(model, lossfunc(model(x), y))
+    collect_with(backward, model, x, y, lossfunc)
     assert_statistics(model, per_sample_grads(model, x, y, lossfunc), dtype)
 
 
@@ -279,3 +295,28 @@ def test_two_backward_passes_through_one_forward_are_an_error():
             loss.backward(retain_graph=True)
             loss.backward()
     assert not hasattr(model.weight, "variance")
+
+
+def test_statistics_only_backward_refuses_what_it_cannot_do():
+    model, x, y, lossfunc = build("sequence-linear", torch.float64)
+    loss = lossfunc(model(x), y)
+    with gv.collect(gv.Variance()) as stats, pytest.raises(RuntimeError, match="run the forward inside it"):
+        stats.backward(loss)  # the forward ran before the block
+    with pytest.raises(RuntimeError, match=r"call it inside its `with` block"):
+        stats.backward(loss)
+    plain = nn.Linear(6, 4).double()  # not extended
+    with gv.collect(gv.Variance()) as stats:
+        model(x)  # an extended layer ran, but the loss does not use it
+        with pytest.raises(RuntimeError, match="does not depend on the output of any extended layer"):
+            stats.backward(lossfunc(plain(x), y))
+
+
+def test_statistics_only_backward_releases_the_graph_with_the_block():
+    model, x, y, lossfunc = build("digits-cnn", torch.float64)
+    inp = x.clone()  # saved by the first conv's graph node, which the block's gradient edges hold
+    ref = weakref.ref(inp)
+    with gv.collect(gv.Variance()) as stats:
+        stats.backward(lossfunc(model(inp), y))
+    del inp
+    gc.collect()
+    assert ref() is None and model[0].weight.variance.grad_fn is None
