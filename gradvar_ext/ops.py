@@ -270,14 +270,13 @@ class _VarianceFromMoments(torch.autograd.Function):
         ctx.n = n
         if n == 1:  # exactly 0, as the variance ops (the gradients below cancel to 0 as well)
             return torch.zeros_like(moment)
-        mean = total / n
-        return (moment / n).addcmul_(mean, mean, value=-1).clamp_min_(0)
+        return torch.addcmul(moment, total, total, value=-1 / n).mul_(1 / n).clamp_min_(0)  # one buffer
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (total,) = ctx.saved_tensors  # differentiable again: torch ops on saved inputs
         n = ctx.n
-        return grad / n, grad * total * (-2 / n**2), None
+        return grad * (1 / n), torch.mul(grad, total).mul_(-2 / n**2), None
 
 
 def variance_from_moments(moment: Tensor, sum: Tensor, n: int) -> Tensor:
