@@ -62,7 +62,7 @@ _EXTENDED: weakref.WeakSet = weakref.WeakSet()  # modules whose hooks are instal
 _ACTIVE: list[_Collector] = []  # the innermost collect() block records
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (_ACTIVE.remove, `in`): its fields hold tensors
 class _Collector:
     extensions: tuple
     loss_reduction: str

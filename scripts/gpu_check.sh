@@ -57,6 +57,6 @@ for algo in unfold grouped; do
     --workloads cnn cnn-256 --methods gradvar --json "$OUT/conv_$algo.json" 2>&1 | tee "$OUT/conv_$algo.log" | tail -3
 done
 stage "variance benchmark, job a (the variance only)"
-timeout 80 $PY benchmarks/bench_variance.py --device cuda --quick --job a --json "$OUT/bench_cuda_job_a.json" 2>&1 |
+timeout 120 $PY benchmarks/bench_variance.py --device cuda --quick --job a --json "$OUT/bench_cuda_job_a.json" 2>&1 |
   tee "$OUT/bench_variance_job_a.log" | tail -12
 stage done

@@ -320,3 +320,19 @@ def test_statistics_only_backward_releases_the_graph_with_the_block():
     del inp
     gc.collect()
     assert ref() is None and model[0].weight.variance.grad_fn is None
+
+
+def test_nested_collect_blocks_each_get_their_own_statistics():
+    model, x, y, lossfunc = build("sequence-linear", torch.float64)
+    extensions = (gv.SumGradSquared(),)  # the same extension objects: blocks differ only by identity
+    with gv.collect(*extensions) as outer:
+        with gv.collect(*extensions):
+            pass  # an empty inner block must leave the outer one active
+        outer.backward(lossfunc(model(x), y))
+        with gv.collect(*extensions) as inner:
+            inner.backward(lossfunc(2 * model(x), y))
+        inner_result = model.weight.sum_grad_squared
+    g = per_sample_grads(model, x, y, lossfunc)[0]
+    torch.testing.assert_close(model.weight.sum_grad_squared, g.square().sum(0), **TOL[torch.float64])
+    g2 = per_sample_grads(model, x, y, lambda out, t: lossfunc(2 * out, t))[0]
+    torch.testing.assert_close(inner_result, g2.square().sum(0), **TOL[torch.float64])
