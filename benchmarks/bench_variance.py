@@ -204,9 +204,10 @@ def cpu_peak_bytes(fn) -> int:
 
 
 def worker(method: str, workload: str, device: str, repeats: int, out_path: str, job: str) -> None:
-    """Times `repeats` runs after a warm-up, then measures the peak extra memory of one more run:
-    CUDA from the caching allocator's peak statistics, CPU from the profiler's allocation events
-    (an untimed run: profiling slows it)."""
+    """Times `repeats` runs after a warm-up (more for runs under 10 ms: as many as fill ~0.2 s, at
+    most 100, so sub-millisecond timings are not noise), then measures the peak extra memory of
+    one more run: CUDA from the caching allocator's peak statistics, CPU from the profiler's
+    allocation events (an untimed run: profiling slows it)."""
     if method == "gradvar-fused":
         os.environ["GRADVAR_EXT_FUSED_CUDA"] = "1"
     # True float32 everywhere: cuDNN convolutions default to TF32, whose ~1e-3 rounding would fail
@@ -223,6 +224,12 @@ def worker(method: str, workload: str, device: str, repeats: int, out_path: str,
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     fn(model, x, y, lossfunc, job)  # warm-up (loads kernels, allocator pools)
     sync()
+    start = time.perf_counter()
+    fn(model, x, y, lossfunc, job)  # a second warm-up, timed to size the repeats
+    sync()
+    once = time.perf_counter() - start
+    if once < 0.01:
+        repeats = max(repeats, min(100, int(0.2 / max(once, 1e-6))))
     times = []
     for _ in range(repeats):
         model.zero_grad(set_to_none=True)
