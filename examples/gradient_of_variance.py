@@ -8,7 +8,8 @@ download), where BackPACK's example used 28x28 MNIST: the CNN's Linear layer is 
 
 For each: ``gradvar_ext.extend`` the model, run ``loss.backward(create_graph=True)`` inside
 ``gradvar_ext.collect(Variance())``, sum ``p.variance`` over the parameters, differentiate that
-sum w.r.t. the parameters; then the same by brute force, one backward per sample.
+sum w.r.t. the parameters; then the same by brute force, one backward per sample; and once more
+with the statistics-only backward (``stats.backward(loss)`` inside the block: no ``.grad``).
 
 Run:  python examples/gradient_of_variance.py      (exit status 1 if any check fails)
 """
@@ -38,6 +39,17 @@ def total_variance_and_gradient_gradvar(x, y, model, lossfunc):
     return total_var.detach(), grad_of_var
 
 
+def total_variance_and_gradient_statistics_only(x, y, model, lossfunc):
+    """The same with the statistics-only backward: forward and backward inside ``collect``, no
+    ``.grad`` computed (faster when the ordinary gradients are not needed)."""
+    with gv.collect(gv.Variance()) as stats:
+        stats.backward(lossfunc(model(x), y), create_graph=True)
+    total_var = sum(p.variance.sum() for p in model.parameters())
+    grad_of_var = torch.autograd.grad(total_var, list(model.parameters()))
+    gv.clear(model)
+    return total_var.detach(), grad_of_var
+
+
 def total_variance_and_gradient_loop(x, y, model, lossfunc):
     """The same by brute force: per-sample gradients [N, D] from one backward per sample."""
     params = list(model.parameters())
@@ -62,7 +74,12 @@ def check_same_results(x, y, model, lossfunc) -> bool:
         match = torch.allclose(a, b, atol=1e-4, rtol=1e-4)
         all_same &= match
         print(f"    {name:<10}: {match}")
-    return all_same
+    var_stats, grad_stats = total_variance_and_gradient_statistics_only(x, y, model, lossfunc)
+    same = torch.allclose(var_stats, var_ours, atol=1e-5, rtol=1e-5) and all(
+        torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(grad_stats, grad_ours)
+    )
+    print(f"  Statistics-only backward (stats.backward) gives the same? {same}")
+    return all_same and same
 
 
 def main() -> int:
