@@ -22,7 +22,7 @@ _ops = torch.ops.gradvar
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def promoted(*tensors):
+def promoted(*tensors: Tensor | None) -> tuple:
     """The arguments, float16 / bfloat16 tensors cast to float32 (others as they are).
 
     The documented functions and the front end call the ops through this: statistics of
