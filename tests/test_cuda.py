@@ -163,14 +163,14 @@ def test_fused_cuda_is_deterministic_and_gradgradchecks(fused):
 
 
 # ---------------------------------------------------------------- the front end on CUDA
-def test_cuda_front_end_matches_per_sample_loop():
-    from test_frontend import ALL, assert_statistics, build, per_sample_grads
+@pytest.mark.parametrize("backward", ["loss.backward", "collect.backward"])
+def test_cuda_front_end_matches_per_sample_loop(backward):
+    from test_frontend import assert_statistics, build, collect_with, per_sample_grads
 
     torch.backends.cudnn.allow_tf32 = False
     for name in ("digits-cnn", "conv-hyperparameters", "sequence-linear"):
         model, x, y, lossfunc = build(name, torch.float64, device="cuda")
-        with gradvar_ext.collect(*ALL):
-            lossfunc(model(x), y).backward()
+        collect_with(backward, model, x, y, lossfunc)
         assert model[0].weight.variance.is_cuda if isinstance(model, torch.nn.Sequential) else True
         assert_statistics(model, per_sample_grads(model, x, y, lossfunc), torch.float64)
 
