@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../outer_product_stats.h"
 
@@ -323,6 +324,19 @@ __global__ void __launch_bounds__(kTcThreads, 3)
 #endif
 }
 
+// Calls f(kCross, kSum) as std::bool_constant arguments for the variant a call needs: a cross
+// moment carries no sum; otherwise the sum when it is asked for.
+template <typename F>
+void with_variant(bool cross, bool with_sum, F&& f) {
+  if (cross) {
+    f(std::true_type{}, std::false_type{});
+  } else if (with_sum) {
+    f(std::false_type{}, std::true_type{});
+  } else {
+    f(std::false_type{}, std::false_type{});
+  }
+}
+
 bool tensor_cores_requested() {
   const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
   return flag != nullptr && std::strcmp(flag, "tf32x3") == 0;
@@ -368,13 +382,9 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
       kernel<<<grid, kTcThreads, 0, stream>>>(x, g, xb, gb, m_ptr, s_ptr, samples, groups, T, I, O, splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (cross) {
-      launch(fused_moments_tf32x3_kernel<true, false>);
-    } else if (sum.defined()) {
-      launch(fused_moments_tf32x3_kernel<false, true>);
-    } else {
-      launch(fused_moments_tf32x3_kernel<false, false>);
-    }
+    with_variant(cross, sum.defined(), [&](auto kCross, auto kSum) {
+      launch(fused_moments_tf32x3_kernel<decltype(kCross)::value, decltype(kSum)::value>);
+    });
   } else {
     AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "fused_moments_cuda", [&] {
       auto* m_ptr = moment_out.mutable_data_ptr<scalar_t>();
@@ -383,13 +393,9 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
         kernel<<<grid, kThreads, 0, stream>>>(x, g, xb, gb, m_ptr, s_ptr, samples, groups, T, I, O, splits);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (cross) {
-        launch(fused_moments_kernel<scalar_t, true, false>);
-      } else if (sum.defined()) {
-        launch(fused_moments_kernel<scalar_t, false, true>);
-      } else {
-        launch(fused_moments_kernel<scalar_t, false, false>);
-      }
+      with_variant(cross, sum.defined(), [&](auto kCross, auto kSum) {
+        launch(fused_moments_kernel<scalar_t, decltype(kCross)::value, decltype(kSum)::value>);
+      });
     });
   }
   if (splits > 1) {  // fixed-order reduction of the partials: deterministic
