@@ -15,6 +15,7 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -92,28 +93,19 @@ def run_floor(model, x, y, lossfunc, job):
     return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
 
 
-def run_gradvar(model, x, y, lossfunc, job):
-    """The statistics only: forward and backward inside collect, collect.backward (no .grad)."""
+def run_gradvar(model, x, y, lossfunc, job, with_grad=False):
+    """The front end, forward and backward inside collect: collect.backward, the statistics only
+    (no .grad); with_grad: loss.backward(), the parameters' ordinary .grad as well."""
     import gradvar_ext as gv
 
     model = gv.extend(model)  # idempotent
     params = list(model.parameters())
     with gv.collect(gv.Variance()) as stats:
-        stats.backward(lossfunc(model(x), y), create_graph=job == "b")
-    result = _finish(job, params, [p.variance for p in params])
-    gv.clear(model)
-    return result
-
-
-def run_gradvar_with_grad(model, x, y, lossfunc, job):
-    """loss.backward() inside collect: the statistics and the parameters' ordinary .grad."""
-    import gradvar_ext as gv
-
-    model = gv.extend(model)  # idempotent
-    params = list(model.parameters())
-    loss = lossfunc(model(x), y)
-    with gv.collect(gv.Variance()):
-        loss.backward(retain_graph=job == "b", create_graph=job == "b")
+        loss = lossfunc(model(x), y)
+        if with_grad:
+            loss.backward(retain_graph=job == "b", create_graph=job == "b")
+        else:
+            stats.backward(loss, create_graph=job == "b")
     result = _finish(job, params, [p.variance for p in params])
     gv.clear(model)
     model.zero_grad(set_to_none=True)  # create_graph grads hold the graph
@@ -170,7 +162,7 @@ def run_opacus(model, x, y, lossfunc, job):
 METHODS = {
     "floor": run_floor,
     "gradvar": run_gradvar,
-    "gradvar+grad": run_gradvar_with_grad,
+    "gradvar+grad": functools.partial(run_gradvar, with_grad=True),
     "gradvar-fused": run_gradvar,
     "loop": run_loop,
     "torch.func": run_torch_func,
