@@ -2,13 +2,19 @@
 
     python benchmarks/bench_fused_cuda.py
 
-For Linear shapes [N, T, in] -> [N, T, out] it times, with CUDA events (median of 20 after warm-up):
-  bmm      torch.bmm(G^T, X): the per-sample gradients [N, out, in] (cuBLAS; O(N out in) memory)
-  default  linear_variance on the default CUDA path (chunked bmm + fused accumulate)
-  fused    linear_variance with GRADVAR_EXT_FUSED_CUDA=1 (one pass, O(out in) memory)
+For Linear shapes [N, T, in] -> [N, T, out] (and two Conv2d layers of the benchmark CNN, 3x3,
+padding 1, T = H * W positions of C * 9 patch features) it times, with CUDA events (median of 20
+after warm-up):
+  bmm      torch.bmm(G^T, X): the per-sample gradients [N, out, in] (cuBLAS; O(N out in) memory;
+           for Conv2d from patches unfolded beforehand, outside the timing)
+  chunked  linear_variance / conv2d_variance with GRADVAR_EXT_FUSED_CUDA=0 (chunked bmm + accumulate)
+  fused    the same on the default path, the fused kernel (one pass, O(out in) memory)
   tf32x3   the same on tensor cores, GRADVAR_EXT_FUSED_CUDA=tf32x3 (float32 only, sm_80+)
-Throughput counts the per-sample GEMM FLOPs (2 N T out in) for all three; peak memory is what the
-call allocates beyond its inputs. Issue target: fused >= 50% of bmm's throughput.
+Throughput counts the per-sample GEMM FLOPs (2 N T out in) for all; peak memory is what the call
+allocates beyond its inputs. Beside each call's time (CUDA events, host launch overhead included)
+the GPU's own time from the profiler's kernel records: all kernels of the call, and the costliest
+one alone (for fused: the fused kernel, without the zeroing, the partials' reduction and the
+variance's elementwise steps). Issue target: fused >= 50% of bmm's throughput.
 """
 
 from __future__ import annotations
@@ -21,9 +27,34 @@ import torch
 import gradvar_ext
 
 SHAPES = [(256, 16, 256, 256), (128, 64, 512, 512), (64, 128, 1024, 1024), (1024, 8, 128, 128), (32, 256, 768, 768)]
+CONV_SHAPES = [(64, 32, 64, 32), (64, 64, 64, 16)]  # N, C_in, C_out, H = W
+
+
+def cases(dtype):
+    """(label, N T in -> out, bmm, statistic) for every shape: the per-sample GEMM and our call."""
+    for n, t, i, o in SHAPES:
+        x = torch.randn(n, t, i, device="cuda", dtype=dtype)
+        g = torch.randn(n, t, o, device="cuda", dtype=dtype)
+        yield (
+            f"{n}x{t}x{i}->{o}",
+            (n, t, i, o),
+            lambda x=x, g=g: torch.bmm(g.transpose(1, 2), x),
+            lambda x=x, g=g: gradvar_ext.linear_variance(x, g),
+        )
+    for n, c, o, hw in CONV_SHAPES:
+        x = torch.randn(n, c, hw, hw, device="cuda", dtype=dtype)
+        g = torch.randn(n, o, hw, hw, device="cuda", dtype=dtype)
+        cols = torch.nn.functional.unfold(x, 3, padding=1)  # [N, C * 9, H * W]
+        yield (
+            f"conv {c}->{o} {hw}x{hw}: {n}x{hw * hw}x{c * 9}->{o}",
+            (n, hw * hw, c * 9, o),
+            lambda cols=cols, g=g: torch.bmm(g.flatten(2), cols.transpose(1, 2)),
+            lambda x=x, g=g: gradvar_ext.conv2d_variance(x, g, 3, padding=1),
+        )
 
 
 def timed(fn, reps=20):
+    """(median ms per call from CUDA events, peak extra MB of one call)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -42,29 +73,51 @@ def timed(fn, reps=20):
     return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def gpu_time(fn, reps=10):
+    """(ms per call the GPU spends in all kernels, ms in the costliest kernel and its name), from the
+    profiler's kernel records: a call's time without its host-side launch overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [(getattr(e, "self_device_time_total", 0.0), e.key) for e in prof.key_averages()]
+    total = sum(t for t, _ in kernels) / reps / 1e3
+    top_time, top_name = max(kernels) if kernels else (0.0, "-")
+    return total, top_time / reps / 1e3, top_name
+
+
 def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, gradvar backend {gradvar_ext.backend()}")
     rows = []
     for dtype in (torch.float32, torch.float64):
-        for n, t, i, o in SHAPES:
-            x = torch.randn(n, t, i, device="cuda", dtype=dtype)
-            g = torch.randn(n, t, o, device="cuda", dtype=dtype)
-            flops = 2 * n * t * i * o
-            results = {}
-            results["bmm"] = timed(lambda x=x, g=g: torch.bmm(g.transpose(1, 2), x))
-            os.environ.pop("GRADVAR_EXT_FUSED_CUDA", None)
-            results["default"] = timed(lambda x=x, g=g: gradvar_ext.linear_variance(x, g))
-            for name, flag in (("fused", "1"), ("tf32x3", "tf32x3")):
+        for label, (n, t, i, o), bmm, statistic in cases(dtype):
+            tf = 2 * n * t * i * o / 1e9  # GFLOP; / ms = TF/s
+            bmm_ms, bmm_mb = timed(bmm)
+            bmm_gpu, _, _ = gpu_time(bmm)
+            cells = [f"{bmm_ms:.3f} ms ({bmm_gpu:.3f} on GPU), {tf / bmm_gpu:.1f} TF/s, {bmm_mb:.0f} MB"]
+            calls = {}
+            for name, flag in (("chunked", "0"), ("fused", "1"), ("tf32x3", "tf32x3")):
+                if name == "tf32x3" and dtype != torch.float32:
+                    cells.append("-")
+                    continue
                 os.environ["GRADVAR_EXT_FUSED_CUDA"] = flag
-                results[name] = timed(lambda x=x, g=g: gradvar_ext.linear_variance(x, g))
+                ms, mb = timed(statistic)
+                total, kernel, kernel_name = gpu_time(statistic)
+                calls[name] = (ms, total, kernel)
+                cells.append(f"{ms:.3f} ms ({total:.3f} on GPU, kernel {kernel:.3f}), {mb:.0f} MB")
+                if name != "chunked" and "fused_moments" not in kernel_name:
+                    cells[-1] += f" [top kernel: {kernel_name[:40]}]"
             os.environ.pop("GRADVAR_EXT_FUSED_CUDA", None)
-            cells = " | ".join(f"{ms:.3f} ms, {flops / ms / 1e9:.1f} TF/s, {mb:.0f} MB" for ms, mb in results.values())
-            best = min(results["fused"][0], results["tf32x3"][0])
-            rows.append(f"| {str(dtype)[6:]} | {n}x{t}x{i}->{o} | {cells} | {results['bmm'][0] / best:.2f} |")
+            ms, total, kernel = calls["fused"]
+            ratios = f"{bmm_ms / ms:.2f} / {bmm_gpu / total:.2f} / {bmm_gpu / kernel:.2f}"
+            rows.append(f"| {str(dtype)[6:]} | {label} | {' | '.join(cells)} | {ratios} |")
+            print(rows[-1], flush=True)  # as it comes, in case a time limit cuts the run
     print(
-        "\n| dtype | N x T x in -> out | bmm (per-sample grads) | default path | fused | fused tf32x3 "
-        "(float64: = fused) | best fused / bmm throughput |"
+        "\n| dtype | N x T x in -> out | bmm (per-sample grads) | chunked | fused | fused tf32x3 "
+        "| fused / bmm throughput: per call / GPU time / kernel alone |"
     )
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))

@@ -5,11 +5,11 @@ the seed's job), measured side by side for several methods, each in a fresh subp
 
 Methods: floor (a plain forward + backward, for scale), gradvar (this library's front end,
 extend + collect, statistics-only backward: collect.backward, no .grad), gradvar+grad (the same
-with loss.backward(): the parameters' .grad as well), gradvar-fused (CUDA only: the opt-in fused
-moment kernel), loop (per-sample autograd loop: the
-ground truth every other method is checked against), torch.func (vmap of grad), backpack (when
-installed), opacus (job a only, when installed). Prints a markdown table last and writes JSON to
-benchmarks/results/.
+with loss.backward(): the parameters' .grad as well), gradvar-fused (CUDA only: the fused moment
+kernel forced on, GRADVAR_EXT_FUSED_CUDA=1, where the default picks chunked cuBLAS bmm), loop
+(per-sample autograd loop: the ground truth every other method is checked against), torch.func
+(vmap of grad), backpack (when installed), opacus (job a only, when installed). Prints a markdown
+table last and writes JSON to benchmarks/results/.
 """
 
 from __future__ import annotations

@@ -78,16 +78,22 @@ GradientChunks outer_products(const Factors& X, const Factors& G, at::Tensor* x_
 }  // namespace
 
 #ifdef GRADVAR_WITH_CUDA
-bool fused_cuda_enabled() {
+bool use_fused_cuda(const Factors& X) {
   const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
-  return flag != nullptr && std::strcmp(flag, "") != 0 && std::strcmp(flag, "0") != 0;
+  if (flag != nullptr && std::strcmp(flag, "") != 0) return std::strcmp(flag, "0") != 0;
+  // Default: fused where writing a chunk's per-sample gradients [c, O, I] would cost more than the
+  // fused kernel's slower GEMM, i.e. few positions per sample. Crossover measured on an H200
+  // (benchmarks/RESULTS.md): T ~ 64 in float32 (fused 7-40% faster at T <= 64, 20-40% slower at
+  // T >= 128), T ~ 16 in float64 (cuBLAS runs DGEMM on tensor cores; the kernel does not).
+  return X.positions <= (X.options.dtype() == at::kDouble ? 16 : 64);
 }
 #endif
 
 // moment = sum_n (G_n^T X_n) * (Gb_n^T Xb_n), sum = sum_n G_n^T X_n.
 // T == 1: batched GEMMs over all samples, (G*Gb)^T (X*Xb) and G^T X; extra memory O(N (I + O)).
 // T > 1: per chunk of c samples, bmm -> [c*groups, O, I] (twice if the pairs differ), then a
-//        fused multiply-accumulate; extra memory <= kChunkBytes + O(groups O I).
+//        fused multiply-accumulate; extra memory <= kChunkBytes + O(groups O I). On CUDA with
+//        few positions, the fused kernel instead (use_fused_cuda): no [c, O, I] at all.
 std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const Factors& G, const Factors* Xb,
                                                          const Factors* Gb, bool with_sum) {
   const bool same = Xb == nullptr;
@@ -99,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const
     return {moment, sum};
   }
 #ifdef GRADVAR_WITH_CUDA
-  if (X.options.device().is_cuda() && fused_cuda_enabled()) {  // no [c, O, I] scratch: chunk only unfolding
+  if (X.options.device().is_cuda() && use_fused_cuda(X)) {  // no [c, O, I] scratch: chunk only unfolding
     const int64_t N = X.samples, groups = X.groups, I = X.features, O = G.features;
     at::Tensor moment = at::zeros({groups, O, I}, X.options);
     at::Tensor sum = with_sum ? at::zeros({groups, O, I}, X.options) : at::Tensor();

@@ -102,10 +102,11 @@ void im2col_cpu(const at::Tensor& image, at::Tensor& cols, at::IntArrayRef kerne
 void col2im_cpu(const at::Tensor& cols, at::Tensor& image, at::IntArrayRef kernel, at::IntArrayRef stride,
                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_height, int64_t out_width);
 #ifdef GRADVAR_WITH_CUDA
-// GRADVAR_EXT_FUSED_CUDA=1: the moments of CUDA tensors with positions (T > 1) use the fused
-// kernel (cuda/fused_moments.cu) instead of bmm + accumulate; =tf32x3 its tensor-core variant
-// for float32 on sm_80+ (not yet run on a GPU). Opt-in until validated and faster than cuBLAS.
-bool fused_cuda_enabled();
+// Whether the moments of CUDA factors with T > 1 positions use the fused kernel
+// (cuda/fused_moments.cu) rather than chunked bmm + accumulate: by default for T <= 64 (float32)
+// or T <= 16 (float64), where it is faster; GRADVAR_EXT_FUSED_CUDA=1 always, =0 never, =tf32x3
+// always, on the kernel's tensor-core variant (float32, sm_80+; slower than the CUDA-core one).
+bool use_fused_cuda(const Factors& X);
 // moment (+)= sum_s g_s * h_s, sum (+)= sum_s g_s over one chunk; X, G (Xb, Gb): [S * groups, T, F].
 void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X, const at::Tensor& G,
                         const at::Tensor* Xb, const at::Tensor* Gb, int64_t groups);

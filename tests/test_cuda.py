@@ -115,14 +115,15 @@ def test_cuda_conv_gradcheck_gradgradcheck_opcheck(op, case, conv_algorithm):
     check_gradients_and_opcheck(op, case, "cuda")
 
 
-# ---------------------------------------------------------------- the fused kernel (opt-in)
+# ---------------------------------------------------------------- the moment paths on CUDA
 MOMENT_OPS = ("linear_second_moment", "linear_variance", "linear_cross_moment")
 CONV_MOMENT_OPS = ("conv2d_second_moment", "conv2d_variance", "conv2d_cross_moment")
 
 
-@pytest.fixture(params=["1", "tf32x3"])
+@pytest.fixture(params=["0", "1", "tf32x3"])
 def fused(request, monkeypatch):
-    """The fused kernel on CUDA cores ("1") and, for float32 on sm_80+, on tensor cores (3xTF32)."""
+    """Chunked bmm ("0"), the fused kernel on CUDA cores ("1"; the default for few positions) and,
+    for float32 on sm_80+, on tensor cores (3xTF32)."""
     monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", request.param)
 
 
@@ -130,8 +131,11 @@ def fused(request, monkeypatch):
 @pytest.mark.parametrize("op", MOMENT_OPS)
 def test_fused_cuda_linear_matches_reference(fused, op, dtype):
     torch.manual_seed(16)
-    # Shapes with positions (the fused path), tile edges (1, 63, 64, 65, 130) and both split regimes.
+    # Shapes with positions (the fused path): tile edges (1, 63, 64, 65, 127-130, 256), positions
+    # per sample below, at and above a stage (8), 128-bit loads (features % 4 == 0) or not, and
+    # both split regimes.
     shapes = [(7, (3,), 5, 3), (2, (2, 3), 16, 12), (64, (5,), 65, 63), (300, (2,), 7, 9), (3, (17,), 130, 64)]
+    shapes += [(5, (40,), 132, 256), (33, (8,), 36, 20), (6, (1, 13), 128, 127), (2, (9,), 129, 128)]
     cases = [c for c in ALL_CASES if c.middle] + [Case(n, m, fi, fo) for n, m, fi, fo in shapes] + MULTI_CHUNK_CASES
     for case in cases:
         args = case.args(op, dtype, device="cuda")

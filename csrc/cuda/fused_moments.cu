@@ -3,13 +3,12 @@
 //   moment[g, o, i] += sum_s  g_s[o, i] * h_s[o, i]      (h_s = g_s unless a second pair is given)
 //   sum[g, o, i]    += sum_s  g_s[o, i]                  (optional)
 //   g_s = sum_t G[s, t, o] X[s, t, i],  h_s = sum_t Gb[s, t, o] Xb[s, t, i]
-// X, Xb: [S * groups, T, I]; G, Gb: [S * groups, T, O]; any strides. A block owns a 64 x 64
-// output tile of one group: 256 threads, 4 x 4 outputs each, strided by 16 so shared-memory
-// reads are conflict-free. It walks its share of the samples; per sample it accumulates g_s
-// (and h_s) over T in registers, 16 positions at a time through shared memory, then updates
-// the moment / sum registers. Samples are split over gridDim.z only as far as needed to fill
-// the GPU; the splits' partials are reduced in a fixed order afterwards.
-// Memory: partials [splits, groups, O, I] with splits = 1 when the tiles alone fill the GPU.
+// X, Xb: [S * groups, T, I]; G, Gb: [S * groups, T, O]; any strides. A block owns an output
+// tile of one group (128 x 128 float32, 64 x 64 float64) and walks its share of the samples'
+// positions (below); per sample it accumulates g_s (and h_s) in registers, then updates the
+// moment / sum registers. Samples are split over gridDim.z only as far as needed to fill the GPU;
+// the splits' partials are reduced in a fixed order afterwards.
+// Memory: partials [splits, groups, O, I] (<= 64 MiB), none when the tiles alone fill the GPU.
 // GRADVAR_EXT_FUSED_CUDA=tf32x3 (float32, sm_80+): the same walk on tensor cores, 3xTF32 (below).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -23,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -31,99 +31,205 @@
 namespace gradvar {
 namespace {
 
-constexpr int kTile = 64, kSteps = 16, kThreads = 256, kPer = 4;
-
 struct Operand {  // a [S * groups, T, F] factor with element strides
   const void* data;
   int64_t s_batch, s_pos, s_feat;
 };
 
-// Loads rows [t0, t0 + kSteps) x features [f0, f0 + kTile) of sample-group `b` into tile[k][f],
-// zero-filling outside [T, F). Consecutive threads walk the operand's unit-stride dimension.
-template <typename scalar_t, int kBlock = kThreads>
-__device__ void load_tile(scalar_t (*tile)[kTile], const Operand& op, int64_t b, int64_t t0, int64_t f0,
-                          int64_t T, int64_t F) {
-  const auto* base = static_cast<const scalar_t*>(op.data) + b * op.s_batch;
-  const bool features_fastest = op.s_feat == 1;
-#pragma unroll
-  for (int r = 0; r < kSteps * kTile / kBlock; ++r) {
-    const int e = threadIdx.x + r * kBlock;
-    const int k = features_fastest ? e / kTile : e % kSteps;
-    const int f = features_fastest ? e % kTile : e / kSteps;
-    const int64_t t = t0 + k, feat = f0 + f;
-    tile[k][f] = (t < T && feat < F) ? base[t * op.s_pos + feat * op.s_feat] : scalar_t(0);
-  }
-}
+// ---- CUDA cores, register-tiled ----
+// The block's positions are walked as one sequence over its samples, kStage at a time: a stage is
+// fetched into registers while the previous one is multiplied from shared memory (two stages, one
+// barrier each). 256 threads as 16 x 16; a thread owns kPer x kPer outputs, rows
+// h * 64 + ty * 4 + {0..3} and columns h * 64 + tx * 4 + {0..3} (h < kPer / 4), read from shared
+// memory as 4-vectors (conflict-free). After a sample's last position the thread folds its
+// gradient tile into the moment / sum registers (m += g * h, s += g) and clears it. kPer = 8
+// (128 x 128 tiles) for float32 moments; 4 (64 x 64) for float64 or a cross moment (g, h and m:
+// three accumulator sets either way, <= 192 registers of them).
+constexpr int kStage = 8, kBlock = 256;
 
-template <typename scalar_t>
-__device__ void accumulate_sample(scalar_t (&acc)[kPer][kPer], scalar_t (*gs)[kTile], scalar_t (*xs)[kTile],
-                                  const Operand& G, const Operand& X, int64_t b, int64_t o0, int64_t i0, int64_t T,
-                                  int64_t O, int64_t I) {
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+template <typename scalar_t, bool kCross>
+struct Tiling {
+  static constexpr int kPer = (sizeof(scalar_t) == 4 && !kCross) ? 8 : 4;
+  static constexpr int kSide = 16 * kPer;       // output tile: kSide x kSide
+  static constexpr int kRow = kSide + 4;        // shared-memory row (one position of one operand)
+  static constexpr int kVec = kSide / 32;       // elements a thread fetches per operand and stage
+  static constexpr int kOperands = kCross ? 4 : 2;  // G, X (, Gb, Xb)
+};
+
+template <typename scalar_t, int kVec>
+struct alignas(sizeof(scalar_t) * kVec) Vec {
+  scalar_t v[kVec];
+};
+
+// One operand's stage for this thread: a fixed row k of the stage (features fastest: k = warp,
+// kVec consecutive features; positions fastest: k = lane % 8, features 32 apart), following the
+// position that row holds (pointer `row`, position t in its sample) as the walk advances.
+template <typename scalar_t, int kVec>
+struct StageFetcher {
+  const scalar_t* row;      // this thread's first element of the current row
+  int64_t s_pos, s_sample;  // element strides: next position, next sample (of the same group)
+  int64_t s_elem;           // between this thread's elements of a row
+  int t, features_left;     // features_left = F - this thread's first feature (host: T, F < 2^31)
+  int k, f, f_step;
+  bool vectorised;
+
+  StageFetcher() = default;
+  __device__ StageFetcher(const Operand& o, int64_t first_sample, int64_t T, int64_t groups, int64_t group,
+                          int64_t feature0, int64_t F, bool vectorised_) {
+    const bool features_fastest = o.s_feat == 1;
+    k = features_fastest ? threadIdx.x / 32 : threadIdx.x % kStage;
+    f = features_fastest ? (threadIdx.x % 32) * kVec : threadIdx.x / kStage;
+    f_step = features_fastest ? 1 : 32;
+    vectorised = vectorised_ && features_fastest;
+    s_pos = o.s_pos, s_sample = groups * o.s_batch, s_elem = f_step * o.s_feat;
+    features_left = static_cast<int>(F - feature0 - f);
+    t = static_cast<int>(k % T);
+    row = static_cast<const scalar_t*>(o.data) + ((first_sample + k / T) * groups + group) * o.s_batch +
+          t * s_pos + (feature0 + f) * o.s_feat;
+  }
+
+  // v = the row's elements, zero where the row is past the block's positions (k >= remaining)
+  // or the feature is past F.
+  __device__ void fetch(scalar_t (&v)[kVec], int64_t remaining) const {
+    const bool row_valid = k < remaining;
+    if (vectorised) {  // F % kVec == 0 and aligned: the kVec features are all in or all out
+      if (row_valid && features_left > 0) {
+        const auto w = *reinterpret_cast<const Vec<scalar_t, kVec>*>(row);
 #pragma unroll
-  for (int a = 0; a < kPer; ++a)
+        for (int j = 0; j < kVec; ++j) v[j] = w.v[j];
+      } else {
 #pragma unroll
-    for (int c = 0; c < kPer; ++c) acc[a][c] = 0;
-  for (int64_t t0 = 0; t0 < T; t0 += kSteps) {
-    load_tile(gs, G, b, t0, o0, T, O);
-    load_tile(xs, X, b, t0, i0, T, I);
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kSteps; ++k) {
-      scalar_t gv[kPer], xv[kPer];
-#pragma unroll
-      for (int a = 0; a < kPer; ++a) gv[a] = gs[k][ty + 16 * a];
-#pragma unroll
-      for (int c = 0; c < kPer; ++c) xv[c] = xs[k][tx + 16 * c];
-#pragma unroll
-      for (int a = 0; a < kPer; ++a)
-#pragma unroll
-        for (int c = 0; c < kPer; ++c) acc[a][c] += gv[a] * xv[c];
+        for (int j = 0; j < kVec; ++j) v[j] = scalar_t(0);
+      }
+      return;
     }
-    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) v[j] = (row_valid && j * f_step < features_left) ? row[j * s_elem] : scalar_t(0);
+  }
+
+  // tile: [kStage][row_len] (rows padded so that positions-fastest stores spread over the banks)
+  __device__ void stash(const scalar_t (&v)[kVec], scalar_t* tile, int row_len) const {
+    if (f_step == 1) {
+      Vec<scalar_t, kVec> w;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) w.v[j] = v[j];
+      *reinterpret_cast<Vec<scalar_t, kVec>*>(tile + k * row_len + f) = w;
+      return;
+    }
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) tile[k * row_len + f + j * f_step] = v[j];
+  }
+
+  __device__ void advance(int T) {  // kStage positions on
+    const int next = t + kStage, samples_on = T >= kStage ? (next >= T) : next / T;
+    const int t_new = next - samples_on * T;
+    row += samples_on * s_sample + (t_new - t) * s_pos;
+    t = t_new;
+  }
+};
+
+template <typename scalar_t, int kPer>
+__device__ void read_fragment(scalar_t (&v)[kPer], const scalar_t* row, int lane16) {
+#pragma unroll
+  for (int h = 0; h < kPer / 4; ++h) {
+    const scalar_t* at = row + h * 64 + lane16 * 4;
+    if constexpr (sizeof(scalar_t) == 4) {
+      const float4 w = *reinterpret_cast<const float4*>(at);
+      v[4 * h] = w.x, v[4 * h + 1] = w.y, v[4 * h + 2] = w.z, v[4 * h + 3] = w.w;
+    } else {
+      const double2 w0 = *reinterpret_cast<const double2*>(at), w1 = *reinterpret_cast<const double2*>(at + 2);
+      v[4 * h] = w0.x, v[4 * h + 1] = w0.y, v[4 * h + 2] = w1.x, v[4 * h + 3] = w1.y;
+    }
   }
 }
 
 template <typename scalar_t, bool kCross, bool kSum>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kBlock)
     fused_moments_kernel(Operand X, Operand G, Operand Xb, Operand Gb, scalar_t* __restrict__ moment_out,
                          scalar_t* __restrict__ sum_out, int64_t samples, int64_t groups, int64_t T, int64_t I,
-                         int64_t O, int64_t splits) {
-  __shared__ scalar_t gs[kSteps][kTile], xs[kSteps][kTile];
+                         int64_t O, int64_t splits, bool vectorised) {
+  using Tile = Tiling<scalar_t, kCross>;
+  constexpr int kPer = Tile::kPer, kSide = Tile::kSide, kRow = Tile::kRow, kVec = Tile::kVec;
+  constexpr int kOps = Tile::kOperands;
+  __shared__ __align__(16) scalar_t smem[2][kOps][kStage * kRow];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int64_t i0 = int64_t(blockIdx.x) * kTile, o0 = int64_t(blockIdx.y) * kTile;
+  const int64_t i0 = int64_t(blockIdx.x) * kSide, o0 = int64_t(blockIdx.y) * kSide;
   const int64_t group = blockIdx.z % groups, split = blockIdx.z / groups;
   const int64_t s_begin = samples * split / splits, s_end = samples * (split + 1) / splits;
-  scalar_t m[kPer][kPer] = {}, s[kPer][kPer] = {};
-  scalar_t g[kPer][kPer], h[kPer][kPer];
-  for (int64_t n = s_begin; n < s_end; ++n) {
-    const int64_t b = n * groups + group;
-    accumulate_sample(g, gs, xs, G, X, b, o0, i0, T, O, I);
-    if (kCross) accumulate_sample(h, gs, xs, Gb, Xb, b, o0, i0, T, O, I);
+  using Fetcher = StageFetcher<scalar_t, kVec>;
+  Fetcher fetchers[kOps];
+  fetchers[0] = Fetcher(G, s_begin, T, groups, group, o0, O, vectorised);
+  fetchers[1] = Fetcher(X, s_begin, T, groups, group, i0, I, vectorised);
+  if constexpr (kCross) {
+    fetchers[2] = Fetcher(Gb, s_begin, T, groups, group, o0, O, vectorised);
+    fetchers[3] = Fetcher(Xb, s_begin, T, groups, group, i0, I, vectorised);
+  }
+  scalar_t m[kPer][kPer] = {}, s[kPer][kPer] = {}, g[kPer][kPer] = {}, h[kPer][kPer] = {};
+  scalar_t staged[kOps][kVec];
+  int64_t remaining = (s_end - s_begin) * T, t0 = 0;  // from the stage's first position (block-uniform)
+  if (remaining > 0) {
 #pragma unroll
-    for (int a = 0; a < kPer; ++a)
+    for (int p = 0; p < kOps; ++p) fetchers[p].fetch(staged[p], remaining), fetchers[p].stash(staged[p], smem[0][p], kRow);
+    __syncthreads();
+  }
+  for (int cur = 0; remaining > 0; cur ^= 1) {
+    const bool more = remaining > kStage;
+    if (more) {  // in flight while the stage below is multiplied
 #pragma unroll
-      for (int c = 0; c < kPer; ++c) {
-        m[a][c] += g[a][c] * (kCross ? h[a][c] : g[a][c]);
-        if (kSum) s[a][c] += g[a][c];
+      for (int p = 0; p < kOps; ++p) fetchers[p].advance(static_cast<int>(T)), fetchers[p].fetch(staged[p], remaining - kStage);
+    }
+    // Positions of this stage that end a sample (bit k), among the block's positions.
+    unsigned last = 0;
+    for (int64_t k = T - 1 - t0; k < kStage; k += T) last |= 1u << k;
+    if (remaining < kStage) last &= (1u << remaining) - 1;
+#pragma unroll
+    for (int k = 0; k < kStage; ++k) {
+      scalar_t a[kPer], b[kPer];
+      read_fragment(a, smem[cur][0] + k * kRow, ty);
+      read_fragment(b, smem[cur][1] + k * kRow, tx);
+#pragma unroll
+      for (int r = 0; r < kPer; ++r)
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) g[r][c] += a[r] * b[c];
+      if constexpr (kCross) {
+        read_fragment(a, smem[cur][2] + k * kRow, ty);
+        read_fragment(b, smem[cur][3] + k * kRow, tx);
+#pragma unroll
+        for (int r = 0; r < kPer; ++r)
+#pragma unroll
+          for (int c = 0; c < kPer; ++c) h[r][c] += a[r] * b[c];
       }
+      if (last & (1u << k)) {  // block-uniform
+#pragma unroll
+        for (int r = 0; r < kPer; ++r)
+#pragma unroll
+          for (int c = 0; c < kPer; ++c) {
+            m[r][c] += g[r][c] * (kCross ? h[r][c] : g[r][c]);
+            if (kSum) s[r][c] += g[r][c];
+            g[r][c] = scalar_t(0);
+            if (kCross) h[r][c] = scalar_t(0);
+          }
+      }
+    }
+    if (more) {
+#pragma unroll
+      for (int p = 0; p < kOps; ++p) fetchers[p].stash(staged[p], smem[cur ^ 1][p], kRow);
+    }
+    t0 = (t0 + kStage) % T;
+    remaining -= kStage;
+    __syncthreads();
   }
   // Output layout [splits, groups, O, I]; with splits == 1 this is the result itself (+=).
   const int64_t out_base = (split * groups + group) * O * I;
 #pragma unroll
-  for (int a = 0; a < kPer; ++a)
+  for (int r = 0; r < kPer; ++r)
 #pragma unroll
     for (int c = 0; c < kPer; ++c) {
-      const int64_t o = o0 + ty + 16 * a, i = i0 + tx + 16 * c;
+      const int64_t o = o0 + (r / 4) * 64 + ty * 4 + r % 4, i = i0 + (c / 4) * 64 + tx * 4 + c % 4;
       if (o < O && i < I) {
         const int64_t at = out_base + o * I + i;
-        if (splits == 1) {
-          moment_out[at] += m[a][c];
-          if (kSum) sum_out[at] += s[a][c];
-        } else {
-          moment_out[at] = m[a][c];
-          if (kSum) sum_out[at] = s[a][c];
-        }
+        moment_out[at] = (splits == 1 ? moment_out[at] : scalar_t(0)) + m[r][c];
+        if (kSum) sum_out[at] = (splits == 1 ? sum_out[at] : scalar_t(0)) + s[r][c];
       }
     }
 }
@@ -141,6 +247,7 @@ __global__ void __launch_bounds__(kThreads)
 // 64 x 72 float buffer (18 KiB): 2 stages x {G, X} x 16 positions during the walk, then the
 // staging tile through which results reach global memory (bounds-checked).
 namespace wmma = nvcuda::wmma;
+constexpr int kTile = 64, kSteps = 16;
 constexpr int kTcThreads = 128, kLd = kTile + 8, kPerThread = kSteps * kTile / kTcThreads;
 using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
 using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
@@ -356,52 +463,69 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
                         const at::Tensor* Xb, const at::Tensor* Gb, int64_t groups) {
   const c10::cuda::CUDAGuard guard(X.device());
   const int64_t samples = X.size(0) / groups, T = X.size(1), I = X.size(2), O = G.size(2);
-  if (samples == 0 || I == 0 || O == 0) return;
-  const int64_t tiles = ((I + kTile - 1) / kTile) * ((O + kTile - 1) / kTile) * groups;
-  // Enough blocks for two waves; partials capped at 64 MiB (and 64 splits).
-  const int64_t per_split_bytes = groups * O * I * int64_t(X.element_size()) * (sum.defined() ? 2 : 1);
-  int64_t splits = std::max<int64_t>(1, (2 * multiprocessors(X.get_device()) + tiles - 1) / tiles);
-  splits = std::clamp<int64_t>(std::min(splits, (int64_t(64) << 20) / std::max<int64_t>(per_split_bytes, 1)), 1,
-                               std::min<int64_t>(samples, 64));
-  at::Tensor moment_out = moment, sum_out = sum;
-  if (splits > 1) {
-    moment_out = at::empty({splits, groups, O, I}, moment.options());
-    if (sum.defined()) sum_out = at::empty({splits, groups, O, I}, moment.options());
-  }
-  const dim3 grid(static_cast<unsigned>((I + kTile - 1) / kTile), static_cast<unsigned>((O + kTile - 1) / kTile),
-                  static_cast<unsigned>(groups * splits));
+  if (samples == 0 || T == 0 || I == 0 || O == 0) return;
+  TORCH_CHECK(T <= INT32_MAX && I <= INT32_MAX && O <= INT32_MAX,
+              "gradvar: the fused CUDA moments take fewer than 2^31 positions and features per sample "
+              "(set GRADVAR_EXT_FUSED_CUDA=0 for the chunked path)");
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool cross = Xb != nullptr;
   const Operand x = operand(X), g = operand(G), xb = cross ? operand(*Xb) : x, gb = cross ? operand(*Gb) : g;
+  const int device = X.get_device();
   int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, X.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  // Samples are split over gridDim.z so that the tiles fill one wave of resident blocks (partials
+  // [splits, groups, O, I], at most 64 MiB); the partials are then reduced in a fixed order.
+  auto run = [&](auto kernel, int threads, int side, auto start) {
+    int resident = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, 0));
+    const int64_t tiles = ((I + side - 1) / side) * ((O + side - 1) / side) * groups;
+    const int64_t wave = int64_t(std::max(resident, 1)) * multiprocessors(device);
+    const int64_t per_split_bytes = groups * O * I * int64_t(X.element_size()) * (sum.defined() ? 2 : 1);
+    const int64_t splits = std::clamp<int64_t>(
+        std::min(wave / tiles, (int64_t(64) << 20) / std::max<int64_t>(per_split_bytes, 1)), 1, samples);
+    at::Tensor moment_out = moment, sum_out = sum;
+    if (splits > 1) {
+      moment_out = at::empty({splits, groups, O, I}, moment.options());
+      if (sum.defined()) sum_out = at::empty({splits, groups, O, I}, moment.options());
+    }
+    const dim3 grid(static_cast<unsigned>((I + side - 1) / side), static_cast<unsigned>((O + side - 1) / side),
+                    static_cast<unsigned>(groups * splits));
+    start(grid, moment_out, sum_out, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (splits > 1) {
+      moment.add_(moment_out.sum(0));
+      if (sum.defined()) sum.add_(sum_out.sum(0));
+    }
+  };
   if (X.scalar_type() == at::kFloat && major >= 8 && tensor_cores_requested()) {
-    float* m_ptr = moment_out.mutable_data_ptr<float>();
-    float* s_ptr = sum.defined() ? sum_out.mutable_data_ptr<float>() : nullptr;
-    auto launch = [&](auto kernel) {
-      kernel<<<grid, kTcThreads, 0, stream>>>(x, g, xb, gb, m_ptr, s_ptr, samples, groups, T, I, O, splits);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
     with_variant(cross, sum.defined(), [&](auto kCross, auto kSum) {
-      launch(fused_moments_tf32x3_kernel<decltype(kCross)::value, decltype(kSum)::value>);
-    });
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "fused_moments_cuda", [&] {
-      auto* m_ptr = moment_out.mutable_data_ptr<scalar_t>();
-      auto* s_ptr = sum.defined() ? sum_out.mutable_data_ptr<scalar_t>() : nullptr;
-      auto launch = [&](auto kernel) {
-        kernel<<<grid, kThreads, 0, stream>>>(x, g, xb, gb, m_ptr, s_ptr, samples, groups, T, I, O, splits);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      with_variant(cross, sum.defined(), [&](auto kCross, auto kSum) {
-        launch(fused_moments_kernel<scalar_t, decltype(kCross)::value, decltype(kSum)::value>);
+      const auto kernel = fused_moments_tf32x3_kernel<decltype(kCross)::value, decltype(kSum)::value>;
+      run(kernel, kTcThreads, kTile, [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits) {
+        float* s_ptr = sum.defined() ? s_out.mutable_data_ptr<float>() : nullptr;
+        kernel<<<grid, kTcThreads, 0, stream>>>(x, g, xb, gb, m_out.mutable_data_ptr<float>(), s_ptr, samples,
+                                                groups, T, I, O, splits);
       });
     });
+    return;
   }
-  if (splits > 1) {  // fixed-order reduction of the partials: deterministic
-    moment.add_(moment_out.sum(0));
-    if (sum.defined()) sum.add_(sum_out.sum(0));
-  }
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "fused_moments_cuda", [&] {
+    with_variant(cross, sum.defined(), [&](auto kCross, auto kSum) {
+      using Tile = Tiling<scalar_t, decltype(kCross)::value>;
+      // 128-bit operand loads when every features-fastest operand allows them
+      auto vector_ok = [](const at::Tensor& t) {
+        const int64_t v = Tile::kVec;
+        return t.stride(2) != 1 || (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % (v * t.element_size()) == 0 &&
+                                    t.stride(0) % v == 0 && t.stride(1) % v == 0 && t.size(2) % v == 0);
+      };
+      const bool vectorised = vector_ok(X) && vector_ok(G) && (!cross || (vector_ok(*Xb) && vector_ok(*Gb)));
+      const auto kernel = fused_moments_kernel<scalar_t, decltype(kCross)::value, decltype(kSum)::value>;
+      run(kernel, kBlock, Tile::kSide, [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits) {
+        scalar_t* s_ptr = sum.defined() ? s_out.mutable_data_ptr<scalar_t>() : nullptr;
+        kernel<<<grid, kBlock, 0, stream>>>(x, g, xb, gb, m_out.mutable_data_ptr<scalar_t>(), s_ptr, samples,
+                                            groups, T, I, O, splits, vectorised);
+      });
+    });
+  });
 }
 
 }  // namespace gradvar
