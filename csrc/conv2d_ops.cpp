@@ -71,6 +71,35 @@ ConvGeometry check_conv(const char* op, const at::Tensor& input, const char* inp
   return c;
 }
 
+// Patches of images [n, C_in, H, W] as strided views of the zero-padded images, copied once into
+// [n * groups, L, C_in/groups * kh * kw] (features fastest; im2col's feature order c, i, j): one
+// copy kernel, where at::im2col on CUDA launches one kernel per sample (0.25 ms of GPU time for
+// 64 samples of 64 channels at 16x16 on an H200, benchmarks/RESULTS.md).
+at::Tensor unfold_strided(const at::Tensor& images, const ConvGeometry& c) {
+  const int64_t n = images.size(0), per_group = c.in_channels / c.groups;
+  const bool padded = c.padding[0] != 0 || c.padding[1] != 0;
+  const auto image =
+      padded ? at::constant_pad_nd(images, {c.padding[1], c.padding[1], c.padding[0], c.padding[0]}, 0) : images;
+  const int64_t span_h = c.dilation[0] * (c.kernel[0] - 1) + 1, span_w = c.dilation[1] * (c.kernel[1] - 1) + 1;
+  const auto taps = image.unfold(2, span_h, c.stride[0])
+                        .unfold(3, span_w, c.stride[1])  // [n, C, H_out, W_out, span_h, span_w]
+                        .slice(4, 0, span_h, c.dilation[0])
+                        .slice(5, 0, span_w, c.dilation[1]);  // [n, C, H_out, W_out, kh, kw]
+  return taps.unflatten(1, {c.groups, per_group})
+      .permute({0, 1, 3, 4, 2, 5, 6})  // [n, groups, H_out, W_out, C/groups, kh, kw]
+      .reshape({n * c.groups, c.positions(), c.patch()});
+}
+
+// How a chunk's patches are unfolded: our parallel im2col kernel on CPU, strided views + one copy
+// elsewhere; GRADVAR_EXT_UNFOLD=im2col|strided forces one (strided on CPU: for tests).
+bool unfold_with_im2col(const at::Tensor& images) {
+  const char* flag = std::getenv("GRADVAR_EXT_UNFOLD");
+  const std::string choice = flag != nullptr ? flag : "";
+  GRADVAR_CHECK(choice.empty() || choice == "im2col" || choice == "strided", "conv2d",
+                "GRADVAR_EXT_UNFOLD must be im2col or strided, got '", choice, "'");
+  return images.is_cpu() && choice != "strided";
+}
+
 // Patches of an image [N, C_in, H, W]: chunk -> [n * groups, L, C_in/groups * kh * kw].
 Factors patch_factors(const at::Tensor& image, const ConvGeometry& c) {
   const auto img = image.contiguous();
@@ -78,20 +107,14 @@ Factors patch_factors(const at::Tensor& image, const ConvGeometry& c) {
   return Factors{img.size(0), g, L, f, img.options(), !c.unfold_is_view(),
                  [img, c, g, f, L](int64_t start, int64_t n) {
                    const auto part = img.narrow(0, start, n);
-                   at::Tensor cols;
-                   if (c.unfold_is_view()) {
-                     cols = part;
-                   } else if (part.is_cpu()) {
-                     cols = at::empty({n, g * f, L}, part.options());
-                     im2col_cpu(part, cols, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
-                   } else {
-                     cols = at::im2col(part, c.kernel, c.dilation, c.padding, c.stride);
-                   }
+                   if (c.unfold_is_view()) return part.view({n, g, f, L}).transpose(2, 3).reshape({n * g, L, f});
+                   if (!unfold_with_im2col(part)) return unfold_strided(part, c);
+                   at::Tensor cols = at::empty({n, g * f, L}, part.options());
+                   im2col_cpu(part, cols, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
                    return cols.view({n, g, f, L}).transpose(2, 3).reshape({n * g, L, f});
                  }};
 }
 
-// Positions of a grad_output-like tensor [N, C_out, H_out, W_out]: chunk -> [n * groups, L, C_out/groups], a view.
 Factors position_factors(const at::Tensor& grad, const ConvGeometry& c) {
   const auto go = grad.contiguous();
   const int64_t g = c.groups, f = c.out_channels / g, L = c.positions();

@@ -81,11 +81,12 @@ GradientChunks outer_products(const Factors& X, const Factors& G, at::Tensor* x_
 bool use_fused_cuda(const Factors& X) {
   const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
   if (flag != nullptr && std::strcmp(flag, "") != 0) return std::strcmp(flag, "0") != 0;
-  // Default: fused where writing a chunk's per-sample gradients [c, O, I] would cost more than the
-  // fused kernel's slower GEMM, i.e. few positions per sample. Crossover measured on an H200
-  // (benchmarks/RESULTS.md): T ~ 64 in float32 (fused 7-40% faster at T <= 64, 20-40% slower at
-  // T >= 128), T ~ 16 in float64 (cuBLAS runs DGEMM on tensor cores; the kernel does not).
-  return X.positions <= (X.options.dtype() == at::kDouble ? 16 : 64);
+  // Default: fused where writing a chunk's per-sample gradients [c, O, I] costs more than the
+  // fused kernel's slower GEMM, i.e. few positions per sample. Measured on an H200
+  // (benchmarks/RESULTS.md), GPU time: float32 fused 1.2-2.7x faster at T = 8-16, 1.3x slower
+  // at T = 64 (faster in another run), 1.4-2.0x slower at T >= 128; float64 1.4-4x faster at
+  // T = 8-16, 2.3x slower at T = 64 (cuBLAS runs DGEMM on tensor cores; the kernel does not).
+  return X.positions <= (X.options.dtype() == at::kDouble ? 16 : 32);
 }
 #endif
 

@@ -103,7 +103,7 @@ void col2im_cpu(const at::Tensor& cols, at::Tensor& image, at::IntArrayRef kerne
                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_height, int64_t out_width);
 #ifdef GRADVAR_WITH_CUDA
 // Whether the moments of CUDA factors with T > 1 positions use the fused kernel
-// (cuda/fused_moments.cu) rather than chunked bmm + accumulate: by default for T <= 64 (float32)
+// (cuda/fused_moments.cu) rather than chunked bmm + accumulate: by default for T <= 32 (float32)
 // or T <= 16 (float64), where it is faster; GRADVAR_EXT_FUSED_CUDA=1 always, =0 never, =tf32x3
 // always, on the kernel's tensor-core variant (float32, sm_80+; slower than the CUDA-core one).
 bool use_fused_cuda(const Factors& X);

@@ -192,6 +192,15 @@ def test_unknown_conv_algorithm_is_named(monkeypatch):
         call("conv2d_variance", x, go, *conv)
 
 
+@pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the choice is the compiled kernels'")
+def test_unknown_unfolding_is_named(monkeypatch):
+    monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
+    monkeypatch.setenv("GRADVAR_EXT_UNFOLD", "fft")
+    x, go, *conv = ConvCase(2, 8, 4, (6, 6), padding=(1, 1)).args("conv2d_variance", torch.float32)
+    with pytest.raises(ValueError, match="GRADVAR_EXT_UNFOLD must be im2col or strided, got 'fft'"):
+        call("conv2d_variance", x, go, *conv)
+
+
 def test_algorithms_agree_on_the_auto_choice(monkeypatch):
     """float32, 3x3, stride 1, 16 channels: auto takes the grouped path; all three agree."""
     x, go, *conv = ConvCase(5, 16, 8, (7, 6), padding=(1, 1)).args("conv2d_variance", torch.float32)
