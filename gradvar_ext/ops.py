@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks, _loader
+from . import _checks, _loader, reference
 
 _ops = torch.ops.gradvar
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -309,24 +309,25 @@ def weighted_gradient_product(
     return _ops.weighted_gradient_product(*promoted(left, input, grad_output, weight, center))
 
 
-def _with_ones_input(op: str, grad_output: Tensor) -> tuple[Tensor, Tensor]:
-    """A Linear layer's bias is a weight column fed by a constant 1: its statistics are the
-    weight statistics with ``input = 1`` ([N, *, 1]). Returns ``(ones, grad_output)``, promoted."""
+# The per-sample bias gradients b_n = sum_* grad_output[n] are [N, out]: a sum, not an outer
+# product, small enough to hold; their statistics are plain differentiable torch reductions (the
+# reference's), a few kernels where the outer-product ops with an input of ones took a dozen.
+def _checked_bias_input(op: str, grad_output: Tensor) -> Tensor:
     (grad_output,) = promoted(grad_output)
     _checks.check_samples_pair(op, grad_output, "grad_output", grad_output, "grad_output")
-    return grad_output.new_ones(grad_output.shape[:-1] + (1,)).detach(), grad_output
+    return grad_output
 
 
 def bias_second_moment(grad_output: Tensor) -> Tensor:
     """``sum_n b_n ** 2`` for the per-sample bias gradients ``b_n = sum_* grad_output[n]``: ``[out_features]``."""
-    return _ops.linear_second_moment(*_with_ones_input("bias_second_moment", grad_output))[:, 0]
+    return reference.bias_second_moment(_checked_bias_input("bias_second_moment", grad_output))
 
 
 def bias_variance(grad_output: Tensor) -> Tensor:
     """Variance over samples of the per-sample bias gradients: ``[out_features]``, never negative."""
-    return _ops.linear_variance(*_with_ones_input("bias_variance", grad_output))[:, 0]
+    return reference.bias_variance(_checked_bias_input("bias_variance", grad_output))
 
 
 def bias_batch_l2(grad_output: Tensor) -> Tensor:
     """``||b_n||**2`` per sample for the per-sample bias gradients: ``[N]``."""
-    return _ops.linear_batch_l2(*_with_ones_input("bias_batch_l2", grad_output))
+    return reference.bias_batch_l2(_checked_bias_input("bias_batch_l2", grad_output))
