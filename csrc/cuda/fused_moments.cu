@@ -143,6 +143,19 @@ __device__ void read_fragment(scalar_t (&v)[kPer], const scalar_t* row, int lane
   }
 }
 
+// acc[r][c] += (row r of this thread in g_row) * (column c of this thread in x_row): one position.
+template <typename scalar_t, int kPer>
+__device__ __forceinline__ void add_outer_product(scalar_t (&acc)[kPer][kPer], const scalar_t* g_row,
+                                                  const scalar_t* x_row, int tx, int ty) {
+  scalar_t a[kPer], b[kPer];
+  read_fragment(a, g_row, ty);
+  read_fragment(b, x_row, tx);
+#pragma unroll
+  for (int r = 0; r < kPer; ++r)
+#pragma unroll
+    for (int c = 0; c < kPer; ++c) acc[r][c] += a[r] * b[c];
+}
+
 template <typename scalar_t, bool kCross, bool kSum>
 __global__ void __launch_bounds__(kBlock)
     fused_moments_kernel(Operand X, Operand G, Operand Xb, Operand Gb, scalar_t* __restrict__ moment_out,
@@ -184,21 +197,8 @@ __global__ void __launch_bounds__(kBlock)
     if (remaining < kStage) last &= (1u << remaining) - 1;
 #pragma unroll
     for (int k = 0; k < kStage; ++k) {
-      scalar_t a[kPer], b[kPer];
-      read_fragment(a, smem[cur][0] + k * kRow, ty);
-      read_fragment(b, smem[cur][1] + k * kRow, tx);
-#pragma unroll
-      for (int r = 0; r < kPer; ++r)
-#pragma unroll
-        for (int c = 0; c < kPer; ++c) g[r][c] += a[r] * b[c];
-      if constexpr (kCross) {
-        read_fragment(a, smem[cur][2] + k * kRow, ty);
-        read_fragment(b, smem[cur][3] + k * kRow, tx);
-#pragma unroll
-        for (int r = 0; r < kPer; ++r)
-#pragma unroll
-          for (int c = 0; c < kPer; ++c) h[r][c] += a[r] * b[c];
-      }
+      add_outer_product(g, smem[cur][0] + k * kRow, smem[cur][1] + k * kRow, tx, ty);
+      if constexpr (kCross) add_outer_product(h, smem[cur][2] + k * kRow, smem[cur][3] + k * kRow, tx, ty);
       if (last & (1u << k)) {  // block-uniform
 #pragma unroll
         for (int r = 0; r < kPer; ++r)
