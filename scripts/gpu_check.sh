@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run on a lent GPU machine (logs and JSON under $OUT):
 # build against the machine's torch, CUDA tests, the example; unless QUICK=1, also the fused-kernel
-# benchmark, the variance benchmark and a CNN batch-size sweep (with BackPACK if its wheels were
-# carried in .whl/), the two conv algorithms timed on CUDA, and compute-sanitizer memcheck +
-# racecheck on scripts/sanitize_case.py.
+# benchmark, the variance benchmarks (jobs b and a) and a CNN batch-size sweep (with BackPACK if its
+# wheels were carried in .whl/), and compute-sanitizer memcheck + racecheck on
+# scripts/sanitize_case.py. Both parts together exceed one 10-minute device call: run them apart.
 #   QUICK=1 OUT=... bash scripts/gpu_check.sh     # about 1.5 min on an H200 once started
 # PART=core: build, tests, example, fused benchmark, sanitizers (the built module is copied to
 # $OUT, so that a second call can carry it as gradvar_ext/_C.so); PART=bench: the model
 # benchmarks only (no build when a carried gradvar_ext/_C.so loads). Default: both.
 # TEST_FILTER="..." passes -k to pytest (e.g. only the fused-kernel tests after a kernel change);
-# SKIP_CONV_ALGOS=1 leaves out the two conv algorithms' timing (measured: unfold wins on CUDA).
+# CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
+# On an H200: PART=core ~4 min, PART=bench ~7 min (job b, job a, sweep): one 10-min call each.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -47,18 +48,19 @@ if [ "$PART" != bench ]; then
 fi
 [ "$PART" = core ] && { stage done; exit 0; }
 stage "variance benchmark"
-timeout 150 $PY benchmarks/bench_variance.py --device cuda --quick --json "$OUT/bench_cuda.json" 2>&1 |
+timeout 170 $PY benchmarks/bench_variance.py --device cuda --quick --json "$OUT/bench_cuda.json" 2>&1 |
   tee "$OUT/bench_variance.log" | tail -28
+stage "variance benchmark, job a (the variance only)"
+timeout 170 $PY benchmarks/bench_variance.py --device cuda --quick --job a --json "$OUT/bench_cuda_job_a.json" 2>&1 |
+  tee "$OUT/bench_variance_job_a.log" | tail -12
 stage "cnn batch-size sweep"
 timeout 100 $PY benchmarks/bench_variance.py --device cuda --quick --workloads cnn-16 cnn-128 cnn-512 \
   --methods gradvar torch.func --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -14
-stage "conv algorithms on CUDA (auto = unfold there; is grouped, i.e. cuDNN grouped convs, faster?)"
-[ "${SKIP_CONV_ALGOS:-0}" = 1 ] && echo skipped
-for algo in $([ "${SKIP_CONV_ALGOS:-0}" = 1 ] || echo unfold grouped); do
-  GRADVAR_EXT_CONV_ALGORITHM=$algo timeout 50 $PY benchmarks/bench_variance.py --device cuda --quick \
-    --workloads cnn cnn-256 --methods gradvar --json "$OUT/conv_$algo.json" 2>&1 | tee "$OUT/conv_$algo.log" | tail -3
-done
-stage "variance benchmark, job a (the variance only)"
-timeout 120 $PY benchmarks/bench_variance.py --device cuda --quick --job a --json "$OUT/bench_cuda_job_a.json" 2>&1 |
-  tee "$OUT/bench_variance_job_a.log" | tail -12
+if [ "${CONV_ALGOS:-0}" = 1 ]; then
+  stage "conv algorithms on CUDA (auto = unfold there; is grouped, i.e. cuDNN grouped convs, faster?)"
+  for algo in unfold grouped; do
+    GRADVAR_EXT_CONV_ALGORITHM=$algo timeout 50 $PY benchmarks/bench_variance.py --device cuda --quick \
+      --workloads cnn cnn-256 --methods gradvar --json "$OUT/conv_$algo.json" 2>&1 | tee "$OUT/conv_$algo.log" | tail -3
+  done
+fi
 stage done
