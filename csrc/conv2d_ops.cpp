@@ -91,7 +91,8 @@ at::Tensor unfold_strided(const at::Tensor& images, const ConvGeometry& c) {
 }
 
 // How a chunk's patches are unfolded: our parallel im2col kernel on CPU, strided views + one copy
-// elsewhere; GRADVAR_EXT_UNFOLD=im2col|strided forces one (strided on CPU: for tests).
+// elsewhere; GRADVAR_EXT_UNFOLD=strided forces the views on CPU too (the tests run both), =im2col
+// is the default (the kernel is CPU code: other devices keep the views).
 bool unfold_with_im2col(const at::Tensor& images) {
   const char* flag = std::getenv("GRADVAR_EXT_UNFOLD");
   const std::string choice = flag != nullptr ? flag : "";
@@ -115,6 +116,7 @@ Factors patch_factors(const at::Tensor& image, const ConvGeometry& c) {
                  }};
 }
 
+// Positions of a grad_output-like tensor [N, C_out, H_out, W_out]: chunk -> [n * groups, L, C_out/groups], a view.
 Factors position_factors(const at::Tensor& grad, const ConvGeometry& c) {
   const auto go = grad.contiguous();
   const int64_t g = c.groups, f = c.out_channels / g, L = c.positions();
