@@ -149,9 +149,10 @@ std::tuple<at::Tensor, at::Tensor> reduce_gradients(const GradientChunks& g, con
   return {moment, sum};
 }
 
-static at::Tensor variance_from(at::Tensor moment, at::Tensor sum, int64_t N) {
-  auto mean = sum.div_(N);
-  return moment.div_(N).sub_(mean.square_()).clamp_min_(0);
+// moment / N - (sum / N)^2, clamped at 0 (rounding can dip below it), in place: three passes.
+static at::Tensor variance_from(at::Tensor moment, const at::Tensor& sum, int64_t N) {
+  const double n = static_cast<double>(N);
+  return moment.div_(n).addcmul_(sum, sum, -1.0 / (n * n)).clamp_min_(0);
 }
 
 at::Tensor variance_from_moments(const Factors& X, const Factors& G) {
