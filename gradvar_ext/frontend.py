@@ -268,9 +268,10 @@ def _layer_data(module: nn.Module, calls: list, loss_reduction: str) -> _LayerDa
     if isinstance(module, nn.Linear):
         xs = _along_positions([x.reshape(x.shape[0], -1, x.shape[-1]) for x, _ in calls], 1)
         gos = _along_positions([go.reshape(go.shape[0], -1, go.shape[-1]) for _, go in calls], 1)
-        return _LayerData("linear", xs, gos, gos.sum(1))
+        return _LayerData("linear", xs, gos, gos[:, 0] if gos.shape[1] == 1 else gos.sum(1))  # no copy for T = 1
     as2d = [(x.unsqueeze(2), go.unsqueeze(2)) if isinstance(module, nn.Conv1d) else (x, go) for x, go in calls]
-    bias_grad = sum(go.sum((2, 3)) for _, go in as2d)
+    bias_grads = [go.sum((2, 3)) for _, go in as2d]
+    bias_grad = bias_grads[0] if len(bias_grads) == 1 else torch.stack(bias_grads).sum(0)
     if len(as2d) == 1:
         return _LayerData("conv", as2d[0][0], as2d[0][1], bias_grad)
     patches, positions = zip(*(_unfolded(module, x, go) for x, go in as2d))
