@@ -4,9 +4,9 @@
 //   sum[g, o, i]    += sum_s  g_s[o, i]                  (optional)
 //   g_s = sum_t G[s, t, o] X[s, t, i],  h_s = sum_t Gb[s, t, o] Xb[s, t, i]
 // X, Xb: [S * groups, T, I]; G, Gb: [S * groups, T, O]; any strides. A block owns an output
-// tile of one group (128 x 128 float32, 64 x 64 float64) and walks its share of the samples'
-// positions (below); per sample it accumulates g_s (and h_s) in registers, then updates the
-// moment / sum registers. Samples are split over gridDim.z only as far as needed to fill the GPU;
+// tile of one group (128 x 128 float32, 64 x 64 float64 or cross moments) and walks its share of
+// the samples' positions (below); per sample it accumulates g_s (and h_s) in registers, then
+// updates the moment / sum registers. Samples are split over gridDim.z only as far as needed to fill the GPU;
 // the splits' partials are reduced in a fixed order afterwards.
 // Memory: partials [splits, groups, O, I] (<= 64 MiB), none when the tiles alone fill the GPU.
 // GRADVAR_EXT_FUSED_CUDA=tf32x3 (float32, sm_80+): the same walk on tensor cores, 3xTF32 (below).
