@@ -166,6 +166,20 @@ def test_fused_cuda_is_deterministic_and_gradgradchecks(fused):
     assert torch.autograd.gradgradcheck(torch.ops.gradvar.linear_variance, (x, g))
 
 
+@pytest.mark.parametrize(("dtype", "limit"), [(torch.float32, 32), (torch.float64, 16)], ids=str)
+def test_cuda_default_moment_path_by_positions(dtype, limit, monkeypatch):
+    """Unset GRADVAR_EXT_FUSED_CUDA takes the fused kernel up to `limit` positions per sample and
+    chunked cuBLAS above (csrc/outer_product_stats.cpp): bit for bit the forced path's result."""
+    torch.manual_seed(20)
+    for t, forced in ((limit, "1"), (limit + 1, "0")):
+        x = torch.randn(40, t, 36, device="cuda", dtype=dtype)
+        g = torch.randn(40, t, 20, device="cuda", dtype=dtype)
+        monkeypatch.delenv("GRADVAR_EXT_FUSED_CUDA", raising=False)
+        default = call("linear_variance", x, g)
+        monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", forced)
+        assert torch.equal(default, call("linear_variance", x, g)), (t, forced)
+
+
 # ---------------------------------------------------------------- the front end on CUDA
 @pytest.mark.parametrize("backward", ["loss.backward", "collect.backward"])
 def test_cuda_front_end_matches_per_sample_loop(backward):
