@@ -239,8 +239,8 @@ class _LayerData:
     so the statistics are those of the total per-sample gradient. kind "conv": the single call's
     input and grad_output in Conv2d form. kind "patches" (a conv layer called several times):
     unfolded patches [N, groups, L, f] and grad_output [N, groups, L, C_out/groups], calls
-    concatenated along L. bias_grad: [N, out], the per-sample bias gradients (a sum over positions,
-    so the bias statistics take the no-positions GEMM path).
+    concatenated along L. bias_grad: what the bias statistics take, [N, *, out] with the per-sample
+    bias gradient the sum over * (a Linear layer's grad_output itself; a conv's pixels summed).
     """
 
     kind: str
@@ -268,7 +268,7 @@ def _layer_data(module: nn.Module, calls: list, loss_reduction: str) -> _LayerDa
     if isinstance(module, nn.Linear):
         xs = _along_positions([x.reshape(x.shape[0], -1, x.shape[-1]) for x, _ in calls], 1)
         gos = _along_positions([go.reshape(go.shape[0], -1, go.shape[-1]) for _, go in calls], 1)
-        return _LayerData("linear", xs, gos, gos[:, 0] if gos.shape[1] == 1 else gos.sum(1))  # no copy for T = 1
+        return _LayerData("linear", xs, gos, gos)
     as2d = [(x.unsqueeze(2), go.unsqueeze(2)) if isinstance(module, nn.Conv1d) else (x, go) for x, go in calls]
     bias_grads = [go.sum((2, 3)) for _, go in as2d]
     bias_grad = bias_grads[0] if len(bias_grads) == 1 else torch.stack(bias_grads).sum(0)

@@ -84,8 +84,9 @@ def weighted_gradient_products(left_grad_output, left_input, input, grad_output,
 
 # Bias statistics: the per-sample bias gradient is grad_output[n] summed over the middle dims.
 def per_sample_bias_gradients(grad_output: torch.Tensor) -> torch.Tensor:
-    """Per-sample bias gradients: [N, out] (a 2-D grad_output is that already: no copy)."""
-    return grad_output if grad_output.dim() == 2 else _as_samples(grad_output).sum(1)
+    """Per-sample bias gradients: [N, out] (a view, no sum, when there is one position)."""
+    samples = _as_samples(grad_output)
+    return samples[:, 0] if samples.shape[1] == 1 else samples.sum(1)
 
 
 def bias_second_moment(grad_output: torch.Tensor) -> torch.Tensor:
