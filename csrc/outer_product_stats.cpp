@@ -254,17 +254,30 @@ static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P
                            const at::Tensor& W, const at::Tensor& center, const Sink& sink, const Sink* sink2,
                            bool positions_last) {
   const int64_t N = P.samples, groups = P.groups, T = P.positions, a = Q.features, b = P.features;
-  auto emit = [&](const Sink& to, int64_t start, int64_t n, const at::Tensor& values, int64_t features) {
-    to.deliver(start, n, positions_last ? values.view({n * groups, features, 1}) : values);
-  };
   if (T == 1) {
-    auto out = by_group(P) * at::bmm(by_group(Z) * by_group(Q), W);  // [groups, N, b]
-    if (center.defined()) out = out - at::bmm(by_group(Z), center);
-    emit(sink, 0, N, out.transpose(0, 1).reshape({N * groups, 1, b}), b);
+    // out = P * ((Z * Q) W) - Z center, [groups, N, b]: a GEMM, then the center's GEMM (alpha = -1)
+    // and the product with P accumulated into the result (4 kernels). Written straight into the
+    // sink's rows for one group (a Linear layer), else formed and delivered.
+    auto product = [&](const at::Tensor& z, const at::Tensor& q, const at::Tensor& p, const at::Tensor& w,
+                       const at::Tensor& c, const Sink& to, int64_t features) {
+      const bool direct = groups == 1 && to.into && !positions_last;
+      at::Tensor out = direct ? to.into(0, N).view({1, N, features}) : at::empty({groups, N, features}, p.options());
+      const auto scaled = at::bmm(z * q, w);
+      if (c.defined()) {
+        out.baddbmm_(z, c, /*beta=*/0, /*alpha=*/-1);  // beta = 0: out's old contents are ignored
+        out.addcmul_(p, scaled);
+      } else {
+        at::mul_out(out, p, scaled);
+      }
+      if (!direct) {
+        const auto rows = out.transpose(0, 1).reshape({N * groups, 1, features});
+        to.deliver(0, N, positions_last ? rows.view({N * groups, features, 1}) : rows);
+      }
+    };
+    const auto z = by_group(Z), q = by_group(Q), p = by_group(P);
+    product(z, q, p, W, center, sink, b);
     if (Z2 != nullptr) {
-      auto out2 = by_group(Q) * at::bmm(by_group(*Z2) * by_group(P), W.transpose(1, 2));  // [groups, N, a]
-      if (center.defined()) out2 = out2 - at::bmm(by_group(*Z2), center.transpose(1, 2));
-      emit(*sink2, 0, N, out2.transpose(0, 1).reshape({N * groups, 1, a}), a);
+      product(by_group(*Z2), p, q, W.transpose(1, 2), center.defined() ? center.transpose(1, 2) : center, *sink2, a);
     }
     return;
   }

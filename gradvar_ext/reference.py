@@ -84,9 +84,10 @@ def weighted_gradient_products(left_grad_output, left_input, input, grad_output,
 
 # Bias statistics: the per-sample bias gradient is grad_output[n] summed over the middle dims.
 def per_sample_bias_gradients(grad_output: torch.Tensor) -> torch.Tensor:
-    """Per-sample bias gradients: [N, out] (a view, no sum, when there is one position)."""
+    """Per-sample bias gradients: [N, out] (a view, no sum, when there is one position: a reshape,
+    whose backward is a view too, where indexing's would zero-fill and copy)."""
     samples = _as_samples(grad_output)
-    return samples[:, 0] if samples.shape[1] == 1 else samples.sum(1)
+    return samples.reshape(samples.shape[0], samples.shape[2]) if samples.shape[1] == 1 else samples.sum(1)
 
 
 def bias_second_moment(grad_output: torch.Tensor) -> torch.Tensor:
