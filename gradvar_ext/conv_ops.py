@@ -354,6 +354,30 @@ conv2d_batch_l2 = _conv2d_function(
 )
 
 
+def conv2d_variance_by_moments(
+    input: Tensor,
+    grad_output: Tensor,
+    kernel_size: IntOrPair,
+    stride: IntOrPair = 1,
+    padding: IntOrPair | str = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """:func:`conv2d_variance`'s values through :func:`ops.variance_by_moments`: a single-pass
+    backward (no pass for the mean) from a single autograd node. For a front end."""
+    input, grad_output = ops.promoted(input, grad_output)
+    x, *conv = conv2d_arguments(
+        input, kernel_size, stride, padding, dilation, groups, padding_mode, op="conv2d_variance"
+    )
+    return ops.variance_by_moments(
+        x,
+        grad_output,
+        lambda x, go: _ops.conv2d_moments(x, go, *conv),
+        lambda x, go, weight, center, need: _both_products(x, go, weight, conv, need, center=center),
+    )
+
+
 def _conv_bias_function(op: str, linear_bias_statistic, summary: str):
     """The per-sample bias gradient of a conv is grad_output summed over positions: the Linear bias
     statistics of grad_output viewed as [N, H_out * W_out, C_out]."""

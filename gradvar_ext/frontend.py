@@ -204,28 +204,27 @@ def clear(*modules: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------- statistics from the records
-def _variance_from(moments, variance_op):
-    """Where a backward can follow, the variance from the one-pass moments op: same values, and
-    its backward skips the variance op's extra pass for the mean gradient. Otherwise the variance
-    op itself (it finishes in place, no [out, in] temporaries)."""
+def _variance(by_moments, variance_op):
+    """Where a backward can follow, the variance through the moments op as one autograd node
+    (same values; its backward needs no pass for the mean gradient). Otherwise the variance op
+    itself (it finishes in place, no [out, in] temporaries)."""
 
     def variance(input: Tensor, grad_output: Tensor, **conv) -> Tensor:
         if not (torch.is_grad_enabled() and (input.requires_grad or grad_output.requires_grad)):
             return variance_op(input, grad_output, **conv)
-        moment, total = moments(input, grad_output, **conv)
-        return ops.variance_from_moments(moment, total, input.shape[0])
+        return by_moments(input, grad_output, **conv)
 
     return variance
 
 
 _LINEAR = {
-    "variance": _variance_from(ops.linear_moments, ops.linear_variance),
+    "variance": _variance(ops.linear_variance_by_moments, ops.linear_variance),
     "sum_grad_squared": ops.linear_second_moment,
     "batch_l2": ops.linear_batch_l2,
 }
 _BIAS = {"variance": ops.bias_variance, "sum_grad_squared": ops.bias_second_moment, "batch_l2": ops.bias_batch_l2}
 _CONV2D = {
-    "variance": _variance_from(conv_ops.conv2d_moments, conv_ops.conv2d_variance),
+    "variance": _variance(conv_ops.conv2d_variance_by_moments, conv_ops.conv2d_variance),
     "sum_grad_squared": conv_ops.conv2d_second_moment,
     "batch_l2": conv_ops.conv2d_batch_l2,
 }

@@ -260,6 +260,13 @@ def linear_moments(input: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
     return _ops.linear_moments(*promoted(input, grad_output))
 
 
+def _variance_of(moment: Tensor, total: Tensor, n: int) -> Tensor:
+    """moment / n - (total / n)**2 clamped at 0 in one fresh buffer; exactly 0 for n = 1."""
+    if n == 1:  # as the variance ops
+        return torch.zeros_like(moment)
+    return torch.addcmul(moment, total, total, value=-1 / n).mul_(1 / n).clamp_min_(0)
+
+
 class _VarianceFromMoments(torch.autograd.Function):
     """moment / n - (total / n)**2 clamped at 0, saving only ``total`` (the op's output, alive anyway);
     like the variance ops, the backward ignores the clamp (it only removes rounding below 0)."""
@@ -268,9 +275,7 @@ class _VarianceFromMoments(torch.autograd.Function):
     def forward(ctx, moment: Tensor, total: Tensor, n: int) -> Tensor:
         ctx.save_for_backward(total)
         ctx.n = n
-        if n == 1:  # exactly 0, as the variance ops (the gradients below cancel to 0 as well)
-            return torch.zeros_like(moment)
-        return torch.addcmul(moment, total, total, value=-1 / n).mul_(1 / n).clamp_min_(0)  # one buffer
+        return _variance_of(moment, total, n)  # n = 1: the gradients below cancel to 0 as well
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -284,6 +289,57 @@ def variance_from_moments(moment: Tensor, sum: Tensor, n: int) -> Tensor:
     like the variance ops. ``(moment, sum)`` as :func:`linear_moments` returns them; differentiable
     (any order)."""
     return _VarianceFromMoments.apply(moment, sum, n)
+
+
+class _VarianceByMoments(torch.autograd.Function):
+    """The variance from a moments op as one autograd node, for a front end that differentiates it.
+
+    Forward: ``moments(x, go)`` -> (moment, total), the variance as :func:`variance_from_moments`.
+    Backward: the weighted products straight away, ``products(x, go, W, C, need)`` with
+    h_n = W * g_n - C, W = (2/n) grad, C = (2/n**2) grad * total (less total's own gradient, if
+    any): three weight-sized kernels and one node, where variance_from_moments behind the moments
+    op's node takes five and two. ``total`` is a second output so that, saved, it stays
+    differentiable: gradients of any order.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, go: Tensor, moments, products):
+        moment, total = moments(x, go)
+        ctx.save_for_backward(x, go, total)
+        ctx.products = products
+        ctx.set_materialize_grads(False)  # no gradient for total (the usual case): None, not zeros
+        return _variance_of(moment, total, x.shape[0]), total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None, grad_total: Tensor | None):
+        x, go, total = ctx.saved_tensors
+        n = x.shape[0]
+        need = ctx.needs_input_grad[:2]
+        if grad is None or n == 1:  # the variance is exactly 0 for one sample: so are its gradients
+            if grad_total is None:
+                return tuple(torch.zeros_like(t) if k else None for t, k in zip((x, go), need)) + (None, None)
+            weight, center = torch.zeros_like(total), -grad_total
+        else:
+            weight = grad * (2 / n)
+            center = torch.mul(grad, total).mul_(2 / n**2)
+            if grad_total is not None:
+                center = center - grad_total
+        to_x, to_go = ctx.products(x, go, weight, center, need)
+        return to_x, to_go, None, None
+
+
+def variance_by_moments(input: Tensor, grad_output: Tensor, moments, products) -> Tensor:
+    """The variance of the per-sample gradients through ``moments`` (a moments op, ``(x, go) ->
+    (sum_n g_n**2, sum_n g_n)``) and ``products`` (its weighted products, ``(x, go, W, C, need) ->
+    (grad_x, grad_go)``), one autograd node (:class:`_VarianceByMoments`): what the front end
+    uses when a backward will follow."""
+    return _VarianceByMoments.apply(input, grad_output, moments, products)[0]
+
+
+def linear_variance_by_moments(input: Tensor, grad_output: Tensor) -> Tensor:
+    """:func:`linear_variance`'s values through :func:`variance_by_moments`: a single-pass
+    backward (no pass for the mean) from a single autograd node. For a front end."""
+    return variance_by_moments(*promoted(input, grad_output), _ops.linear_moments, _both_products)
 
 
 def linear_batch_l2(input: Tensor, grad_output: Tensor) -> Tensor:

@@ -46,3 +46,19 @@ def scale_for(op: str, args) -> float | None:
 
 
 __all__ = ["assert_matches", "call", "expected", "gradvar_ext", "scale_for"]
+
+
+def check_variance_and_its_gradients(ours_fn, ref_fn, inputs, second_order: bool) -> None:
+    """ours_fn(*inputs) equals ref_fn(*inputs) in value, first derivatives and (second_order)
+    second derivatives w.r.t. every input, for random upstream gradients."""
+    ours, ref = ours_fn(*inputs), ref_fn(*inputs)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+    upstream = torch.randn_like(ref)
+    g_ours = torch.autograd.grad(ours, inputs, upstream, create_graph=True)
+    g_ref = torch.autograd.grad(ref, inputs, upstream, create_graph=True)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    if second_order:
+        probes = [torch.randn_like(t) for t in g_ref]
+        for a, b in zip(torch.autograd.grad(g_ours, inputs, probes), torch.autograd.grad(g_ref, inputs, probes)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

@@ -17,9 +17,9 @@ from conv_samples import (
 from torch import nn
 
 import gradvar_ext
-from gradvar_ext import reference
+from gradvar_ext import conv_ops, reference
 
-from helpers import assert_matches, call
+from helpers import assert_matches, call, check_variance_and_its_gradients
 
 DTYPES = (torch.float64, torch.float32)
 
@@ -98,6 +98,20 @@ def test_conv_gradients_match_autograd_through_reference(op, case):
     ):
         if a is not None or b is not None:
             torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b if b is not None else 0 * a)
+
+
+@pytest.mark.parametrize("case", [CONV_GRAD_CASES[i] for i in (0, 1, 3)], ids=str)
+def test_conv_variance_by_moments_equals_the_reference_with_its_gradients(case, conv_algorithm):
+    """The front end's conv Variance when a backward follows (one autograd node over
+    conv2d_moments): values, first and second derivatives as autograd through the reference."""
+    torch.manual_seed(7)
+    x, go, *conv = case.args("conv2d_variance", torch.float64, requires_grad=True)
+    check_variance_and_its_gradients(
+        lambda a, b: conv_ops.conv2d_variance_by_moments(a, b, *conv),
+        lambda a, b: reference.conv2d_variance(a, b, *conv),
+        (x, go),
+        second_order=True,
+    )
 
 
 # ---------------------------------------------------------------- nn.Conv2d-style use

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import gradvar_ext
-from gradvar_ext import reference
+from gradvar_ext import ops, reference
 
-from helpers import assert_matches, call, expected, scale_for
+from helpers import assert_matches, call, check_variance_and_its_gradients, expected, scale_for
 from samples import ALL_CASES, GRAD_CASES, MIDDLES, MULTI_CHUNK_CASES, N_VALUES, OPS, Case
 
 DTYPES = (torch.float64, torch.float32)
@@ -139,6 +139,32 @@ def test_batch_l2_sums_to_trace_of_second_moment():
         torch.testing.assert_close(
             gradvar_ext.linear_batch_l2(x, g).sum(), gradvar_ext.linear_second_moment(x, g).sum()
         )
+
+
+@pytest.mark.parametrize("case", [Case(1, (), 3, 2), Case(5, (), 4, 3), Case(4, (3,), 3, 2)], ids=str)
+def test_variance_by_moments_equals_the_reference_with_its_gradients(case):
+    """The front end's Variance when a backward follows (one autograd node over the moments op):
+    values, first and second derivatives as autograd through the reference; gradgradcheck."""
+    torch.manual_seed(6)
+    x, g = case.args("linear_variance", torch.float64, requires_grad=True)
+    check_variance_and_its_gradients(
+        ops.linear_variance_by_moments, reference.linear_variance, (x, g), second_order=case.n > 1
+    )
+    small = (
+        torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True),
+        torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True),
+    )
+    assert torch.autograd.gradcheck(ops.linear_variance_by_moments, small)
+    assert torch.autograd.gradgradcheck(ops.linear_variance_by_moments, small)
+
+
+def test_variance_by_moments_of_one_sample_has_zero_gradients():
+    x = torch.randn(1, 4, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(1, 4, 2, dtype=torch.float64, requires_grad=True)
+    variance = ops.linear_variance_by_moments(x, g)
+    assert torch.equal(variance, torch.zeros(2, 3, dtype=torch.float64))
+    for grad in torch.autograd.grad(variance.sum(), (x, g)):
+        assert torch.equal(grad, torch.zeros_like(grad))
 
 
 def test_results_are_deterministic():
