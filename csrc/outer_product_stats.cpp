@@ -108,17 +108,17 @@ std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const
 #ifdef GRADVAR_WITH_CUDA
   if (X.options.device().is_cuda() && use_fused_cuda(X)) {  // no [c, O, I] scratch: chunk only unfolding
     const int64_t N = X.samples, groups = X.groups, I = X.features, O = G.features;
-    at::Tensor moment = at::zeros({groups, O, I}, X.options);
-    at::Tensor sum = with_sum ? at::zeros({groups, O, I}, X.options) : at::Tensor();
+    at::Tensor moment = at::empty({groups, O, I}, X.options);  // the first chunk overwrites
+    at::Tensor sum = with_sum ? at::empty({groups, O, I}, X.options) : at::Tensor();
     const int64_t chunk = chunk_samples(std::max<int64_t>(1, formed(X) + formed(G) + (same ? 0 : formed(*Xb) + formed(*Gb))), X);
     for (int64_t start = 0; start < N; start += chunk) {
       const int64_t n = std::min(chunk, N - start);
       const auto Xc = X.chunk(start, n), Gc = G.chunk(start, n);
       if (same) {
-        fused_moments_cuda(moment, sum, Xc, Gc, nullptr, nullptr, groups);
+        fused_moments_cuda(moment, sum, Xc, Gc, nullptr, nullptr, groups, /*accumulate=*/start > 0);
       } else {
         const auto Xbc = Xb->chunk(start, n), Gbc = Gb->chunk(start, n);
-        fused_moments_cuda(moment, sum, Xc, Gc, &Xbc, &Gbc, groups);
+        fused_moments_cuda(moment, sum, Xc, Gc, &Xbc, &Gbc, groups, /*accumulate=*/start > 0);
       }
     }
     return {moment, sum};

@@ -107,9 +107,10 @@ void col2im_cpu(const at::Tensor& cols, at::Tensor& image, at::IntArrayRef kerne
 // or T <= 16 (float64), where it is faster; GRADVAR_EXT_FUSED_CUDA=1 always, =0 never, =tf32x3
 // always, on the kernel's tensor-core variant (float32, sm_80+; slower than the CUDA-core one).
 bool use_fused_cuda(const Factors& X);
-// moment (+)= sum_s g_s * h_s, sum (+)= sum_s g_s over one chunk; X, G (Xb, Gb): [S * groups, T, F].
+// moment = sum_s g_s * h_s, sum = sum_s g_s over one chunk (+= when accumulate: a later chunk;
+// else moment and sum need no zeroing); X, G (Xb, Gb): [S * groups, T, F].
 void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X, const at::Tensor& G,
-                        const at::Tensor* Xb, const at::Tensor* Gb, int64_t groups);
+                        const at::Tensor* Xb, const at::Tensor* Gb, int64_t groups, bool accumulate);
 void accumulate_products_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& g, const at::Tensor& gb);
 void rowwise_dot_cuda(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 #endif

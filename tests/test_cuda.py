@@ -156,6 +156,16 @@ def test_fused_cuda_conv_matches_reference(fused, op, dtype):
         assert_matches(call(op, *args), gradvar_ext.reference.OPS[op](*cpu64), dtype, scale)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_cuda_zero_positions_give_zeros(fused, dtype):
+    """No positions per sample: every moment is a sum of no terms (the fused path writes its
+    results without zeroing them first, except here)."""
+    x, g = torch.randn(4, 0, 6, device="cuda", dtype=dtype), torch.randn(4, 0, 5, device="cuda", dtype=dtype)
+    moment, total = call("linear_moments", x, g)
+    for result in (moment, total, call("linear_variance", x, g), call("linear_second_moment", x, g)):
+        assert torch.equal(result, torch.zeros(5, 6, device="cuda", dtype=dtype))
+
+
 def test_fused_cuda_is_deterministic_and_gradgradchecks(fused):
     torch.manual_seed(18)
     x = torch.randn(300, 4, 70, device="cuda")

@@ -13,6 +13,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -24,7 +25,10 @@
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "../outer_product_stats.h"
 
@@ -160,7 +164,7 @@ template <typename scalar_t, bool kCross, bool kSum>
 __global__ void __launch_bounds__(kBlock)
     fused_moments_kernel(Operand X, Operand G, Operand Xb, Operand Gb, scalar_t* __restrict__ moment_out,
                          scalar_t* __restrict__ sum_out, int64_t samples, int64_t groups, int64_t T, int64_t I,
-                         int64_t O, int64_t splits, bool vectorised) {
+                         int64_t O, int64_t splits, bool vectorised, bool accumulate) {
   using Tile = Tiling<scalar_t, kCross>;
   constexpr int kPer = Tile::kPer, kSide = Tile::kSide, kRow = Tile::kRow, kVec = Tile::kVec;
   constexpr int kOps = Tile::kOperands;
@@ -219,7 +223,8 @@ __global__ void __launch_bounds__(kBlock)
     remaining -= kStage;
     __syncthreads();
   }
-  // Output layout [splits, groups, O, I]; with splits == 1 this is the result itself (+=).
+  // Output layout [splits, groups, O, I]; with splits == 1 this is the result itself (+= when
+  // accumulate: a later chunk of samples; else overwritten, so the host need not zero it first).
   const int64_t out_base = (split * groups + group) * O * I;
 #pragma unroll
   for (int r = 0; r < kPer; ++r)
@@ -228,8 +233,8 @@ __global__ void __launch_bounds__(kBlock)
       const int64_t o = o0 + (r / 4) * 64 + ty * 4 + r % 4, i = i0 + (c / 4) * 64 + tx * 4 + c % 4;
       if (o < O && i < I) {
         const int64_t at = out_base + o * I + i;
-        moment_out[at] = (splits == 1 ? moment_out[at] : scalar_t(0)) + m[r][c];
-        if (kSum) sum_out[at] = (splits == 1 ? sum_out[at] : scalar_t(0)) + s[r][c];
+        moment_out[at] = (accumulate ? moment_out[at] : scalar_t(0)) + m[r][c];
+        if (kSum) sum_out[at] = (accumulate ? sum_out[at] : scalar_t(0)) + s[r][c];
       }
     }
 }
@@ -374,7 +379,7 @@ template <bool kCross, bool kSum>
 __global__ void __launch_bounds__(kTcThreads, 3)
     fused_moments_tf32x3_kernel(Operand X, Operand G, Operand Xb, Operand Gb, float* __restrict__ moment_out,
                                 float* __restrict__ sum_out, int64_t samples, int64_t groups, int64_t T, int64_t I,
-                                int64_t O, int64_t splits) {
+                                int64_t O, int64_t splits, bool accumulate) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   __shared__ __align__(128) float smem[kTile * kLd];  // stage s, operand p: rows [(2 s + p) kSteps, +kSteps)
   const int warp = threadIdx.x / 32, wo = (warp / 2) * 32, wi = (warp % 2) * 32;
@@ -424,8 +429,8 @@ __global__ void __launch_bounds__(kTcThreads, 3)
   }
   __syncthreads();  // the operand stages become the staging tile
   const int64_t out_base = (split * groups + group) * O * I;  // [splits, groups, O, I]
-  store_tile(smem, m, moment_out + out_base, o0, i0, O, I, wo, wi, splits == 1);
-  if (kSum) store_tile(smem, s, sum_out + out_base, o0, i0, O, I, wo, wi, splits == 1);
+  store_tile(smem, m, moment_out + out_base, o0, i0, O, I, wo, wi, accumulate);  // accumulate: splits == 1 only
+  if (kSum) store_tile(smem, s, sum_out + out_base, o0, i0, O, I, wo, wi, accumulate);
 #else
   __trap();  // the host launches this only on sm_80+
 #endif
@@ -451,19 +456,50 @@ bool tensor_cores_requested() {
 
 Operand operand(const at::Tensor& t) { return Operand{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
-int multiprocessors(int device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
+// Device facts and kernel occupancies, asked of the driver once per (device, kernel): the host
+// cost of a call matters at the sizes where the fused kernel is the default.
+struct DeviceFacts {
+  int multiprocessors = 0, major = 0;
+};
+
+DeviceFacts device_facts(int device) {
+  static std::mutex lock;
+  static std::map<int, DeviceFacts> known;
+  const std::lock_guard<std::mutex> guard(lock);
+  auto found = known.find(device);
+  if (found != known.end()) return found->second;
+  DeviceFacts facts;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&facts.multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&facts.major, cudaDevAttrComputeCapabilityMajor, device));
+  return known[device] = facts;
+}
+
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int threads, int device) {
+  static std::mutex lock;
+  static std::map<std::pair<const void*, int>, int> known;
+  const std::lock_guard<std::mutex> guard(lock);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  int resident = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, 0));
+  return known[key] = std::max(resident, 1);
 }
 
 }  // namespace
 
 void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X, const at::Tensor& G,
-                        const at::Tensor* Xb, const at::Tensor* Gb, int64_t groups) {
+                        const at::Tensor* Xb, const at::Tensor* Gb, int64_t groups, bool accumulate) {
   const c10::cuda::CUDAGuard guard(X.device());
   const int64_t samples = X.size(0) / groups, T = X.size(1), I = X.size(2), O = G.size(2);
-  if (samples == 0 || T == 0 || I == 0 || O == 0) return;
+  if (samples == 0 || T == 0 || I == 0 || O == 0) {  // nothing to add: the sums of no terms
+    if (!accumulate) {
+      moment.zero_();
+      if (sum.defined()) sum.zero_();
+    }
+    return;
+  }
   TORCH_CHECK(T <= INT32_MAX && I <= INT32_MAX && O <= INT32_MAX,
               "gradvar: the fused CUDA moments take fewer than 2^31 positions and features per sample "
               "(set GRADVAR_EXT_FUSED_CUDA=0 for the chunked path)");
@@ -471,15 +507,13 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
   const bool cross = Xb != nullptr;
   const Operand x = operand(X), g = operand(G), xb = cross ? operand(*Xb) : x, gb = cross ? operand(*Gb) : g;
   const int device = X.get_device();
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  const DeviceFacts facts = device_facts(device);
   // Samples are split over gridDim.z so that the tiles fill one wave of resident blocks (partials
-  // [splits, groups, O, I], at most 64 MiB); the partials are then reduced in a fixed order.
+  // [splits, groups, O, I], at most 64 MiB); the partials are then reduced in a fixed order,
+  // straight into the result (at::sum_out) unless an earlier chunk's values are there to add to.
   auto run = [&](auto kernel, int threads, int side, auto start) {
-    int resident = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, 0));
     const int64_t tiles = ((I + side - 1) / side) * ((O + side - 1) / side) * groups;
-    const int64_t wave = int64_t(std::max(resident, 1)) * multiprocessors(device);
+    const int64_t wave = int64_t(resident_blocks(kernel, threads, device)) * facts.multiprocessors;
     const int64_t per_split_bytes = groups * O * I * int64_t(X.element_size()) * (sum.defined() ? 2 : 1);
     const int64_t splits = std::clamp<int64_t>(
         std::min(wave / tiles, (int64_t(64) << 20) / std::max<int64_t>(per_split_bytes, 1)), 1, samples);
@@ -490,20 +524,24 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
     }
     const dim3 grid(static_cast<unsigned>((I + side - 1) / side), static_cast<unsigned>((O + side - 1) / side),
                     static_cast<unsigned>(groups * splits));
-    start(grid, moment_out, sum_out, splits);
+    start(grid, moment_out, sum_out, splits, accumulate && splits == 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (splits > 1) {
+    if (splits > 1 && accumulate) {
       moment.add_(moment_out.sum(0));
       if (sum.defined()) sum.add_(sum_out.sum(0));
+    } else if (splits > 1) {
+      const int64_t over_splits[] = {0};
+      at::sum_out(moment, moment_out, over_splits);
+      if (sum.defined()) at::sum_out(sum, sum_out, over_splits);
     }
   };
-  if (X.scalar_type() == at::kFloat && major >= 8 && tensor_cores_requested()) {
+  if (X.scalar_type() == at::kFloat && facts.major >= 8 && tensor_cores_requested()) {
     with_variant(cross, sum.defined(), [&](auto kCross, auto kSum) {
       const auto kernel = fused_moments_tf32x3_kernel<decltype(kCross)::value, decltype(kSum)::value>;
-      run(kernel, kTcThreads, kTile, [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits) {
+      run(kernel, kTcThreads, kTile, [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits, bool add) {
         float* s_ptr = sum.defined() ? s_out.mutable_data_ptr<float>() : nullptr;
         kernel<<<grid, kTcThreads, 0, stream>>>(x, g, xb, gb, m_out.mutable_data_ptr<float>(), s_ptr, samples,
-                                                groups, T, I, O, splits);
+                                                groups, T, I, O, splits, add);
       });
     });
     return;
@@ -519,10 +557,10 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
       };
       const bool vectorised = vector_ok(X) && vector_ok(G) && (!cross || (vector_ok(*Xb) && vector_ok(*Gb)));
       const auto kernel = fused_moments_kernel<scalar_t, decltype(kCross)::value, decltype(kSum)::value>;
-      run(kernel, kBlock, Tile::kSide, [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits) {
+      run(kernel, kBlock, Tile::kSide, [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits, bool add) {
         scalar_t* s_ptr = sum.defined() ? s_out.mutable_data_ptr<scalar_t>() : nullptr;
         kernel<<<grid, kBlock, 0, stream>>>(x, g, xb, gb, m_out.mutable_data_ptr<scalar_t>(), s_ptr, samples,
-                                            groups, T, I, O, splits, vectorised);
+                                            groups, T, I, O, splits, vectorised, add);
       });
     });
   });
