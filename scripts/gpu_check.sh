@@ -10,7 +10,8 @@
 # benchmarks only (no build when a carried gradvar_ext/_C.so loads). Default: both.
 # TEST_FILTER="..." passes -k to pytest (e.g. only the fused-kernel tests after a kernel change);
 # CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
-# On an H200: PART=core ~4 min, PART=bench ~7 min (job b, job a, sweep): one 10-min call each.
+# On an H200: PART=core ~4 min, PART=bench ~7.5 min (job b profile, job b, job a, sweep): one
+# 10-min call each.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -47,6 +48,9 @@ if [ "$PART" != bench ]; then
   done
 fi
 [ "$PART" = core ] && { stage done; exit 0; }
+stage "where job (b) spends its time: kernels launched, costliest ops (gradvar vs torch.func)"
+timeout 90 $PY benchmarks/profile_job.py --device cuda > "$OUT/profile_job_b.log" 2>&1
+grep -E "^## " "$OUT/profile_job_b.log"
 stage "variance benchmark"
 timeout 170 $PY benchmarks/bench_variance.py --device cuda --quick --json "$OUT/bench_cuda.json" 2>&1 |
   tee "$OUT/bench_variance.log" | tail -28

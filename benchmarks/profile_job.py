@@ -1,0 +1,108 @@
+"""Where a method's time goes on a workload of bench_variance.py: kernel count and the costliest ops.
+
+    python benchmarks/profile_job.py [--device cuda] [--job a|b] [--workloads mlp cnn seq]
+                                     [--methods gradvar torch.func] [--top 12]
+
+For each (workload, method), in this process: the median time of 10 calls after 3 warm-ups, then
+one call under torch.profiler: how many kernels it ran (CUDA: device kernels launched, incl.
+memset/memcpy; CPU: ATen ops with no ATen op inside them, views and allocations left out: the
+launch-bound proxy) and the top ops by self time (CUDA: device time; CPU: host time). At the
+benchmark sizes the GPU jobs are bound by launches and the host's dispatch, so the kernel count
+is what to cut (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_variance as bv  # noqa: E402
+
+NOT_KERNELS = {
+    "aten::" + name
+    for name in (
+        "empty empty_like empty_strided view view_as reshape _reshape_alias _unsafe_view as_strided t "
+        "transpose permute expand expand_as narrow slice select squeeze unsqueeze squeeze_ unsqueeze_ "
+        "unflatten flatten detach alias lift_fresh resolve_conj resolve_neg result_type is_nonzero item "
+        "_local_scalar_dense split chunk unbind contiguous set_ _has_compatible_shallow_copy_type resize_ "
+        "as_strided_"
+    ).split()
+}
+
+
+def _is_op(event) -> bool:
+    return event.name.startswith(("aten::", "gradvar::"))
+
+
+def cpu_kernels(prof) -> Counter:
+    """ATen ops with no op inside them (what would each be one kernel on a GPU), by name."""
+    ops = [e for e in prof.events() if _is_op(e)]
+    parents = set()
+    for e in ops:
+        p = e.cpu_parent
+        while p is not None and not _is_op(p):
+            p = p.cpu_parent
+        if p is not None:
+            parents.add(id(p))
+    return Counter(e.name for e in ops if id(e) not in parents and e.name not in NOT_KERNELS)
+
+
+def cuda_kernels(prof) -> Counter:
+    return Counter(
+        e.name[:60] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.name != "[memory]"
+    )
+
+
+def profile_one(workload: str, method: str, device: str, job: str, top: int) -> None:
+    model, x, y, lossfunc = bv.make_workload(workload, device)
+    fn = bv.METHODS[method]
+    env = {"GRADVAR_EXT_FUSED_CUDA": "1"} if method == "gradvar-fused" else {}
+    os.environ.update(env)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn(model, x, y, lossfunc, job)
+    times = []
+    for _ in range(10):
+        sync()
+        start = time.perf_counter()
+        fn(model, x, y, lossfunc, job)
+        sync()
+        times.append(1e3 * (time.perf_counter() - start))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn(model, x, y, lossfunc, job)
+        sync()
+    for name in env:
+        os.environ.pop(name)
+    kernels = cuda_kernels(prof) if device == "cuda" else cpu_kernels(prof)
+    print(f"\n## {workload}, {method}: {statistics.median(times):.3f} ms, {sum(kernels.values())} kernels")
+    print("most frequent:", ", ".join(f"{name} x{count}" for name, count in kernels.most_common(8)))
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=50))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--job", default="b", choices=["a", "b"])
+    parser.add_argument("--workloads", nargs="+", default=["mlp", "cnn", "seq"])
+    parser.add_argument("--methods", nargs="+", default=["gradvar", "torch.func"])
+    parser.add_argument("--top", type=int, default=12, help="rows of the op table")
+    args = parser.parse_args()
+    print(bv.machine(args.device))
+    for workload in args.workloads:
+        for method in args.methods:
+            profile_one(workload, method, args.device, args.job, args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
