@@ -90,9 +90,32 @@ at::Tensor unfold_strided(const at::Tensor& images, const ConvGeometry& c) {
       .reshape({n * c.groups, c.positions(), c.patch()});
 }
 
-// How a chunk's patches are unfolded: our parallel im2col kernel on CPU, strided views + one copy
-// elsewhere; GRADVAR_EXT_UNFOLD=strided forces the views on CPU too (the tests run both), =im2col
-// is the default (the kernel is CPU code: other devices keep the views).
+// The inverse, fold (col2im): columns [n, C * kh * kw, L] summed into images [n, C, H, W] (out,
+// overwritten) by kh * kw strided-view additions into the zero-padded images, one per kernel tap,
+// then the crop: where at::col2im on CUDA launches one kernel per sample.
+void fold_strided(const at::Tensor& cols, at::Tensor& out, const ConvGeometry& c) {
+  const int64_t n = cols.size(0);
+  const bool padded = c.padding[0] != 0 || c.padding[1] != 0;
+  at::Tensor image = padded ? at::zeros({n, c.in_channels, c.height + 2 * c.padding[0], c.width + 2 * c.padding[1]},
+                                        cols.options())
+                            : out.zero_();
+  const auto taps = cols.view({n, c.in_channels, c.kernel[0], c.kernel[1], c.out_height, c.out_width});
+  for (int64_t i = 0; i < c.kernel[0]; ++i) {
+    for (int64_t j = 0; j < c.kernel[1]; ++j) {
+      const int64_t top = i * c.dilation[0], left = j * c.dilation[1];
+      image.slice(2, top, top + c.stride[0] * (c.out_height - 1) + 1, c.stride[0])
+          .slice(3, left, left + c.stride[1] * (c.out_width - 1) + 1, c.stride[1])
+          .add_(taps.select(2, i).select(2, j));
+    }
+  }
+  if (padded) {
+    out.copy_(image.slice(2, c.padding[0], c.padding[0] + c.height).slice(3, c.padding[1], c.padding[1] + c.width));
+  }
+}
+
+// How a chunk's patches are unfolded (and products folded back): our parallel im2col / col2im
+// kernels on CPU, strided views elsewhere; GRADVAR_EXT_UNFOLD=strided forces the views on CPU too
+// (the tests run both), =im2col is the default (the kernels are CPU code: other devices keep the views).
 bool unfold_with_im2col(const at::Tensor& images) {
   const char* flag = std::getenv("GRADVAR_EXT_UNFOLD");
   const std::string choice = flag != nullptr ? flag : "";
@@ -299,9 +322,11 @@ Sink fold_into(at::Tensor& out, const ConvGeometry& c) {
     auto dst = out.narrow(0, start, n);
     if (c.unfold_is_view()) {
       dst.copy_(cols.view(dst.sizes()));
-    } else if (dst.is_cpu()) {
+    } else if (unfold_with_im2col(dst)) {
       col2im_cpu(cols, dst, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
-    } else {
+    } else if (dst.is_cpu() || n >= c.kernel[0] * c.kernel[1]) {
+      fold_strided(cols, dst, c);  // kh * kw + 2 kernels
+    } else {  // fewer samples than kernel taps: at::col2im's n + 1 launches are fewer
       dst.copy_(at::col2im(cols, {c.height, c.width}, c.kernel, c.dilation, c.padding, c.stride));
     }
   }};
