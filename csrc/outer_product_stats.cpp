@@ -89,6 +89,12 @@ bool use_fused_cuda(const Factors& X) {
   // T = 8-16, 2.3x slower at T = 64 (cuBLAS runs DGEMM on tensor cores; the kernel does not).
   return X.positions <= (X.options.dtype() == at::kDouble ? 16 : 32);
 }
+
+bool use_fused_products_cuda(const Factors& P) {
+  const char* flag = std::getenv("GRADVAR_EXT_FUSED_BACKWARD_CUDA");
+  return flag != nullptr && std::strcmp(flag, "1") == 0 && P.positions <= fused_products_max_positions() &&
+         P.samples <= 65535;
+}
 #endif
 
 // moment = sum_n (G_n^T X_n) * (Gb_n^T Xb_n), sum = sum_n G_n^T X_n.
@@ -282,6 +288,21 @@ static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P
     }
     return;
   }
+#ifdef GRADVAR_WITH_CUDA
+  // One group written in place (a Linear layer), on request: the fused kernel, h_n never in global memory.
+  if (P.options.device().is_cuda() && groups == 1 && !positions_last && sink.into &&
+      (Z2 == nullptr || sink2->into) && use_fused_products_cuda(P)) {
+    const auto p = P.chunk(0, N), q = Q.chunk(0, N);
+    const auto w = W.select(0, 0), c = center.defined() ? center.select(0, 0) : at::Tensor();
+    auto out = sink.into(0, N);
+    fused_weighted_product_cuda(out, &Z == &Q ? q : Z.chunk(0, N), q, p, w, c);
+    if (Z2 != nullptr) {
+      auto out2 = sink2->into(0, N);
+      fused_weighted_product_cuda(out2, Z2 == &P ? p : Z2->chunk(0, N), p, q, w.t(), c.defined() ? c.t() : c);
+    }
+    return;
+  }
+#endif
   // T > 1: h_n = Q_n^T P_n by bmm; the chunks of Q and P are kept for Z and Z2 when they are the
   // same factors (formed once); then one bmm per product.
   at::Tensor p_chunk, q_chunk;

@@ -111,6 +111,15 @@ bool use_fused_cuda(const Factors& X);
 // else moment and sum need no zeroing); X, G (Xb, Gb): [S * groups, T, F].
 void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X, const at::Tensor& G,
                         const at::Tensor* Xb, const at::Tensor* Gb, int64_t groups, bool accumulate);
+// Whether the weighted products of CUDA factors with 1 < T <= fused_products_max_positions() use
+// the fused kernel (cuda/fused_products.cu): only on request, GRADVAR_EXT_FUSED_BACKWARD_CUDA=1,
+// until it has run on a GPU; else chunked bmm.
+bool use_fused_products_cuda(const Factors& P);
+int64_t fused_products_max_positions();
+// out[n] = Z_n (W * (A_n^T B_n) - C) per sample: Z, A [N, T, R]; B, out [N, T, K]; W, C [R, K] (C may
+// be undefined); any strides; T <= fused_products_max_positions().
+void fused_weighted_product_cuda(at::Tensor& out, const at::Tensor& Z, const at::Tensor& A, const at::Tensor& B,
+                                 const at::Tensor& W, const at::Tensor& C);
 void accumulate_products_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& g, const at::Tensor& gb);
 void rowwise_dot_cuda(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 #endif

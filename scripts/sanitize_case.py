@@ -1,4 +1,5 @@
-"""A small run of every CUDA kernel, default and fused paths (CUDA cores, tensor cores), for compute-sanitizer."""
+"""A small run of every CUDA kernel, default and fused paths (CUDA cores, tensor cores; the fused
+products with either fused moments), for compute-sanitizer."""
 
 import os
 
@@ -9,6 +10,7 @@ import gradvar_ext as gv
 torch.manual_seed(0)
 for fused in ("0", "1", "tf32x3"):
     os.environ["GRADVAR_EXT_FUSED_CUDA"] = fused
+    os.environ["GRADVAR_EXT_FUSED_BACKWARD_CUDA"] = "0" if fused == "0" else "1"  # the products' kernel
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(5, 3, 70, device="cuda", dtype=dtype, requires_grad=True)
         g = torch.randn(5, 3, 66, device="cuda", dtype=dtype, requires_grad=True)
@@ -16,8 +18,9 @@ for fused in ("0", "1", "tf32x3"):
         total = var.sum() + gv.linear_second_moment(x, g).sum() + gv.linear_batch_l2(x, g).sum()
         total = total + gv.linear_cross_moment(x, g, x * 2, g * 3).sum()
         torch.autograd.grad(total, (x, g))
-        xc = torch.randn(3, 4, 7, 6, device="cuda", dtype=dtype, requires_grad=True)
-        gc = torch.randn(3, 6, 4, 6, device="cuda", dtype=dtype, requires_grad=True)
+        # 7 samples >= 6 kernel taps: the backward folds by strided views (fewer: at::col2im)
+        xc = torch.randn(7, 4, 7, 6, device="cuda", dtype=dtype, requires_grad=True)
+        gc = torch.randn(7, 6, 4, 6, device="cuda", dtype=dtype, requires_grad=True)
         conv = dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 1), dilation=(1, 1), groups=2)
         total = gv.conv2d_variance(xc, gc, **conv).sum() + gv.conv2d_batch_l2(xc, gc, **conv).sum()
         torch.autograd.grad(total, (xc, gc))

@@ -176,6 +176,40 @@ def test_fused_cuda_is_deterministic_and_gradgradchecks(fused):
     assert torch.autograd.gradgradcheck(torch.ops.gradvar.linear_variance, (x, g))
 
 
+PRODUCT_OPS = ("weighted_gradient_product", "weighted_gradient_products")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", PRODUCT_OPS)
+def test_fused_cuda_products_match_reference(op, dtype, monkeypatch):
+    """GRADVAR_EXT_FUSED_BACKWARD_CUDA=1 (opt-in): the fused weighted-product kernel for
+    2 <= T <= 32 positions; T = 1 and T > 32 take the other paths. Tile edges: 31-33 and 64-65
+    rows, 63-65 and 130 columns; contiguous or not."""
+    monkeypatch.setenv("GRADVAR_EXT_FUSED_BACKWARD_CUDA", "1")
+    torch.manual_seed(19)
+    shapes = [(3, (2,), 5, 3), (2, (2, 3), 33, 31), (17, (32,), 65, 64), (4, (5,), 130, 63), (5, (33,), 20, 9)]
+    shapes += [(9, (8,), 64, 65), (2, (1, 1), 4, 4)]
+    cases = [c for c in ALL_CASES if c.middle] + [
+        Case(n, m, fi, fo, c) for n, m, fi, fo in shapes for c in (True, False)
+    ]
+    for case in cases:
+        args = case.args(op, dtype, device="cuda")
+        want = expected(op, *(a.cpu() for a in args))
+        assert_matches(call(op, *args), want, dtype, scale_for(op, [a.cpu() for a in args]))
+        if op == "weighted_gradient_product":  # without the center
+            assert_matches(call(op, *args[:4]), expected(op, *(a.cpu() for a in args[:4])), dtype)
+
+
+def test_fused_cuda_products_gradgradcheck(monkeypatch):
+    monkeypatch.setenv("GRADVAR_EXT_FUSED_BACKWARD_CUDA", "1")
+    torch.manual_seed(21)
+    for op in ("linear_variance", "linear_moments", "linear_second_moment", *PRODUCT_OPS):
+        args = Case(3, (2,), 3, 2).args(op, torch.float64, device="cuda", requires_grad=True)
+        fn = getattr(torch.ops.gradvar, op)
+        assert torch.autograd.gradcheck(fn, args)
+        assert torch.autograd.gradgradcheck(fn, args)
+
+
 @pytest.mark.parametrize(("dtype", "limit"), [(torch.float32, 32), (torch.float64, 16)], ids=str)
 def test_cuda_default_moment_path_by_positions(dtype, limit, monkeypatch):
     """Unset GRADVAR_EXT_FUSED_CUDA takes the fused kernel up to `limit` positions per sample and
