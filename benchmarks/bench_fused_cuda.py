@@ -14,11 +14,13 @@ Throughput counts the per-sample GEMM FLOPs (2 N T out in) for all; peak memory 
 allocates beyond its inputs. Beside each call's time (CUDA events, host launch overhead included)
 the GPU's own time from the profiler's kernel records: all kernels of the call, and the costliest
 one alone (for fused: the fused kernel, without the zeroing, the partials' reduction and the
-variance's elementwise steps). Issue target: fused >= 50% of bmm's throughput.
+variance's elementwise steps). Issue target: fused >= 50% of bmm's throughput. Then the
+statistics' backward (weighted_gradient_products), chunked against the opt-in fused kernel.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 
@@ -120,6 +122,41 @@ def main() -> None:
         "| fused / bmm throughput: per call / GPU time / kernel alone |"
     )
     print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    products()
+
+
+PRODUCT_SHAPES = [(256, 8, 256, 256), (256, 16, 256, 256), (128, 32, 512, 512), (1024, 8, 128, 128)]
+
+
+def _bmm_product(x, g):
+    return torch.bmm(g, torch.bmm(g.transpose(1, 2), x))
+
+
+def products() -> None:
+    """The statistics' backward, weighted_gradient_products (both products from h_n = W * g_n - C),
+    chunked (bmm) against the fused kernel (GRADVAR_EXT_FUSED_BACKWARD_CUDA=1), and cuBLAS forming
+    h_n and one product by bmm as the yardstick (same FLOPs as one fused product)."""
+    rows = []
+    for dtype in (torch.float32, torch.float64):
+        for n, t, i, o in PRODUCT_SHAPES:
+            x = torch.randn(n, t, i, device="cuda", dtype=dtype)
+            g = torch.randn(n, t, o, device="cuda", dtype=dtype)
+            w, c = torch.randn(o, i, device="cuda", dtype=dtype), torch.randn(o, i, device="cuda", dtype=dtype)
+            cells = []
+            bmm_ms, _ = timed(functools.partial(_bmm_product, x, g))
+            cells.append(f"{bmm_ms:.3f} ms")
+            call = functools.partial(torch.ops.gradvar.weighted_gradient_products, g, x, x, g, w, c)
+            for flag in ("0", "1"):
+                os.environ["GRADVAR_EXT_FUSED_BACKWARD_CUDA"] = flag
+                ms, mb = timed(call)
+                total, _, _ = gpu_time(call)
+                cells.append(f"{ms:.3f} ms ({total:.3f} on GPU), {mb:.0f} MB")
+            os.environ.pop("GRADVAR_EXT_FUSED_BACKWARD_CUDA", None)
+            rows.append(f"| {str(dtype)[6:]} | {n}x{t}x{i}->{o} | {' | '.join(cells)} |")
+            print(rows[-1], flush=True)
+    print("\n| dtype | N x T x in -> out | bmm: h_n and one product | chunked products | fused products |")
+    print("|---|---|---|---|---|")
     print("\n".join(rows))
 
 
