@@ -40,7 +40,7 @@ if [ "$PART" != bench ]; then
   echo "example exit $?"; grep -E "^\[|same\?|all checks|FAILED" "$OUT/example.log" | tail -16
   [ "${QUICK:-0}" = 1 ] && { stage done; exit 0; }
   stage "fused kernel benchmark"
-  timeout 90 $PY benchmarks/bench_fused_cuda.py 2>&1 | tee "$OUT/bench_fused.log" | tail -14
+  timeout 120 $PY benchmarks/bench_fused_cuda.py 2>&1 | tee "$OUT/bench_fused.log" | tail -24
   stage "compute-sanitizer"
   for tool in memcheck racecheck; do
     timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1
