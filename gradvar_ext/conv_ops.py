@@ -312,8 +312,9 @@ _CONV2D_ARGS = """
     """
 
 
-def _conv2d_function(op: str, summary: str):
-    """One documented function per Conv2d statistic: resolve nn.Conv2d-style arguments, call the op."""
+def _conv2d_function(op: str, summary: str, name: str | None = None, compute=None):
+    """One documented function per Conv2d statistic: resolve nn.Conv2d-style arguments, call the op
+    (or ``compute(x, grad_output, conv)``; errors are named after ``op`` either way)."""
 
     def statistic(
         input: Tensor,
@@ -326,10 +327,10 @@ def _conv2d_function(op: str, summary: str):
         padding_mode: str = "zeros",
     ) -> Tensor | tuple[Tensor, Tensor]:
         input, grad_output = ops.promoted(input, grad_output)
-        args = conv2d_arguments(input, kernel_size, stride, padding, dilation, groups, padding_mode, op=op)
-        return getattr(_ops, op)(args[0], grad_output, *args[1:])
+        x, *conv = conv2d_arguments(input, kernel_size, stride, padding, dilation, groups, padding_mode, op=op)
+        return compute(x, grad_output, conv) if compute else getattr(_ops, op)(x, grad_output, *conv)
 
-    statistic.__name__ = statistic.__qualname__ = op
+    statistic.__name__ = statistic.__qualname__ = name or op
     statistic.__doc__ = summary + _CONV2D_ARGS
     return statistic
 
@@ -354,28 +355,22 @@ conv2d_batch_l2 = _conv2d_function(
 )
 
 
-def conv2d_variance_by_moments(
-    input: Tensor,
-    grad_output: Tensor,
-    kernel_size: IntOrPair,
-    stride: IntOrPair = 1,
-    padding: IntOrPair | str = 0,
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    padding_mode: str = "zeros",
-) -> Tensor:
-    """:func:`conv2d_variance`'s values through :func:`ops.variance_by_moments`: a single-pass
-    backward (no pass for the mean) from a single autograd node. For a front end."""
-    input, grad_output = ops.promoted(input, grad_output)
-    x, *conv = conv2d_arguments(
-        input, kernel_size, stride, padding, dilation, groups, padding_mode, op="conv2d_variance"
-    )
+def _variance_by_moments(x: Tensor, grad_output: Tensor, conv: list) -> Tensor:
     return ops.variance_by_moments(
         x,
         grad_output,
         lambda x, go: _ops.conv2d_moments(x, go, *conv),
         lambda x, go, weight, center, need: _both_products(x, go, weight, conv, need, center=center),
     )
+
+
+conv2d_variance_by_moments = _conv2d_function(
+    "conv2d_variance",
+    ":func:`conv2d_variance`'s values through :func:`ops.variance_by_moments`: a single-pass "
+    "backward (no pass for the mean) from a single autograd node. For a front end.",
+    name="conv2d_variance_by_moments",
+    compute=_variance_by_moments,
+)
 
 
 def _conv_bias_function(op: str, linear_bias_statistic, summary: str):
