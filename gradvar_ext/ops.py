@@ -13,6 +13,8 @@ materialise per-sample gradients.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -291,6 +293,10 @@ def variance_from_moments(moment: Tensor, sum: Tensor, n: int) -> Tensor:
     return _VarianceFromMoments.apply(moment, sum, n)
 
 
+Moments = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x, go) -> (sum_n g_n**2, sum_n g_n)
+Products = Callable[..., tuple]  # (x, go, weight, center, need) -> (grad_x or None, grad_go or None)
+
+
 class _VarianceByMoments(torch.autograd.Function):
     """The variance from a moments op as one autograd node, for a front end that differentiates it.
 
@@ -303,7 +309,7 @@ class _VarianceByMoments(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, go: Tensor, moments, products):
+    def forward(ctx, x: Tensor, go: Tensor, moments: Moments, products: Products) -> tuple[Tensor, Tensor]:
         moment, total = moments(x, go)
         ctx.save_for_backward(x, go, total)
         ctx.products = products
@@ -328,7 +334,7 @@ class _VarianceByMoments(torch.autograd.Function):
         return to_x, to_go, None, None
 
 
-def variance_by_moments(input: Tensor, grad_output: Tensor, moments, products) -> Tensor:
+def variance_by_moments(input: Tensor, grad_output: Tensor, moments: Moments, products: Products) -> Tensor:
     """The variance of the per-sample gradients through ``moments`` (a moments op, ``(x, go) ->
     (sum_n g_n**2, sum_n g_n)``) and ``products`` (its weighted products, ``(x, go, W, C, need) ->
     (grad_x, grad_go)``), one autograd node (:class:`_VarianceByMoments`): what the front end
