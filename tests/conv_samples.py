@@ -89,6 +89,7 @@ CONV_CASES = [
     ConvCase(3, 4, 6, (6, 5), groups=2),  # groups
     ConvCase(3, 4, 8, (5, 5), groups=4),  # depthwise (groups = C_in), channel multiplier 2
     ConvCase(2, 3, 4, (3, 3)),  # one output position: the single-position (GEMM) path
+    ConvCase(3, 4, 6, (3, 3), groups=2),  # the same per group
     ConvCase(3, 4, 6, (9, 8), kernel=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
     ConvCase(
         4, 6, 3, (7, 7), kernel=(2, 3), stride=(1, 2), padding=(2, 1), dilation=(2, 1), groups=3, contiguous=False
