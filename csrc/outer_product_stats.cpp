@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const
 #ifdef GRADVAR_WITH_CUDA
   if (X.options.device().is_cuda() && use_fused_cuda(X)) {  // no [c, O, I] scratch: chunk only unfolding
     const int64_t N = X.samples, groups = X.groups, I = X.features, O = G.features;
-    at::Tensor moment = at::empty({groups, O, I}, X.options);  // the first chunk overwrites
+    at::Tensor moment = at::empty({groups, O, I}, X.options);  // the first chunk overwrites (N >= 1: checked)
     at::Tensor sum = with_sum ? at::empty({groups, O, I}, X.options) : at::Tensor();
     const int64_t chunk = chunk_samples(std::max<int64_t>(1, formed(X) + formed(G) + (same ? 0 : formed(*Xb) + formed(*Gb))), X);
     for (int64_t start = 0; start < N; start += chunk) {
