@@ -170,11 +170,15 @@ bool use_grouped(const char* op, const ConvGeometry& c, const at::Tensor& input)
 }
 
 // Samples per chunk for the grouped path: oneDNN ran best with <= 16 samples and ~2 MiB of
-// per-sample gradients per convolution (measured on 2 cores).
+// per-sample gradients per convolution (measured on 2 cores), and with that many rather than
+// what the core's CPU budget (4 MiB) allows: its own budget is 16 MiB (the benchmark CNN's
+// layers' moments and products 1.05-1.25x faster than with 4 MiB; benchmarks/RESULTS.md). GPUs
+// keep the core's budget.
 int64_t grouped_max_chunk(const ConvGeometry& c, const at::Tensor& input) {
   const int64_t bytes = c.out_channels * c.patch() * static_cast<int64_t>(input.element_size());
   return std::clamp<int64_t>((int64_t(2) << 20) / std::max<int64_t>(1, bytes), 1, 16);
 }
+int64_t grouped_budget_bytes(const at::Tensor& input) { return input.is_cpu() ? int64_t(16) << 20 : 0; }
 
 // n samples' weight-shaped tensors as the weight of one grouped convolution: [n * C_out, C_in/groups, kh, kw].
 std::vector<int64_t> grouped_weight_shape(int64_t n, const ConvGeometry& c) {
@@ -199,7 +203,8 @@ GradientChunks grouped_gradients(const at::Tensor& input, const at::Tensor& grad
                               grad, image, like_weight, std::nullopt, c.stride, c.padding, c.dilation,
                               /*transposed=*/false, /*output_padding=*/{0, 0}, n * c.groups, {false, true, false});
                           return std::get<1>(grads).contiguous().view({n * c.groups, rows, c.patch()});
-                        }};
+                        },
+                        grouped_budget_bytes(x)};
 }
 
 // Takes h_n (weight-shaped) and writes, per sample, the transposed convolution of

@@ -23,10 +23,11 @@ int64_t chunk_bytes(const at::TensorOptions& options) {
 }
 
 int64_t chunk_samples(int64_t elems_per_sample, const at::TensorOptions& options, int64_t samples,
-                      int64_t max_chunk) {
+                      int64_t max_chunk, int64_t budget = 0) {
   const int64_t element_size = static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
   const int64_t bytes = std::max<int64_t>(1, elems_per_sample * element_size);
-  return std::clamp<int64_t>(chunk_bytes(options) / bytes, 1, std::max<int64_t>(1, std::min(samples, max_chunk)));
+  const int64_t budget_bytes = budget > 0 ? budget : chunk_bytes(options);
+  return std::clamp<int64_t>(budget_bytes / bytes, 1, std::max<int64_t>(1, std::min(samples, max_chunk)));
 }
 
 int64_t chunk_samples(int64_t elems_per_sample, const Factors& like) {
@@ -145,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_gradients(const GradientChunks& g, con
   at::Tensor sum = with_sum ? at::zeros({g.groups, g.rows, g.cols}, g.options) : at::Tensor();
   const int64_t chunk =
       chunk_samples(g.scratch_per_sample + (gb != nullptr ? gb->scratch_per_sample : 0), g.options, g.samples,
-                    gb != nullptr ? std::min(g.max_chunk, gb->max_chunk) : g.max_chunk);
+                    gb != nullptr ? std::min(g.max_chunk, gb->max_chunk) : g.max_chunk, g.budget_bytes);
   const int64_t per_sample = g.groups * g.rows * g.cols;
   for (int64_t start = 0; start < g.samples; start += chunk) {
     const int64_t n = std::min(chunk, g.samples - start);
@@ -212,7 +213,7 @@ void apply_weighted_gradients(const GradientChunks& g, const at::Tensor& W, cons
                               const std::vector<WeightedConsumer>& consumers) {
   int64_t per_sample = g.scratch_per_sample;
   for (const auto& consumer : consumers) per_sample += consumer.scratch_per_sample;
-  const int64_t chunk = chunk_samples(per_sample, g.options, g.samples, g.max_chunk);
+  const int64_t chunk = chunk_samples(per_sample, g.options, g.samples, g.max_chunk, g.budget_bytes);
   for (int64_t start = 0; start < g.samples; start += chunk) {
     const int64_t n = std::min(chunk, g.samples - start);
     const auto h = g.chunk(start, n);

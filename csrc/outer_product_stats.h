@@ -33,6 +33,7 @@ struct GradientChunks {
   int64_t scratch_per_sample;  // elements chunk() allocates per sample, its result included
   int64_t max_chunk;           // the most samples per chunk this producer runs well with
   std::function<at::Tensor(int64_t start, int64_t n)> chunk;
+  int64_t budget_bytes = 0;  // the chunk's scratch budget when the producer needs its own (0: the core's)
 };
 
 // Takes h_n = W * g_n - center for samples [start, start + n): h [n * groups, rows, cols].
