@@ -303,9 +303,9 @@ class _VarianceByMoments(torch.autograd.Function):
     Forward: ``moments(x, go)`` -> (moment, total), the variance as :func:`variance_from_moments`.
     Backward: the weighted products straight away, ``products(x, go, W, C, need)`` with
     h_n = W * g_n - C, W = (2/n) grad, C = (2/n**2) grad * total (less total's own gradient, if
-    any): three weight-sized kernels and one node, where variance_from_moments behind the moments
-    op's node takes five and two. ``total`` is a second output so that, saved, it stays
-    differentiable: gradients of any order.
+    any): three weight-sized kernels in one autograd node, where variance_from_moments' backward
+    followed by the moments op's takes five in two. ``total`` is a second output so that, saved,
+    it stays differentiable: gradients of any order.
     """
 
     @staticmethod
