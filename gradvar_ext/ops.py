@@ -262,11 +262,15 @@ def linear_moments(input: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
     return _ops.linear_moments(*promoted(input, grad_output))
 
 
-def _variance_of(moment: Tensor, total: Tensor, n: int) -> Tensor:
-    """moment / n - (total / n)**2 clamped at 0 in one fresh buffer; exactly 0 for n = 1."""
+def _variance_of(moment: Tensor, total: Tensor, n: int, overwrite: bool = False) -> Tensor:
+    """moment / n - (total / n)**2 clamped at 0 in one fresh buffer (overwrite: in moment's own,
+    for a moment nobody else holds); exactly 0 for n = 1."""
     if n == 1:  # as the variance ops
-        return torch.zeros_like(moment)
-    return torch.addcmul(moment, total, total, value=-1 / n).mul_(1 / n).clamp_min_(0)
+        return moment.zero_() if overwrite else torch.zeros_like(moment)
+    start = (
+        moment.addcmul_(total, total, value=-1 / n) if overwrite else torch.addcmul(moment, total, total, value=-1 / n)
+    )
+    return start.mul_(1 / n).clamp_min_(0)
 
 
 class _VarianceFromMoments(torch.autograd.Function):
@@ -314,7 +318,7 @@ class _VarianceByMoments(torch.autograd.Function):
         ctx.save_for_backward(x, go, total)
         ctx.products = products
         ctx.set_materialize_grads(False)  # no gradient for total (the usual case): None, not zeros
-        return _variance_of(moment, total, x.shape[0]), total
+        return _variance_of(moment, total, x.shape[0], overwrite=True), total  # moment: the op's, ours alone
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, grad_total: Tensor | None):
