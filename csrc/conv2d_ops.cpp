@@ -22,9 +22,9 @@ struct ConvGeometry {
   int64_t groups, in_channels, out_channels, height, width, out_height, out_width;
   int64_t positions() const { return out_height * out_width; }
   int64_t patch() const { return in_channels / groups * kernel[0] * kernel[1]; }
+  bool padded() const { return padding[0] != 0 || padding[1] != 0; }
   bool unfold_is_view() const {
-    return kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 && stride[1] == 1 && padding[0] == 0 &&
-           padding[1] == 0;
+    return kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 && stride[1] == 1 && !padded();
   }
 };
 
@@ -77,9 +77,8 @@ ConvGeometry check_conv(const char* op, const at::Tensor& input, const char* inp
 // 64 samples of 64 channels at 16x16 on an H200, benchmarks/RESULTS.md).
 at::Tensor unfold_strided(const at::Tensor& images, const ConvGeometry& c) {
   const int64_t n = images.size(0), per_group = c.in_channels / c.groups;
-  const bool padded = c.padding[0] != 0 || c.padding[1] != 0;
   const auto image =
-      padded ? at::constant_pad_nd(images, {c.padding[1], c.padding[1], c.padding[0], c.padding[0]}, 0) : images;
+      c.padded() ? at::constant_pad_nd(images, {c.padding[1], c.padding[1], c.padding[0], c.padding[0]}, 0) : images;
   const int64_t span_h = c.dilation[0] * (c.kernel[0] - 1) + 1, span_w = c.dilation[1] * (c.kernel[1] - 1) + 1;
   const auto taps = image.unfold(2, span_h, c.stride[0])
                         .unfold(3, span_w, c.stride[1])  // [n, C, H_out, W_out, span_h, span_w]
@@ -95,10 +94,8 @@ at::Tensor unfold_strided(const at::Tensor& images, const ConvGeometry& c) {
 // then the crop: where at::col2im on CUDA launches one kernel per sample.
 void fold_strided(const at::Tensor& cols, at::Tensor& out, const ConvGeometry& c) {
   const int64_t n = cols.size(0);
-  const bool padded = c.padding[0] != 0 || c.padding[1] != 0;
-  at::Tensor image = padded ? at::zeros({n, c.in_channels, c.height + 2 * c.padding[0], c.width + 2 * c.padding[1]},
-                                        cols.options())
-                            : out.zero_();
+  const std::vector<int64_t> padded_shape{n, c.in_channels, c.height + 2 * c.padding[0], c.width + 2 * c.padding[1]};
+  at::Tensor image = c.padded() ? at::zeros(padded_shape, cols.options()) : out.zero_();
   const auto taps = cols.view({n, c.in_channels, c.kernel[0], c.kernel[1], c.out_height, c.out_width});
   for (int64_t i = 0; i < c.kernel[0]; ++i) {
     for (int64_t j = 0; j < c.kernel[1]; ++j) {
@@ -108,7 +105,7 @@ void fold_strided(const at::Tensor& cols, at::Tensor& out, const ConvGeometry& c
           .add_(taps.select(2, i).select(2, j));
     }
   }
-  if (padded) {
+  if (c.padded()) {
     out.copy_(image.slice(2, c.padding[0], c.padding[0] + c.height).slice(3, c.padding[1], c.padding[1] + c.width));
   }
 }
