@@ -15,7 +15,9 @@ allocates beyond its inputs. Beside each call's time (CUDA events, host launch o
 the GPU's own time from the profiler's kernel records: all kernels of the call, and the costliest
 one alone (for fused: the fused kernel, without the zeroing, the partials' reduction and the
 variance's elementwise steps). Issue target: fused >= 50% of bmm's throughput. Then the
-statistics' backward (weighted_gradient_products), chunked against the opt-in fused kernel.
+statistics' backward (weighted_gradient_products), chunked against the opt-in fused kernel, and
+the two other opt-in paths of GRADVAR_EXT_FUSED_CUDA=1 against the default: one position per
+sample (a Linear layer without middle dims: one pass for both GEMMs) and batch_l2's direct form.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     products()
+    opt_in_paths()
 
 
 PRODUCT_SHAPES = [(256, 8, 256, 256), (256, 16, 256, 256), (128, 32, 512, 512), (1024, 8, 128, 128)]
@@ -156,6 +159,50 @@ def products() -> None:
             rows.append(f"| {str(dtype)[6:]} | {n}x{t}x{i}->{o} | {' | '.join(cells)} |")
             print(rows[-1], flush=True)
     print("\n| dtype | N x T x in -> out | bmm: h_n and one product | chunked products | fused products |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+ONE_POSITION_SHAPES = [(128, 784, 512), (128, 512, 512), (1024, 1024, 1024), (4096, 256, 256)]  # N, in, out
+DIRECT_NORM_SHAPES = [(64, 256, 256, 256), (32, 1024, 512, 512), (256, 64, 64, 64)]  # N, T, in, out
+
+
+def opt_in_paths() -> None:
+    """Paths that GRADVAR_EXT_FUSED_CUDA=1 sends to the fused kernels and the default keeps on
+    cuBLAS until measured: linear_variance with one position per sample (default: a GEMM of
+    squares and a plain GEMM; fused: one pass) and linear_batch_l2 / conv2d_batch_l2 where the
+    direct form ||G_n^T X_n||^2 is cheaper than the ghost norm (default: chunked bmm + row-wise
+    dot; fused: the squared-norms kernel, no per-sample gradient in global memory)."""
+    calls = []
+    for dtype in (torch.float32, torch.float64):
+        for n, i, o in ONE_POSITION_SHAPES:
+            x = torch.randn(n, i, device="cuda", dtype=dtype)
+            g = torch.randn(n, o, device="cuda", dtype=dtype)
+            calls.append((dtype, f"linear_variance {n}x{i}->{o}", functools.partial(gradvar_ext.linear_variance, x, g)))
+        for n, t, i, o in DIRECT_NORM_SHAPES:
+            x = torch.randn(n, t, i, device="cuda", dtype=dtype)
+            g = torch.randn(n, t, o, device="cuda", dtype=dtype)
+            calls.append(
+                (dtype, f"linear_batch_l2 {n}x{t}x{i}->{o}", functools.partial(gradvar_ext.linear_batch_l2, x, g))
+            )
+        for n, c, o, hw in CONV_SHAPES:
+            x = torch.randn(n, c, hw, hw, device="cuda", dtype=dtype)
+            g = torch.randn(n, o, hw, hw, device="cuda", dtype=dtype)
+            label = f"conv2d_batch_l2 {c}->{o} {hw}x{hw}, N={n}"
+            calls.append((dtype, label, functools.partial(gradvar_ext.conv2d_batch_l2, x, g, 3, padding=1)))
+    rows = []
+    for dtype, label, call in calls:
+        cells, gpu = [], []
+        for flag in ("", "1"):
+            os.environ["GRADVAR_EXT_FUSED_CUDA"] = flag
+            ms, mb = timed(call)
+            total, _, _ = gpu_time(call)
+            gpu.append(total)
+            cells.append(f"{ms:.3f} ms ({total:.3f} on GPU), {mb:.0f} MB")
+        os.environ.pop("GRADVAR_EXT_FUSED_CUDA", None)
+        rows.append(f"| {str(dtype)[6:]} | {label} | {' | '.join(cells)} | {gpu[0] / gpu[1]:.2f} |")
+        print(rows[-1], flush=True)
+    print("\n| dtype | call | default (cuBLAS) | fused (GRADVAR_EXT_FUSED_CUDA=1) | fused speed-up in GPU time |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -88,7 +88,13 @@ bool use_fused_cuda(const Factors& X) {
   // (benchmarks/RESULTS.md), GPU time: float32 fused 1.2-2.7x faster at T = 8-16, 1.3x slower
   // at T = 64 (faster in another run), 1.4-2.0x slower at T >= 128; float64 1.4-4x faster at
   // T = 8-16, 2.3x slower at T = 64 (cuBLAS runs DGEMM on tensor cores; the kernel does not).
-  return X.positions <= (X.options.dtype() == at::kDouble ? 16 : 32);
+  // T = 1 stays two GEMMs (squares, plain) until the one-pass kernel has been timed on a GPU.
+  return X.positions != 1 && X.positions <= (X.options.dtype() == at::kDouble ? 16 : 32);
+}
+
+bool use_fused_norms_cuda(const Factors& X) {
+  const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
+  return flag != nullptr && std::strcmp(flag, "1") == 0;
 }
 
 bool use_fused_products_cuda(const Factors& P) {
@@ -102,11 +108,17 @@ bool use_fused_products_cuda(const Factors& P) {
 // T == 1: batched GEMMs over all samples, (G*Gb)^T (X*Xb) and G^T X; extra memory O(N (I + O)).
 // T > 1: per chunk of c samples, bmm -> [c*groups, O, I] (twice if the pairs differ), then a
 //        fused multiply-accumulate; extra memory <= kChunkBytes + O(groups O I). On CUDA with
-//        few positions, the fused kernel instead (use_fused_cuda): no [c, O, I] at all.
+//        few positions, the fused kernel instead (use_fused_cuda): no [c, O, I] at all; for
+//        T == 1 on request, both GEMMs in one pass over the factors.
 std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const Factors& G, const Factors* Xb,
                                                          const Factors* Gb, bool with_sum) {
   const bool same = Xb == nullptr;
-  if (X.positions == 1) {
+#ifdef GRADVAR_WITH_CUDA
+  const bool fused = X.options.device().is_cuda() && use_fused_cuda(X);
+#else
+  const bool fused = false;
+#endif
+  if (X.positions == 1 && !fused) {
     const auto x = by_group(X), g = by_group(G);
     at::Tensor moment = same ? at::bmm(g.square().transpose(1, 2), x.square())
                              : at::bmm((g * by_group(*Gb)).transpose(1, 2), x * by_group(*Xb));
@@ -114,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const
     return {moment, sum};
   }
 #ifdef GRADVAR_WITH_CUDA
-  if (X.options.device().is_cuda() && use_fused_cuda(X)) {  // no [c, O, I] scratch: chunk only unfolding
+  if (fused) {  // no [c, O, I] scratch: chunk only unfolding
     const int64_t N = X.samples, groups = X.groups, I = X.features, O = G.features;
     at::Tensor moment = at::empty({groups, O, I}, X.options);  // the first chunk overwrites (N >= 1: checked)
     at::Tensor sum = with_sum ? at::empty({groups, O, I}, X.options) : at::Tensor();
@@ -179,7 +191,8 @@ at::Tensor variance_of_gradients(const GradientChunks& g) {
 // l2[n] = sum over groups of ||G_n^T X_n||_F^2.
 // T == 1: ||x_n||^2 ||g_n||^2 per group. T > 1: whichever is cheaper per sample, the ghost norm
 // <X_n X_n^T, G_n G_n^T> (T^2 (I + O) flops, [T, T] scratch) or the direct ||G_n^T X_n||^2
-// (T I O flops, [O, I] scratch); chunked so scratch <= kChunkBytes.
+// (T I O flops, [O, I] scratch; on CUDA on request the fused kernel: no [O, I] at all); chunked
+// so scratch <= kChunkBytes.
 at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G) {
   const int64_t N = X.samples, groups = X.groups, T = X.positions, I = X.features, O = G.features;
   if (T == 1) {
@@ -187,6 +200,18 @@ at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G) {
   }
   at::Tensor out = at::empty({N}, X.options);
   const bool ghost = T * (I + O) < I * O;
+#ifdef GRADVAR_WITH_CUDA
+  if (!ghost && X.options.device().is_cuda() && use_fused_norms_cuda(X)) {  // no [c, O, I]: chunk partials, unfolding
+    const auto partials = fused_squared_norms_partials(groups, I, O, X.options.dtype().toScalarType());
+    const int64_t chunk = chunk_samples(partials + formed(X) + formed(G), X);
+    for (int64_t start = 0; start < N; start += chunk) {
+      const int64_t n = std::min(chunk, N - start);
+      auto out_c = out.narrow(0, start, n);
+      fused_squared_norms_cuda(out_c, X.chunk(start, n), G.chunk(start, n), groups);
+    }
+    return out;
+  }
+#endif
   const int64_t per_group = ghost ? T * T : O * I;
   const int64_t chunk = chunk_samples(groups * per_group * (ghost ? 2 : 1) + formed(X) + formed(G), X);
   at::Tensor buf = at::empty({chunk, groups * per_group}, X.options);

@@ -103,15 +103,24 @@ void im2col_cpu(const at::Tensor& image, at::Tensor& cols, at::IntArrayRef kerne
 void col2im_cpu(const at::Tensor& cols, at::Tensor& image, at::IntArrayRef kernel, at::IntArrayRef stride,
                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_height, int64_t out_width);
 #ifdef GRADVAR_WITH_CUDA
-// Whether the moments of CUDA factors with T > 1 positions use the fused kernel
-// (cuda/fused_moments.cu) rather than chunked bmm + accumulate: by default for T <= 32 (float32)
-// or T <= 16 (float64), where it is faster; GRADVAR_EXT_FUSED_CUDA=1 always, =0 never, =tf32x3
-// always, on the kernel's tensor-core variant (float32, sm_80+; slower than the CUDA-core one).
+// Whether the moments of CUDA factors use the fused kernel (cuda/fused_moments.cu) rather than
+// chunked bmm + accumulate (T > 1) or two GEMMs (T = 1): by default for 1 < T <= 32 (float32) or
+// 1 < T <= 16 (float64), where it is faster; GRADVAR_EXT_FUSED_CUDA=1 always (T = 1 too: one pass
+// for both GEMMs, not yet run on a GPU), =0 never, =tf32x3 always, on the kernel's tensor-core
+// variant (float32, sm_80+; slower than the CUDA-core one).
 bool use_fused_cuda(const Factors& X);
 // moment = sum_s g_s * h_s, sum = sum_s g_s over one chunk (+= when accumulate: a later chunk;
 // else moment and sum need no zeroing); X, G (Xb, Gb): [S * groups, T, F].
 void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X, const at::Tensor& G,
                         const at::Tensor* Xb, const at::Tensor* Gb, int64_t groups, bool accumulate);
+// Whether the per-sample squared norms of CUDA factors, where their direct form ||G_n^T X_n||^2 is
+// the cheaper one, use the fused kernel (cuda/fused_moments.cu): only on request,
+// GRADVAR_EXT_FUSED_CUDA=1, until it has run on a GPU; else chunked bmm + row-wise dot.
+bool use_fused_norms_cuda(const Factors& X);
+// out[s] = sum over groups of ||G_s^T X_s||_F^2 for one chunk: X, G [S * groups, T, F]; out [S]
+// (a contiguous view allowed). Allocates fused_squared_norms_partials(...) elements per sample.
+void fused_squared_norms_cuda(at::Tensor& out, const at::Tensor& X, const at::Tensor& G, int64_t groups);
+int64_t fused_squared_norms_partials(int64_t groups, int64_t I, int64_t O, at::ScalarType dtype);
 // Whether the weighted products of CUDA factors with 1 < T <= fused_products_max_positions() use
 // the fused kernel (cuda/fused_products.cu): only on request, GRADVAR_EXT_FUSED_BACKWARD_CUDA=1,
 // until it has run on a GPU; else chunked bmm.

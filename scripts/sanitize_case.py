@@ -1,5 +1,5 @@
 """A small run of every CUDA kernel, default and fused paths (CUDA cores, tensor cores; the fused
-products with either fused moments), for compute-sanitizer."""
+products with either fused moments; the fused squared norms with "1"), for compute-sanitizer."""
 
 import os
 
@@ -18,6 +18,12 @@ for fused in ("0", "1", "tf32x3"):
         total = var.sum() + gv.linear_second_moment(x, g).sum() + gv.linear_batch_l2(x, g).sum()
         total = total + gv.linear_cross_moment(x, g, x * 2, g * 3).sum()
         torch.autograd.grad(total, (x, g))
+        # one position per sample (fused when forced) and direct-form squared norms (fused with "1")
+        x1, g1 = torch.randn(5, 70, device="cuda", dtype=dtype), torch.randn(5, 66, device="cuda", dtype=dtype)
+        gv.linear_variance(x1, g1), gv.linear_cross_moment(x1, g1, x1 * 2, g1 * 3)
+        gv.linear_batch_l2(
+            torch.randn(4, 40, 9, device="cuda", dtype=dtype), torch.randn(4, 40, 5, device="cuda", dtype=dtype)
+        )
         # 7 samples >= 6 kernel taps: the backward folds by strided views (fewer: at::col2im)
         xc = torch.randn(7, 4, 7, 6, device="cuda", dtype=dtype, requires_grad=True)
         gc = torch.randn(7, 6, 4, 6, device="cuda", dtype=dtype, requires_grad=True)

@@ -134,9 +134,11 @@ def test_fused_cuda_linear_matches_reference(fused, op, dtype):
     # Shapes with positions (the fused path): tile edges (1, 63, 64, 65, 127-130, 256), positions
     # per sample below, at and above a stage (8), 128-bit loads (features % 4 == 0) or not, and
     # both split regimes.
+    # One position per sample (no middle dims) takes the fused kernel too when it is forced.
     shapes = [(7, (3,), 5, 3), (2, (2, 3), 16, 12), (64, (5,), 65, 63), (300, (2,), 7, 9), (3, (17,), 130, 64)]
     shapes += [(5, (40,), 132, 256), (33, (8,), 36, 20), (6, (1, 13), 128, 127), (2, (9,), 129, 128)]
-    cases = [c for c in ALL_CASES if c.middle] + [Case(n, m, fi, fo) for n, m, fi, fo in shapes] + MULTI_CHUNK_CASES
+    shapes += [(300, (), 130, 129), (9, (), 256, 1), (2, (1,), 64, 65)]
+    cases = ALL_CASES + [Case(n, m, fi, fo) for n, m, fi, fo in shapes] + MULTI_CHUNK_CASES
     for case in cases:
         args = case.args(op, dtype, device="cuda")
         want = expected(op, *(a.cpu() for a in args))
@@ -174,6 +176,57 @@ def test_fused_cuda_is_deterministic_and_gradgradchecks(fused):
     x = torch.randn(3, 2, 3, device="cuda", dtype=torch.float64, requires_grad=True)
     g = torch.randn(3, 2, 2, device="cuda", dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(torch.ops.gradvar.linear_variance, (x, g))
+
+
+# Shapes where batch_l2 takes the direct form ||G_n^T X_n||^2 (T (in + out) >= in * out): tile
+# edges for 128- (float32) and 64-wide (float64) tiles, many samples (splits over the GPU).
+BATCH_L2_SHAPES = [(7, (3,), 5, 3), (300, (9,), 7, 9), (3, (70,), 130, 64), (5, (200,), 129, 128)]
+BATCH_L2_SHAPES += [(4, (130,), 65, 63), (2, (1, 40), 4, 257), (1, (16,), 8, 8)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_cuda_batch_l2_matches_reference(fused, dtype):
+    """linear_batch_l2 and conv2d_batch_l2: with "1" the fused squared-norms kernel where the
+    direct form is the cheaper one (opt-in), else chunked bmm + row-wise dot; the ghost form and
+    one position per sample as before."""
+    torch.manual_seed(22)
+    cases = [Case(n, m, fi, fo, c) for n, m, fi, fo in BATCH_L2_SHAPES for c in (True, False)] + ALL_CASES
+    for case in cases:
+        args = case.args("linear_batch_l2", dtype, device="cuda")
+        want = expected("linear_batch_l2", *(a.cpu() for a in args))
+        assert_matches(call("linear_batch_l2", *args), want, dtype)
+    for case in CONV_CASES + MULTI_CHUNK_CONV_CASES:
+        args = case.args("conv2d_batch_l2", dtype, device="cuda")
+        cpu64 = [a.cpu().double() if isinstance(a, torch.Tensor) else a for a in args]
+        assert_matches(call("conv2d_batch_l2", *args), gradvar_ext.reference.conv2d_batch_l2(*cpu64), dtype)
+
+
+def _cuda_kernels_of(fn) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_fused_cuda_opt_in_paths_run_their_kernels(monkeypatch):
+    """GRADVAR_EXT_FUSED_CUDA=1 sends one-position moments and direct-form squared norms to the
+    fused kernels; unset, both stay on cuBLAS (not yet timed on a GPU) and give the same numbers
+    as the forced chunked path, bit for bit."""
+    torch.manual_seed(23)
+    x1, g1 = torch.randn(50, 30, device="cuda"), torch.randn(50, 20, device="cuda")  # T = 1
+    x, g = torch.randn(6, 70, 9, device="cuda"), torch.randn(6, 70, 5, device="cuda")  # direct form
+    results = {}
+    for flag, fused in (("1", True), ("", False), ("0", False)):
+        monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", flag)
+        names = _cuda_kernels_of(lambda: call("linear_variance", x1, g1))
+        assert any("fused_moments_kernel" in n for n in names) == fused, (flag, names)
+        names = _cuda_kernels_of(lambda: call("linear_batch_l2", x, g))
+        assert any("fused_squared_norms_kernel" in n for n in names) == fused, (flag, names)
+        results[flag] = (call("linear_variance", x1, g1), call("linear_batch_l2", x, g))
+    for a, b in zip(results[""], results["0"]):
+        assert torch.equal(a, b)
 
 
 PRODUCT_OPS = ("weighted_gradient_product", "weighted_gradient_products")

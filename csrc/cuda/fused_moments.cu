@@ -9,6 +9,9 @@
 // updates the moment / sum registers. Samples are split over gridDim.z only as far as needed to fill the GPU;
 // the splits' partials are reduced in a fixed order afterwards.
 // Memory: partials [splits, groups, O, I] (<= 64 MiB), none when the tiles alone fill the GPU.
+// The same walk also gives per-sample squared norms ||g_s||^2 (fused_squared_norms_cuda): per
+// sample, each warp's share of the tile's squares summed, [S, groups, tiles, 8] partials, then
+// each sample's partials summed (opt-in, GRADVAR_EXT_FUSED_CUDA=1, until it has run on a GPU).
 // GRADVAR_EXT_FUSED_CUDA=tf32x3 (float32, sm_80+): the same walk on tensor cores, 3xTF32 (below).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -160,19 +163,20 @@ __device__ __forceinline__ void add_outer_product(scalar_t (&acc)[kPer][kPer], c
     for (int c = 0; c < kPer; ++c) acc[r][c] += a[r] * b[c];
 }
 
-template <typename scalar_t, bool kCross, bool kSum>
-__global__ void __launch_bounds__(kBlock)
-    fused_moments_kernel(Operand X, Operand G, Operand Xb, Operand Gb, scalar_t* __restrict__ moment_out,
-                         scalar_t* __restrict__ sum_out, int64_t samples, int64_t groups, int64_t T, int64_t I,
-                         int64_t O, int64_t splits, bool vectorised, bool accumulate) {
+// The walk shared by the CUDA-core kernels: this block's output tile [o0, o0 + kSide) x
+// [i0, i0 + kSide) of `group`, over samples [s_begin, s_end). Per sample, g (and h, kCross) =
+// its gradient tile, accumulated position by position in registers; at the sample's last
+// position (block-uniform) fold(g, h) takes them, and they are cleared for the next sample.
+template <typename scalar_t, bool kCross, typename Fold>
+__device__ __forceinline__ void walk_sample_tiles(const Operand& X, const Operand& G, const Operand& Xb,
+                                                  const Operand& Gb, int64_t s_begin, int64_t s_end, int64_t groups,
+                                                  int64_t group, int64_t T, int64_t I, int64_t O, int64_t i0,
+                                                  int64_t o0, bool vectorised, Fold&& fold) {
   using Tile = Tiling<scalar_t, kCross>;
-  constexpr int kPer = Tile::kPer, kSide = Tile::kSide, kRow = Tile::kRow, kVec = Tile::kVec;
+  constexpr int kPer = Tile::kPer, kRow = Tile::kRow, kVec = Tile::kVec;
   constexpr int kOps = Tile::kOperands;
   __shared__ __align__(16) scalar_t smem[2][kOps][kStage * kRow];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int64_t i0 = int64_t(blockIdx.x) * kSide, o0 = int64_t(blockIdx.y) * kSide;
-  const int64_t group = blockIdx.z % groups, split = blockIdx.z / groups;
-  const int64_t s_begin = samples * split / splits, s_end = samples * (split + 1) / splits;
   using Fetcher = StageFetcher<scalar_t, kVec>;
   Fetcher fetchers[kOps];
   fetchers[0] = Fetcher(G, s_begin, T, groups, group, o0, O, vectorised);
@@ -181,7 +185,7 @@ __global__ void __launch_bounds__(kBlock)
     fetchers[2] = Fetcher(Gb, s_begin, T, groups, group, o0, O, vectorised);
     fetchers[3] = Fetcher(Xb, s_begin, T, groups, group, i0, I, vectorised);
   }
-  scalar_t m[kPer][kPer] = {}, s[kPer][kPer] = {}, g[kPer][kPer] = {}, h[kPer][kPer] = {};
+  scalar_t g[kPer][kPer] = {}, h[kPer][kPer] = {};
   scalar_t staged[kOps][kVec];
   int64_t remaining = (s_end - s_begin) * T, t0 = 0;  // from the stage's first position (block-uniform)
   if (remaining > 0) {
@@ -204,12 +208,11 @@ __global__ void __launch_bounds__(kBlock)
       add_outer_product(g, smem[cur][0] + k * kRow, smem[cur][1] + k * kRow, tx, ty);
       if constexpr (kCross) add_outer_product(h, smem[cur][2] + k * kRow, smem[cur][3] + k * kRow, tx, ty);
       if (last & (1u << k)) {  // block-uniform
+        fold(g, h);
 #pragma unroll
         for (int r = 0; r < kPer; ++r)
 #pragma unroll
           for (int c = 0; c < kPer; ++c) {
-            m[r][c] += g[r][c] * (kCross ? h[r][c] : g[r][c]);
-            if (kSum) s[r][c] += g[r][c];
             g[r][c] = scalar_t(0);
             if (kCross) h[r][c] = scalar_t(0);
           }
@@ -223,6 +226,32 @@ __global__ void __launch_bounds__(kBlock)
     remaining -= kStage;
     __syncthreads();
   }
+}
+
+// moment[o, i] (+)= sum_s g_s * h_s, sum[o, i] (+)= sum_s g_s over the block's samples.
+template <typename scalar_t, bool kCross, bool kSum>
+__global__ void __launch_bounds__(kBlock)
+    fused_moments_kernel(Operand X, Operand G, Operand Xb, Operand Gb, scalar_t* __restrict__ moment_out,
+                         scalar_t* __restrict__ sum_out, int64_t samples, int64_t groups, int64_t T, int64_t I,
+                         int64_t O, int64_t splits, bool vectorised, bool accumulate) {
+  using Tile = Tiling<scalar_t, kCross>;
+  constexpr int kPer = Tile::kPer, kSide = Tile::kSide;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int64_t i0 = int64_t(blockIdx.x) * kSide, o0 = int64_t(blockIdx.y) * kSide;
+  const int64_t group = blockIdx.z % groups, split = blockIdx.z / groups;
+  const int64_t s_begin = samples * split / splits, s_end = samples * (split + 1) / splits;
+  scalar_t m[kPer][kPer] = {}, s[kPer][kPer] = {};
+  walk_sample_tiles<scalar_t, kCross>(
+      X, G, Xb, Gb, s_begin, s_end, groups, group, T, I, O, i0, o0, vectorised,
+      [&](const scalar_t (&g)[kPer][kPer], const scalar_t (&h)[kPer][kPer]) {
+#pragma unroll
+        for (int r = 0; r < kPer; ++r)
+#pragma unroll
+          for (int c = 0; c < kPer; ++c) {
+            m[r][c] += g[r][c] * (kCross ? h[r][c] : g[r][c]);
+            if (kSum) s[r][c] += g[r][c];
+          }
+      });
   // Output layout [splits, groups, O, I]; with splits == 1 this is the result itself (+= when
   // accumulate: a later chunk of samples; else overwritten, so the host need not zero it first).
   const int64_t out_base = (split * groups + group) * O * I;
@@ -237,6 +266,40 @@ __global__ void __launch_bounds__(kBlock)
         if (kSum) sum_out[at] = (accumulate ? sum_out[at] : scalar_t(0)) + s[r][c];
       }
     }
+}
+
+// Per-sample squared norms, one partial per (sample, group, tile, warp):
+//   partial[s, group, tile, warp] = sum over the warp's outputs of g_s[o, i]**2
+// (outputs past O or I are 0: their operands are fetched as zeros). A warp's sum is a fixed
+// shuffle tree, written once (no atomics); the host sums each sample's partials: ||g_s||**2.
+// Memory: [S, groups, tiles, kBlock / 32] partials, ~1/256 of the per-sample gradients.
+constexpr int kWarps = kBlock / 32;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlock)
+    fused_squared_norms_kernel(Operand X, Operand G, scalar_t* __restrict__ partial, int64_t samples, int64_t groups,
+                               int64_t T, int64_t I, int64_t O, int64_t splits, bool vectorised) {
+  using Tile = Tiling<scalar_t, false>;
+  constexpr int kPer = Tile::kPer, kSide = Tile::kSide;
+  const int64_t i0 = int64_t(blockIdx.x) * kSide, o0 = int64_t(blockIdx.y) * kSide;
+  const int64_t group = blockIdx.z % groups, split = blockIdx.z / groups;
+  const int64_t s_begin = samples * split / splits, s_end = samples * (split + 1) / splits;
+  const int64_t tiles = int64_t(gridDim.x) * gridDim.y, tile = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int64_t sample = s_begin;
+  walk_sample_tiles<scalar_t, false>(
+      X, G, X, G, s_begin, s_end, groups, group, T, I, O, i0, o0, vectorised,
+      [&](const scalar_t (&g)[kPer][kPer], const scalar_t (&)[kPer][kPer]) {
+        scalar_t v = scalar_t(0);
+#pragma unroll
+        for (int r = 0; r < kPer; ++r)
+#pragma unroll
+          for (int c = 0; c < kPer; ++c) v += g[r][c] * g[r][c];
+#pragma unroll
+        for (int d = 16; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
+        if (lane == 0) partial[((sample * groups + group) * tiles + tile) * kWarps + warp] = v;
+        ++sample;
+      });
 }
 
 // ---- tensor cores: 3xTF32 (float32 inputs, float32 accumulation, ~float32 accuracy) ----
@@ -456,6 +519,14 @@ bool tensor_cores_requested() {
 
 Operand operand(const at::Tensor& t) { return Operand{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
+// Whether a factor allows the walk's 128-bit loads of `vec` elements (or is not features-fastest).
+bool vector_loads_ok(const at::Tensor& t, int64_t vec) {
+  return t.stride(2) != 1 || (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % (vec * t.element_size()) == 0 &&
+                              t.stride(0) % vec == 0 && t.stride(1) % vec == 0 && t.size(2) % vec == 0);
+}
+
+int64_t tiles_over(int64_t extent, int64_t side) { return (extent + side - 1) / side; }
+
 // Device facts and kernel occupancies, asked of the driver once per (device, kernel): the host
 // cost of a call matters at the sizes where the fused kernel is the default.
 struct DeviceFacts {
@@ -512,7 +583,7 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
   // [splits, groups, O, I], at most 64 MiB); the partials are then reduced in a fixed order,
   // straight into the result (at::sum_out) unless an earlier chunk's values are there to add to.
   auto run = [&](auto kernel, int threads, int side, auto start) {
-    const int64_t tiles = ((I + side - 1) / side) * ((O + side - 1) / side) * groups;
+    const int64_t tiles = tiles_over(I, side) * tiles_over(O, side) * groups;
     const int64_t wave = int64_t(resident_blocks(kernel, threads, device)) * facts.multiprocessors;
     const int64_t per_split_bytes = groups * O * I * int64_t(X.element_size()) * (sum.defined() ? 2 : 1);
     const int64_t splits = std::clamp<int64_t>(
@@ -522,7 +593,9 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
       moment_out = at::empty({splits, groups, O, I}, moment.options());
       if (sum.defined()) sum_out = at::empty({splits, groups, O, I}, moment.options());
     }
-    const dim3 grid(static_cast<unsigned>((I + side - 1) / side), static_cast<unsigned>((O + side - 1) / side),
+    TORCH_CHECK(groups * splits <= 65535, "gradvar: the fused CUDA moments take at most 65535 groups "
+                "(set GRADVAR_EXT_FUSED_CUDA=0 for the chunked path)");
+    const dim3 grid(static_cast<unsigned>(tiles_over(I, side)), static_cast<unsigned>(tiles_over(O, side)),
                     static_cast<unsigned>(groups * splits));
     start(grid, moment_out, sum_out, splits, accumulate && splits == 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -549,12 +622,7 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "fused_moments_cuda", [&] {
     with_variant(cross, sum.defined(), [&](auto kCross, auto kSum) {
       using Tile = Tiling<scalar_t, decltype(kCross)::value>;
-      // 128-bit operand loads when every features-fastest operand allows them
-      auto vector_ok = [](const at::Tensor& t) {
-        const int64_t v = Tile::kVec;
-        return t.stride(2) != 1 || (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % (v * t.element_size()) == 0 &&
-                                    t.stride(0) % v == 0 && t.stride(1) % v == 0 && t.size(2) % v == 0);
-      };
+      auto vector_ok = [](const at::Tensor& t) { return vector_loads_ok(t, Tile::kVec); };
       const bool vectorised = vector_ok(X) && vector_ok(G) && (!cross || (vector_ok(*Xb) && vector_ok(*Gb)));
       const auto kernel = fused_moments_kernel<scalar_t, decltype(kCross)::value, decltype(kSum)::value>;
       run(kernel, kBlock, Tile::kSide, [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits, bool add) {
@@ -563,6 +631,48 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
                                             groups, T, I, O, splits, vectorised, add);
       });
     });
+  });
+}
+
+// The partials fused_squared_norms_kernel writes per sample: groups x tiles x warps.
+int64_t fused_squared_norms_partials(int64_t groups, int64_t I, int64_t O, at::ScalarType dtype) {
+  const int64_t side = dtype == at::kDouble ? Tiling<double, false>::kSide : Tiling<float, false>::kSide;
+  return groups * tiles_over(I, side) * tiles_over(O, side) * kWarps;
+}
+
+void fused_squared_norms_cuda(at::Tensor& out, const at::Tensor& X, const at::Tensor& G, int64_t groups) {
+  const c10::cuda::CUDAGuard guard(X.device());
+  const int64_t samples = X.size(0) / groups, T = X.size(1), I = X.size(2), O = G.size(2);
+  if (samples == 0) return;
+  if (T == 0 || I == 0 || O == 0) {  // every g_s is empty or zero
+    out.zero_();
+    return;
+  }
+  TORCH_CHECK(T <= INT32_MAX && I <= INT32_MAX && O <= INT32_MAX,
+              "gradvar: the fused CUDA squared norms take fewer than 2^31 positions and features per sample "
+              "(set GRADVAR_EXT_FUSED_CUDA=0 for the chunked path)");
+  const int device = X.get_device();
+  const DeviceFacts facts = device_facts(device);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "fused_squared_norms_cuda", [&] {
+    using Tile = Tiling<scalar_t, false>;
+    const auto kernel = fused_squared_norms_kernel<scalar_t>;
+    const bool vectorised = vector_loads_ok(X, Tile::kVec) && vector_loads_ok(G, Tile::kVec);
+    // Samples split over gridDim.z to fill one wave; a split changes only which block walks a
+    // sample, never the partials' values or their reduction order.
+    const int64_t tiles = tiles_over(I, Tile::kSide) * tiles_over(O, Tile::kSide) * groups;
+    const int64_t wave = int64_t(resident_blocks(kernel, kBlock, device)) * facts.multiprocessors;
+    const int64_t splits = std::clamp<int64_t>(wave / tiles, 1, samples);
+    TORCH_CHECK(groups * splits <= 65535, "gradvar: the fused CUDA squared norms take at most 65535 groups "
+                "(set GRADVAR_EXT_FUSED_CUDA=0 for the chunked path)");
+    at::Tensor partial = at::empty({samples, fused_squared_norms_partials(groups, I, O, X.scalar_type())}, X.options());
+    const dim3 grid(static_cast<unsigned>(tiles_over(I, Tile::kSide)), static_cast<unsigned>(tiles_over(O, Tile::kSide)),
+                    static_cast<unsigned>(groups * splits));
+    kernel<<<grid, kBlock, 0, stream>>>(operand(X), operand(G), partial.mutable_data_ptr<scalar_t>(), samples, groups,
+                                        T, I, O, splits, vectorised);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t over_partials[] = {1};
+    at::sum_out(out, partial, over_partials);
   });
 }
 
