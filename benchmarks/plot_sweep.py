@@ -3,8 +3,10 @@
     python benchmarks/plot_sweep.py benchmarks/measured/cpu_cnn_sweep.json benchmarks/measured/h200_cnn_sweep.json
 
 Needs matplotlib (a benchmark-only dependency). Writes one PNG per input next to it
-(`<name>.png`): time (ms) and peak extra memory (MB) against N, log-log, one line per method.
-Workloads are named `<name>-<N>`; a JSON with a plain `cnn` workload counts as N = 64.
+(`<name>.png`): time (ms) and peak extra memory (MB) against N, log-log, one line per method,
+and, when the sweep has the floor (a plain forward + backward), each method's memory beyond the
+floor's at the same N: what the statistic itself costs (for gradvar's job (a) it should not grow
+with N). Workloads are named `<name>-<N>`; a JSON with a plain `cnn` workload counts as N = 64.
 """
 
 from __future__ import annotations
@@ -35,19 +37,28 @@ def plot(path: str) -> str:
         results = json.load(f)
     machine = results.get("machine", {})
     where = machine.get("gpu") or f"{machine.get('cpu', 'CPU')}, {machine.get('threads', '?')} threads"
-    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
-    for method, rows in points(results).items():
+    by_method = points(results)
+    floor = {n: mb for n, _, mb in by_method.get("floor", [])}
+    panels = 3 if floor else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    ax_time, ax_mem = axes[0], axes[1]
+    for method, rows in by_method.items():
         ns = [r[0] for r in rows]
         ax_time.plot(ns, [r[1] for r in rows], marker="o", label=method)
         ax_mem.plot(ns, [max(r[2], 0.1) for r in rows], marker="o", label=method)
-    for ax, label in ((ax_time, "median time (ms)"), (ax_mem, "peak extra memory (MB)")):
+        if floor and method != "floor":
+            beyond = [(n, mb - floor[n]) for n, _, mb in rows if n in floor]
+            axes[2].plot([n for n, _ in beyond], [d for _, d in beyond], marker="o", label=method)
+    labels = ["median time (ms)", "peak extra memory (MB)", "peak memory beyond the floor's (MB)"]
+    for ax, label in zip(axes, labels):
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        ax.set_yscale("log" if ax is not axes[-1] or panels == 2 else "symlog")
         ax.set_xlabel("batch size N")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     ax_time.legend()
-    fig.suptitle(f"CNN 3x32x32: variance + gradient of the total variance ({where})")
+    job = "variance" if results.get("job") == "a" else "variance + gradient of the total variance"
+    fig.suptitle(f"CNN 3x32x32: {job} ({where})")
     fig.tight_layout()
     out = os.path.splitext(path)[0] + ".png"
     fig.savefig(out, dpi=90)

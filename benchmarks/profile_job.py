@@ -33,8 +33,8 @@ NOT_KERNELS = {
         "transpose permute expand expand_as narrow slice select squeeze unsqueeze squeeze_ unsqueeze_ "
         "unflatten flatten detach alias lift_fresh resolve_conj resolve_neg result_type is_nonzero item "
         "_local_scalar_dense split chunk unbind contiguous set_ _has_compatible_shallow_copy_type resize_ "
-        "as_strided_"
-    ).split()
+        "as_strided_ to"
+    ).split()  # `to` alone is a no-op; a real conversion counts as the copy inside it
 }
 
 
@@ -43,16 +43,18 @@ def _is_op(event) -> bool:
 
 
 def cpu_kernels(prof) -> Counter:
-    """ATen ops with no op inside them (what would each be one kernel on a GPU), by name."""
+    """ATen ops that would each be one kernel on a GPU, by name: the ops, views and allocations
+    left out, with no such op inside them (a GEMM that only resolves views inside counts; the
+    ops around a copy do not)."""
     ops = [e for e in prof.events() if _is_op(e)]
-    parents = set()
-    for e in ops:
+    candidates = [e for e in ops if e.name not in NOT_KERNELS]
+    enclosing = set()  # ops with a candidate inside
+    for e in candidates:
         p = e.cpu_parent
-        while p is not None and not _is_op(p):
+        while p is not None:
+            enclosing.add(id(p))
             p = p.cpu_parent
-        if p is not None:
-            parents.add(id(p))
-    return Counter(e.name for e in ops if id(e) not in parents and e.name not in NOT_KERNELS)
+    return Counter(e.name for e in candidates if id(e) not in enclosing)
 
 
 def cuda_kernels(prof) -> Counter:

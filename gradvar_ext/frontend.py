@@ -13,13 +13,18 @@ computed): run the forward inside the block too and call its ``backward``:
         stats.backward(lossfunc(model(x), y), create_graph=True)
 
 Data flows one way: forward hooks attach a tensor hook to each layer output that holds the
-layer's input; during backward, inside ``collect``, the hook records ``(input, grad_output)``;
-when the block exits, the ``gradvar`` ops turn the records into statistics on the parameters.
-Nothing is stored on the modules, so records die with the autograd graph.
+layer's input; during backward, inside ``collect``, the hook hands ``(input, grad_output)`` to
+the block (the first backward through a forward call takes its input: nothing is held after it);
+as soon as every pending forward call of a layer has its gradient, the ``gradvar`` ops turn
+them into the layer's statistics and let them go (a layer used several times in one forward
+waits for all its calls), so a backward holds no batch of layer inputs and output gradients to
+its end. The statistics are set on the parameters when the block exits. Nothing is stored on
+the modules.
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -62,12 +67,47 @@ _EXTENDED: weakref.WeakSet = weakref.WeakSet()  # modules whose hooks are instal
 _ACTIVE: list[_Collector] = []  # the innermost collect() block records
 
 
+class _Call:
+    """One forward call of an extended layer: holds the layer's input until the first backward
+    through the call takes it. Alive as long as the call's autograd graph (its tensor hook)."""
+
+    __slots__ = ("input", "__weakref__")
+
+    def __init__(self, layer_input: Tensor) -> None:
+        self.input: Tensor | None = layer_input
+
+
+_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> WeakSet of its live _Calls
+
+
 @dataclass(eq=False)  # compared by identity (_ACTIVE.remove, `in`): its fields hold tensors
 class _Collector:
     extensions: tuple
     loss_reduction: str
-    records: dict = field(default_factory=dict)  # module -> {forward call: (input, grad_output)}
+    records: dict = field(default_factory=dict)  # module -> [(input, grad_output)] of calls awaiting the rest
+    delivered: set = field(default_factory=set)  # the _Calls whose gradient this block received
+    results: list = field(default_factory=list)  # (parameter, savefield, statistic), set at the block's exit
     outputs: list = field(default_factory=list)  # gradient edges of the layer outputs of forwards inside
+
+    def deliver(self, module: nn.Module, call: _Call, layer_input: Tensor | None, grad_output: Tensor) -> None:
+        """A forward call's output gradient: recorded; the layer's statistics are computed once no
+        other live call of the layer awaits its backward (else at the block's exit)."""
+        if call in self.delivered:
+            raise RuntimeError(
+                "gradvar_ext.collect: a second backward pass reached the same forward call of "
+                f"{type(module).__name__}; per-sample statistics are defined for one backward per forward: "
+                "use one backward per collect block"
+            )
+        if layer_input is None:
+            raise RuntimeError(
+                f"gradvar_ext.collect: the backward pass reached a forward call of {type(module).__name__} that an "
+                "earlier backward already went through (its input was released then); per-sample statistics take "
+                "one backward per forward: run the forward again inside or before this block"
+            )
+        self.delivered.add(call)
+        self.records.setdefault(module, []).append((layer_input, grad_output))
+        if all(other.input is None for other in _CALLS.get(module, ())):
+            self.results += _statistics(module, self.records.pop(module), self)
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -100,20 +140,13 @@ def extend(module: nn.Module) -> nn.Module:
 def _on_forward(module: nn.Module, inputs: tuple, output: Tensor) -> None:
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
         return
-    layer_input = inputs[0]
-    call = object()  # identifies this forward call of the layer
+    call = _Call(inputs[0])
+    _CALLS.setdefault(module, weakref.WeakSet()).add(call)
 
     def on_grad(grad_output: Tensor) -> None:
-        if not _ACTIVE:
-            return
-        calls = _ACTIVE[-1].records.setdefault(module, {})
-        if call in calls:
-            raise RuntimeError(
-                "gradvar_ext.collect: a second backward pass reached the same forward call of "
-                f"{type(module).__name__}; per-sample statistics are defined for one backward per forward: "
-                "use one backward per collect block"
-            )
-        calls[call] = (layer_input, grad_output)
+        layer_input, call.input = call.input, None  # the first backward through the call takes it
+        if _ACTIVE:
+            _ACTIVE[-1].deliver(module, call, layer_input, grad_output)
 
     output.register_hook(on_grad)
     if _ACTIVE:  # a forward inside a collect block: collect.backward may ask for this output's gradient
@@ -170,23 +203,31 @@ class collect:
                 "gradvar_ext.collect.backward: no extended layer ran a forward with gradients inside this block; "
                 "run the forward inside it (and extend the model with gradvar_ext.extend)"
             )
-        edges = self._collector.outputs
-        grads = torch.autograd.grad(
-            loss, edges, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
-        )
-        if all(g is None for g in grads):
+        # backward (not autograd.grad) towards the outputs' gradient edges: the hooks take each
+        # output gradient and nothing captures it, so it is freed once its layer has used it.
+        delivered = len(self._collector.delivered)
+        with warnings.catch_warnings():  # its reference-cycle warning is about .grad, which stays untouched
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            torch.autograd.backward(
+                loss, inputs=self._collector.outputs, create_graph=create_graph, retain_graph=retain_graph
+            )
+        if len(self._collector.delivered) == delivered:
             raise RuntimeError(
                 "gradvar_ext.collect.backward: the loss does not depend on the output of any extended layer "
                 "that ran inside this block"
             )
 
     def __exit__(self, *exc_info) -> None:
-        _ACTIVE.remove(self._collector)
-        self._collector.outputs = []  # the gradient edges hold the graph: release it with the block
-        records, self._collector.records = self._collector.records, {}
+        collector = self._collector
+        _ACTIVE.remove(collector)
+        collector.outputs = []  # the gradient edges hold the graph: release it with the block
+        records, results = collector.records, collector.results
+        collector.records, collector.results, collector.delivered = {}, [], set()
         if exc_info[0] is None:
-            for module, calls in records.items():
-                _store(module, list(calls.values()), self._collector)
+            for module, calls in records.items():  # layers with a call that got no gradient here
+                results += _statistics(module, calls, collector)
+            for param, name, value in results:
+                setattr(param, name, value)
 
 
 def clear(*modules: nn.Module) -> None:
@@ -248,16 +289,19 @@ class _LayerData:
     bias_grad: Tensor
 
 
-def _store(module: nn.Module, calls: list, collector: _Collector) -> None:
+def _statistics(module: nn.Module, calls: list, collector: _Collector) -> list:
+    """[(parameter, savefield, statistic)] of one layer from all its calls' (input, grad_output)."""
     differentiable = any(go.requires_grad for _, go in calls)
+    results = []
     with torch.set_grad_enabled(differentiable):  # no create_graph: keep no graph alive
         data = _layer_data(module, calls, collector.loss_reduction)
         for ext in collector.extensions:
             name = ext.savefield
             if module.weight.requires_grad:
-                setattr(module.weight, name, _weight_statistic(module, name, data))
+                results.append((module.weight, name, _weight_statistic(module, name, data)))
             if module.bias is not None and module.bias.requires_grad:
-                setattr(module.bias, name, _BIAS[name](data.bias_grad))
+                results.append((module.bias, name, _BIAS[name](data.bias_grad)))
+    return results
 
 
 def _layer_data(module: nn.Module, calls: list, loss_reduction: str) -> _LayerData:
