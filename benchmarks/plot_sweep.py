@@ -42,13 +42,14 @@ def plot(path: str) -> str:
     panels = 3 if floor else 2
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     ax_time, ax_mem = axes[0], axes[1]
-    for method, rows in by_method.items():
-        ns = [r[0] for r in rows]
-        ax_time.plot(ns, [r[1] for r in rows], marker="o", label=method)
-        ax_mem.plot(ns, [max(r[2], 0.1) for r in rows], marker="o", label=method)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (method, rows) in enumerate(by_method.items()):
+        ns, style = [r[0] for r in rows], dict(marker="o", label=method, color=colors[k % len(colors)])
+        ax_time.plot(ns, [r[1] for r in rows], **style)
+        ax_mem.plot(ns, [max(r[2], 0.1) for r in rows], **style)
         if floor and method != "floor":
             beyond = [(n, mb - floor[n]) for n, _, mb in rows if n in floor]
-            axes[2].plot([n for n, _ in beyond], [d for _, d in beyond], marker="o", label=method)
+            axes[2].plot([n for n, _ in beyond], [d for _, d in beyond], **style)
     labels = ["median time (ms)", "peak extra memory (MB)", "peak memory beyond the floor's (MB)"]
     for ax, label in zip(axes, labels):
         ax.set_xscale("log", base=2)

@@ -86,7 +86,7 @@ class _Collector:
     loss_reduction: str
     records: dict = field(default_factory=dict)  # module -> [(input, grad_output)] of calls awaiting the rest
     delivered: set = field(default_factory=set)  # the _Calls whose gradient this block received
-    results: list = field(default_factory=list)  # (parameter, savefield, statistic), set at the block's exit
+    results: dict = field(default_factory=dict)  # module -> [(parameter, savefield, statistic)], set at the exit
     outputs: list = field(default_factory=list)  # gradient edges of the layer outputs of forwards inside
 
     def deliver(self, module: nn.Module, call: _Call, layer_input: Tensor | None, grad_output: Tensor) -> None:
@@ -107,7 +107,17 @@ class _Collector:
         self.delivered.add(call)
         self.records.setdefault(module, []).append((layer_input, grad_output))
         if all(other.input is None for other in _CALLS.get(module, ())):
-            self.results += _statistics(module, self.records.pop(module), self)
+            self.finish(module)
+
+    def finish(self, module: nn.Module) -> None:
+        """The layer's statistics from its recorded calls, which are let go."""
+        if module in self.results:
+            raise RuntimeError(
+                f"gradvar_ext.collect: {type(module).__name__} got gradients from a forward pass that ran after "
+                "its statistics were computed from an earlier one; per-sample statistics take one forward and one "
+                "backward per collect block (micro-batches: one block each)"
+            )
+        self.results[module] = _statistics(module, self.records.pop(module), self)
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -205,13 +215,13 @@ class collect:
             )
         # backward (not autograd.grad) towards the outputs' gradient edges: the hooks take each
         # output gradient and nothing captures it, so it is freed once its layer has used it.
-        delivered = len(self._collector.delivered)
+        delivered = sum(len(c.delivered) for c in _ACTIVE)  # to this block, or to one nested in it
         with warnings.catch_warnings():  # its reference-cycle warning is about .grad, which stays untouched
             warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
             torch.autograd.backward(
                 loss, inputs=self._collector.outputs, create_graph=create_graph, retain_graph=retain_graph
             )
-        if len(self._collector.delivered) == delivered:
+        if sum(len(c.delivered) for c in _ACTIVE) == delivered:
             raise RuntimeError(
                 "gradvar_ext.collect.backward: the loss does not depend on the output of any extended layer "
                 "that ran inside this block"
@@ -221,13 +231,15 @@ class collect:
         collector = self._collector
         _ACTIVE.remove(collector)
         collector.outputs = []  # the gradient edges hold the graph: release it with the block
-        records, results = collector.records, collector.results
-        collector.records, collector.results, collector.delivered = {}, [], set()
-        if exc_info[0] is None:
-            for module, calls in records.items():  # layers with a call that got no gradient here
-                results += _statistics(module, calls, collector)
-            for param, name, value in results:
-                setattr(param, name, value)
+        try:
+            if exc_info[0] is None:
+                for module in list(collector.records):  # layers with a call that got no gradient here
+                    collector.finish(module)
+                for assignments in collector.results.values():
+                    for param, name, value in assignments:
+                        setattr(param, name, value)
+        finally:
+            collector.records, collector.results, collector.delivered = {}, {}, set()
 
 
 def clear(*modules: nn.Module) -> None:

@@ -396,3 +396,13 @@ def test_a_pending_call_of_another_graph_defers_the_statistics_to_the_block_exit
     g = per_sample_grads(model, x, y, lossfunc)[0]
     torch.testing.assert_close(model.weight.sum_grad_squared, g.square().sum(0), **TOL[torch.float64])
     del kept
+
+
+def test_two_forward_and_backward_passes_in_one_block_are_an_error():
+    """Micro-batches in one block would mix different samples in one statistic: refused by name."""
+    model, x, y, lossfunc = build("sequence-linear", torch.float64)
+    with pytest.raises(RuntimeError, match="Linear got gradients from a forward pass that ran after"):
+        with gv.collect(gv.Variance()):
+            lossfunc(model(x[:3]), y[:3]).backward()
+            lossfunc(model(x[3:]), y[3:]).backward()
+    assert not hasattr(model.weight, "variance")
