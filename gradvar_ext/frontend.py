@@ -24,9 +24,11 @@ the modules.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +90,7 @@ class _Collector:
     delivered: set = field(default_factory=set)  # the _Calls whose gradient this block received
     results: dict = field(default_factory=dict)  # module -> [(parameter, savefield, statistic)], set at the exit
     outputs: list = field(default_factory=list)  # gradient edges of the layer outputs of forwards inside
+    deliveries: ClassVar[int] = 0  # output gradients received by any block so far
 
     def deliver(self, module: nn.Module, call: _Call, layer_input: Tensor | None, grad_output: Tensor) -> None:
         """A forward call's output gradient: recorded; the layer's statistics are computed once no
@@ -105,6 +108,7 @@ class _Collector:
                 "one backward per forward: run the forward again inside or before this block"
             )
         self.delivered.add(call)
+        _Collector.deliveries += 1
         self.records.setdefault(module, []).append((layer_input, grad_output))
         if all(other.input is None for other in _CALLS.get(module, ())):
             self.finish(module)
@@ -151,7 +155,10 @@ def _on_forward(module: nn.Module, inputs: tuple, output: Tensor) -> None:
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
         return
     call = _Call(inputs[0])
-    _CALLS.setdefault(module, weakref.WeakSet()).add(call)
+    calls = _CALLS.get(module)
+    if calls is None:
+        calls = _CALLS[module] = weakref.WeakSet()
+    calls.add(call)
 
     def on_grad(grad_output: Tensor) -> None:
         layer_input, call.input = call.input, None  # the first backward through the call takes it
@@ -215,13 +222,21 @@ class collect:
             )
         # backward (not autograd.grad) towards the outputs' gradient edges: the hooks take each
         # output gradient and nothing captures it, so it is freed once its layer has used it.
-        delivered = sum(len(c.delivered) for c in _ACTIVE)  # to this block, or to one nested in it
-        with warnings.catch_warnings():  # its reference-cycle warning is about .grad, which stays untouched
-            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-            torch.autograd.backward(
-                loss, inputs=self._collector.outputs, create_graph=create_graph, retain_graph=retain_graph
-            )
-        if sum(len(c.delivered) for c in _ACTIVE) == delivered:
+        deliveries = _Collector.deliveries  # to this block, or to one nested in it
+        run = functools.partial(
+            torch.autograd.backward,
+            loss,
+            inputs=self._collector.outputs,
+            create_graph=create_graph,
+            retain_graph=retain_graph,
+        )
+        if create_graph:
+            with warnings.catch_warnings():  # its warning is about a cycle through .grad, untouched here
+                warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+                run()
+        else:
+            run()
+        if _Collector.deliveries == deliveries:
             raise RuntimeError(
                 "gradvar_ext.collect.backward: the loss does not depend on the output of any extended layer "
                 "that ran inside this block"
