@@ -129,6 +129,20 @@ def main() -> None:
     opt_in_paths()
 
 
+def under_flags(call, variable: str, flags) -> tuple[list[str], list[float]]:
+    """Times `call` with the environment `variable` set to each flag in turn: (table cells "per
+    call (GPU time), peak MB", GPU times in ms)."""
+    cells, gpu = [], []
+    for flag in flags:
+        os.environ[variable] = flag
+        ms, mb = timed(call)
+        total, _, _ = gpu_time(call)
+        gpu.append(total)
+        cells.append(f"{ms:.3f} ms ({total:.3f} on GPU), {mb:.0f} MB")
+    os.environ.pop(variable, None)
+    return cells, gpu
+
+
 PRODUCT_SHAPES = [(256, 8, 256, 256), (256, 16, 256, 256), (128, 32, 512, 512), (1024, 8, 128, 128)]
 
 
@@ -150,12 +164,7 @@ def products() -> None:
             bmm_ms, _ = timed(functools.partial(_bmm_product, x, g))
             cells.append(f"{bmm_ms:.3f} ms")
             call = functools.partial(torch.ops.gradvar.weighted_gradient_products, g, x, x, g, w, c)
-            for flag in ("0", "1"):
-                os.environ["GRADVAR_EXT_FUSED_BACKWARD_CUDA"] = flag
-                ms, mb = timed(call)
-                total, _, _ = gpu_time(call)
-                cells.append(f"{ms:.3f} ms ({total:.3f} on GPU), {mb:.0f} MB")
-            os.environ.pop("GRADVAR_EXT_FUSED_BACKWARD_CUDA", None)
+            cells += under_flags(call, "GRADVAR_EXT_FUSED_BACKWARD_CUDA", ("0", "1"))[0]
             rows.append(f"| {str(dtype)[6:]} | {n}x{t}x{i}->{o} | {' | '.join(cells)} |")
             print(rows[-1], flush=True)
     print("\n| dtype | N x T x in -> out | bmm: h_n and one product | chunked products | fused products |")
@@ -192,14 +201,7 @@ def opt_in_paths() -> None:
             calls.append((dtype, label, functools.partial(gradvar_ext.conv2d_batch_l2, x, g, 3, padding=1)))
     rows = []
     for dtype, label, call in calls:
-        cells, gpu = [], []
-        for flag in ("", "1"):
-            os.environ["GRADVAR_EXT_FUSED_CUDA"] = flag
-            ms, mb = timed(call)
-            total, _, _ = gpu_time(call)
-            gpu.append(total)
-            cells.append(f"{ms:.3f} ms ({total:.3f} on GPU), {mb:.0f} MB")
-        os.environ.pop("GRADVAR_EXT_FUSED_CUDA", None)
+        cells, gpu = under_flags(call, "GRADVAR_EXT_FUSED_CUDA", ("", "1"))
         rows.append(f"| {str(dtype)[6:]} | {label} | {' | '.join(cells)} | {gpu[0] / gpu[1]:.2f} |")
         print(rows[-1], flush=True)
     print("\n| dtype | call | default (cuBLAS) | fused (GRADVAR_EXT_FUSED_CUDA=1) | fused speed-up in GPU time |")
