@@ -406,3 +406,24 @@ def test_two_forward_and_backward_passes_in_one_block_are_an_error():
             lossfunc(model(x[:3]), y[:3]).backward()
             lossfunc(model(x[3:]), y[3:]).backward()
     assert not hasattr(model.weight, "variance")
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_statistics_of_the_plain_model(use_reentrant):
+    """torch.utils.checkpoint recomputes the forward during the backward, which makes new forward
+    calls of the extended layers: the statistics must still be those of the per-sample loop."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(2)
+    body = gv.extend(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6)).double())
+    head = gv.extend(nn.Linear(6, 2).double())
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    lossfunc = nn.MSELoss(reduction="sum")
+
+    def model(inp):
+        return head(torch.tanh(checkpoint(body, inp, use_reentrant=use_reentrant)))
+
+    with gv.collect(*ALL):
+        lossfunc(model(x.clone().requires_grad_(use_reentrant)), y).backward()
+    plain = nn.Sequential(body, nn.Tanh(), head)
+    assert_statistics(plain, per_sample_grads(plain, x, y, lossfunc), torch.float64)
