@@ -42,6 +42,14 @@ def make_workload(name: str, device: str):
             torch.randn(3, 1, generator=g),
             "mse",
         )
+    elif name in ("seed-mnist-linear", "seed-mnist-cnn"):  # the seed's other two models, on MNIST-shaped data
+        if name == "seed-mnist-linear":
+            model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        else:
+            model = nn.Sequential(
+                nn.Conv2d(1, 5, 5, 1), nn.ReLU(), nn.MaxPool2d(2, 2), nn.Flatten(), nn.Linear(720, 10)
+            )
+        x, y, loss = torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g), "ce"
     elif name == "mlp":
         model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
         x, y, loss = torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g), "ce"
@@ -75,7 +83,9 @@ def make_workload(name: str, device: str):
     return model, x.to(device), y.to(device), lossfunc
 
 
-WORKLOADS = ("seed-linear", "mlp", "cnn", "seq")
+# The seed's three models (Linear(2, 1) on N = 3; Flatten + Linear(784, 10) and its small CNN on an
+# MNIST batch of 32), then the MLP, CNN and sequence layer.
+WORKLOADS = ("seed-linear", "seed-mnist-linear", "seed-mnist-cnn", "mlp", "cnn", "seq")
 
 
 # ---------------------------------------------------------------- methods

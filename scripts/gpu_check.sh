@@ -10,7 +10,7 @@
 # benchmarks only (no build when a carried gradvar_ext/_C.so loads). Default: both.
 # TEST_FILTER="..." passes -k to pytest (e.g. only the fused-kernel tests after a kernel change);
 # CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
-# On an H200: PART=core ~4.5-5 min, PART=bench ~7.5 min (job b profile, job b, job a, sweep): one
+# On an H200: PART=core ~4.5-5 min, PART=bench ~8.5 min (job b profile, job b, job a, sweep): one
 # 10-min call each.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -52,11 +52,11 @@ stage "where job (b) spends its time: kernels launched, costliest ops (gradvar v
 timeout 90 $PY benchmarks/profile_job.py --device cuda > "$OUT/profile_job_b.log" 2>&1
 grep -E "^## " "$OUT/profile_job_b.log"
 stage "variance benchmark"
-timeout 170 $PY benchmarks/bench_variance.py --device cuda --quick --json "$OUT/bench_cuda.json" 2>&1 |
-  tee "$OUT/bench_variance.log" | tail -28
+timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --json "$OUT/bench_cuda.json" 2>&1 |
+  tee "$OUT/bench_variance.log" | tail -50
 stage "variance benchmark, job a (the variance only)"
-timeout 170 $PY benchmarks/bench_variance.py --device cuda --quick --job a --json "$OUT/bench_cuda_job_a.json" 2>&1 |
-  tee "$OUT/bench_variance_job_a.log" | tail -12
+timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --job a --json "$OUT/bench_cuda_job_a.json" 2>&1 |
+  tee "$OUT/bench_variance_job_a.log" | tail -45
 stage "cnn batch-size sweep"
 timeout 100 $PY benchmarks/bench_variance.py --device cuda --quick --workloads cnn-16 cnn-128 cnn-512 \
   --methods gradvar torch.func --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -14
