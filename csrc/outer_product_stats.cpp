@@ -92,14 +92,16 @@ bool use_fused_cuda(const Factors& X) {
   return X.positions != 1 && X.positions <= (X.options.dtype() == at::kDouble ? 16 : 32);
 }
 
-bool use_fused_norms_cuda(const Factors& X) {
-  const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
+// Whether the environment variable `name` is set to "1" (an opt-in not yet validated on a GPU).
+static bool opted_in(const char* name) {
+  const char* flag = std::getenv(name);
   return flag != nullptr && std::strcmp(flag, "1") == 0;
 }
 
+bool use_fused_norms_cuda(const Factors&) { return opted_in("GRADVAR_EXT_FUSED_CUDA"); }
+
 bool use_fused_products_cuda(const Factors& P) {
-  const char* flag = std::getenv("GRADVAR_EXT_FUSED_BACKWARD_CUDA");
-  return flag != nullptr && std::strcmp(flag, "1") == 0 && P.positions <= fused_products_max_positions() &&
+  return opted_in("GRADVAR_EXT_FUSED_BACKWARD_CUDA") && P.positions <= fused_products_max_positions() &&
          P.samples <= 65535;
 }
 #endif

@@ -558,6 +558,26 @@ int resident_blocks(Kernel kernel, int threads, int device) {
   return known[key] = std::max(resident, 1);
 }
 
+// The grid of a walk over [groups] x O x I in side x side tiles: samples split over gridDim.z so
+// that the tiles fill one wave of resident blocks, at most max_splits and one sample per split.
+struct WalkGrid {
+  dim3 grid;
+  int64_t splits;
+};
+
+template <typename Kernel>
+WalkGrid walk_grid(Kernel kernel, int threads, int64_t side, int64_t groups, int64_t I, int64_t O, int64_t samples,
+                   int64_t max_splits, int device, const DeviceFacts& facts, const char* what) {
+  const int64_t tiles = tiles_over(I, side) * tiles_over(O, side) * groups;
+  const int64_t wave = int64_t(resident_blocks(kernel, threads, device)) * facts.multiprocessors;
+  const int64_t splits = std::clamp<int64_t>(std::min(wave / tiles, max_splits), 1, samples);
+  TORCH_CHECK(groups * splits <= 65535, "gradvar: the fused CUDA ", what,
+              " take at most 65535 groups (set GRADVAR_EXT_FUSED_CUDA=0 for the chunked path)");
+  const dim3 grid(static_cast<unsigned>(tiles_over(I, side)), static_cast<unsigned>(tiles_over(O, side)),
+                  static_cast<unsigned>(groups * splits));
+  return {grid, splits};
+}
+
 }  // namespace
 
 void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X, const at::Tensor& G,
@@ -583,20 +603,15 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
   // [splits, groups, O, I], at most 64 MiB); the partials are then reduced in a fixed order,
   // straight into the result (at::sum_out) unless an earlier chunk's values are there to add to.
   auto run = [&](auto kernel, int threads, int side, auto start) {
-    const int64_t tiles = tiles_over(I, side) * tiles_over(O, side) * groups;
-    const int64_t wave = int64_t(resident_blocks(kernel, threads, device)) * facts.multiprocessors;
     const int64_t per_split_bytes = groups * O * I * int64_t(X.element_size()) * (sum.defined() ? 2 : 1);
-    const int64_t splits = std::clamp<int64_t>(
-        std::min(wave / tiles, (int64_t(64) << 20) / std::max<int64_t>(per_split_bytes, 1)), 1, samples);
+    const auto [grid, splits] = walk_grid(kernel, threads, side, groups, I, O, samples,
+                                          (int64_t(64) << 20) / std::max<int64_t>(per_split_bytes, 1), device,
+                                          facts, "moments");
     at::Tensor moment_out = moment, sum_out = sum;
     if (splits > 1) {
       moment_out = at::empty({splits, groups, O, I}, moment.options());
       if (sum.defined()) sum_out = at::empty({splits, groups, O, I}, moment.options());
     }
-    TORCH_CHECK(groups * splits <= 65535, "gradvar: the fused CUDA moments take at most 65535 groups "
-                "(set GRADVAR_EXT_FUSED_CUDA=0 for the chunked path)");
-    const dim3 grid(static_cast<unsigned>(tiles_over(I, side)), static_cast<unsigned>(tiles_over(O, side)),
-                    static_cast<unsigned>(groups * splits));
     start(grid, moment_out, sum_out, splits, accumulate && splits == 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (splits > 1 && accumulate) {
@@ -658,16 +673,10 @@ void fused_squared_norms_cuda(at::Tensor& out, const at::Tensor& X, const at::Te
     using Tile = Tiling<scalar_t, false>;
     const auto kernel = fused_squared_norms_kernel<scalar_t>;
     const bool vectorised = vector_loads_ok(X, Tile::kVec) && vector_loads_ok(G, Tile::kVec);
-    // Samples split over gridDim.z to fill one wave; a split changes only which block walks a
-    // sample, never the partials' values or their reduction order.
-    const int64_t tiles = tiles_over(I, Tile::kSide) * tiles_over(O, Tile::kSide) * groups;
-    const int64_t wave = int64_t(resident_blocks(kernel, kBlock, device)) * facts.multiprocessors;
-    const int64_t splits = std::clamp<int64_t>(wave / tiles, 1, samples);
-    TORCH_CHECK(groups * splits <= 65535, "gradvar: the fused CUDA squared norms take at most 65535 groups "
-                "(set GRADVAR_EXT_FUSED_CUDA=0 for the chunked path)");
+    // A split changes only which block walks a sample, never the partials' values or their order.
+    const auto [grid, splits] =
+        walk_grid(kernel, kBlock, Tile::kSide, groups, I, O, samples, samples, device, facts, "squared norms");
     at::Tensor partial = at::empty({samples, fused_squared_norms_partials(groups, I, O, X.scalar_type())}, X.options());
-    const dim3 grid(static_cast<unsigned>(tiles_over(I, Tile::kSide)), static_cast<unsigned>(tiles_over(O, Tile::kSide)),
-                    static_cast<unsigned>(groups * splits));
     kernel<<<grid, kBlock, 0, stream>>>(operand(X), operand(G), partial.mutable_data_ptr<scalar_t>(), samples, groups,
                                         T, I, O, splits, vectorised);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
