@@ -6,7 +6,8 @@ the seed's job), measured side by side for several methods, each in a fresh subp
 Methods: floor (a plain forward + backward, for scale), gradvar (this library's front end,
 extend + collect, statistics-only backward: collect.backward, no .grad), gradvar+grad (the same
 with loss.backward(): the parameters' .grad as well), gradvar-fused (CUDA only: the fused moment
-kernel forced on, GRADVAR_EXT_FUSED_CUDA=1, where the default picks chunked cuBLAS bmm), loop
+kernel forced on, GRADVAR_EXT_FUSED_CUDA=1, where the default picks chunked cuBLAS bmm),
+gradvar-micro (gradvar_ext.total_variance in micro-batches of 16: memory bounded by 16 samples), loop
 (per-sample autograd loop: the ground truth every other method is checked against), torch.func
 (vmap of grad), backpack (when installed), opacus (job a only, when installed). Prints a markdown
 table last and writes JSON to benchmarks/results/.
@@ -122,6 +123,21 @@ def run_gradvar(model, x, y, lossfunc, job, with_grad=False):
     return result
 
 
+MICRO_BATCH_SIZE = 16
+
+
+def run_gradvar_micro(model, x, y, lossfunc, job):
+    """gradvar_ext.total_variance, MICRO_BATCH_SIZE samples per forward and backward: peak memory
+    bounded by the micro-batch. Job (b) makes two passes (the mean gradient first)."""
+    import gradvar_ext as gv
+
+    params = list(model.parameters())
+    total = gv.total_variance(model, lossfunc, x, y, micro_batch_size=MICRO_BATCH_SIZE, backward=job == "b")
+    result = total, [p.grad if job == "b" else p.variance for p in params]
+    model.zero_grad(set_to_none=True)
+    return result
+
+
 def run_loop(model, x, y, lossfunc, job):
     params = list(model.parameters())
     rows = []
@@ -174,6 +190,7 @@ METHODS = {
     "gradvar": run_gradvar,
     "gradvar+grad": functools.partial(run_gradvar, with_grad=True),
     "gradvar-fused": run_gradvar,
+    "gradvar-micro": run_gradvar_micro,
     "loop": run_loop,
     "torch.func": run_torch_func,
     "backpack": run_backpack,

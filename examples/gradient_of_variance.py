@@ -8,8 +8,9 @@ download), where BackPACK's example used 28x28 MNIST: the CNN's Linear layer is 
 
 For each: ``gradvar_ext.extend`` the model, run ``loss.backward(create_graph=True)`` inside
 ``gradvar_ext.collect(Variance())``, sum ``p.variance`` over the parameters, differentiate that
-sum w.r.t. the parameters; then the same by brute force, one backward per sample; and once more
-with the statistics-only backward (``stats.backward(loss)`` inside the block: no ``.grad``).
+sum w.r.t. the parameters; then the same by brute force, one backward per sample; once more
+with the statistics-only backward (``stats.backward(loss)`` inside the block: no ``.grad``);
+and in micro-batches of two samples (``gradvar_ext.total_variance``: memory bounded by them).
 
 Run:  python examples/gradient_of_variance.py      (exit status 1 if any check fails)
 """
@@ -50,6 +51,16 @@ def total_variance_and_gradient_statistics_only(x, y, model, lossfunc):
     return total_var.detach(), grad_of_var
 
 
+def total_variance_and_gradient_micro_batched(x, y, model, lossfunc):
+    """The same two samples at a time (peak memory of 2 samples, whatever N is): the gradient
+    goes into ``.grad`` as with ``backward()``."""
+    model.zero_grad(set_to_none=True)
+    total_var = gv.total_variance(model, lossfunc, x, y, micro_batch_size=2, backward=True)
+    grad_of_var = [p.grad for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return total_var, grad_of_var
+
+
 def total_variance_and_gradient_loop(x, y, model, lossfunc):
     """The same by brute force: per-sample gradients [N, D] from one backward per sample."""
     params = list(model.parameters())
@@ -79,7 +90,12 @@ def check_same_results(x, y, model, lossfunc) -> bool:
         torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(grad_stats, grad_ours)
     )
     print(f"  Statistics-only backward (stats.backward) gives the same? {same}")
-    return all_same and same
+    var_micro, grad_micro = total_variance_and_gradient_micro_batched(x, y, model, lossfunc)
+    micro_same = torch.allclose(var_micro, var_ours, atol=1e-5, rtol=1e-5) and all(
+        torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(grad_micro, grad_ours)
+    )
+    print(f"  Micro-batches of 2 (gradvar_ext.total_variance) give the same? {micro_same}")
+    return all_same and same and micro_same
 
 
 def main() -> int:

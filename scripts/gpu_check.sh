@@ -52,14 +52,16 @@ stage "where job (b) spends its time: kernels launched, costliest ops (gradvar v
 timeout 90 $PY benchmarks/profile_job.py --device cuda > "$OUT/profile_job_b.log" 2>&1
 grep -E "^## " "$OUT/profile_job_b.log"
 stage "variance benchmark"
-timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --json "$OUT/bench_cuda.json" 2>&1 |
+METHODS="floor gradvar gradvar+grad gradvar-fused loop torch.func backpack opacus"  # gradvar-micro: in the sweep
+timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --methods $METHODS --json "$OUT/bench_cuda.json" 2>&1 |
   tee "$OUT/bench_variance.log" | tail -50
 stage "variance benchmark, job a (the variance only)"
-timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --job a --json "$OUT/bench_cuda_job_a.json" 2>&1 |
+timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --job a --methods $METHODS \
+  --json "$OUT/bench_cuda_job_a.json" 2>&1 |
   tee "$OUT/bench_variance_job_a.log" | tail -45
 stage "cnn batch-size sweep"
-timeout 100 $PY benchmarks/bench_variance.py --device cuda --quick --workloads cnn-16 cnn-128 cnn-512 \
-  --methods gradvar torch.func --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -14
+timeout 120 $PY benchmarks/bench_variance.py --device cuda --quick --workloads cnn-16 cnn-128 cnn-512 \
+  --methods gradvar gradvar-micro torch.func --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -14
 if [ "${CONV_ALGOS:-0}" = 1 ]; then
   stage "conv algorithms on CUDA (auto = unfold there; is grouped, i.e. cuDNN grouped convs, faster?)"
   for algo in unfold grouped; do
