@@ -114,7 +114,7 @@ def _both_products(x, go, weight, conv, need, center=None):
 
 def _second_moment_backward(ctx, grad):
     x, go = ctx.saved_tensors
-    to_x, to_go = _both_products(x, go, 2 * grad, ctx.conv, ctx.needs_input_grad)
+    to_x, to_go = _both_products(x, go, ops.scaled(grad, 2), ctx.conv, ctx.needs_input_grad)
     return (to_x, to_go, *_no_grads_for(ctx.conv))
 
 
@@ -125,8 +125,8 @@ def _variance_backward(ctx, grad):
     conv = ctx.conv
     n = x.shape[0]
     mean = torch.nn.grad.conv2d_weight(x, grad.shape, go, *conv[1:4], conv[4]) / n
-    scaled = grad * (2 / n)  # scale the [C_out, ...] weight, not the input-sized results
-    grad_x, grad_go = _both_products(x, go, scaled, conv, ctx.needs_input_grad, center=scaled * mean)
+    weight = ops.scaled(grad, 2 / n)  # scale the [C_out, ...] weight, not the input-sized results
+    grad_x, grad_go = _both_products(x, go, weight, conv, ctx.needs_input_grad, center=weight * mean)
     return (grad_x, grad_go, *_no_grads_for(conv))
 
 
@@ -134,7 +134,7 @@ def _moments_backward(ctx, grad_moment, grad_sum):
     # L = <A, sum_n g_n^2> + <B, sum_n g_n>: h_n = 2 A * g_n + B, the products with center -B (no mean pass).
     x, go = ctx.saved_tensors
     conv = ctx.conv
-    weight = 2 * grad_moment if grad_moment is not None else x.new_zeros(_weight_shape(x, go, conv))
+    weight = ops.scaled(grad_moment, 2) if grad_moment is not None else x.new_zeros(_weight_shape(x, go, conv))
     center = None if grad_sum is None else -grad_sum
     to_x, to_go = _both_products(x, go, weight, conv, ctx.needs_input_grad, center=center)
     return (to_x, to_go, *_no_grads_for(conv))

@@ -95,7 +95,12 @@ def bias_second_moment(grad_output: torch.Tensor) -> torch.Tensor:
 
 
 def bias_variance(grad_output: torch.Tensor) -> torch.Tensor:
-    return per_sample_bias_gradients(grad_output).var(dim=0, unbiased=False)
+    per_sample = per_sample_bias_gradients(grad_output)
+    if per_sample.is_cuda:  # one kernel
+        return per_sample.var(dim=0, unbiased=False)
+    # on the CPU torch.var over dim 0 is ~6x slower than its two passes in plain ops (214 vs
+    # 39 us for [128, 512], 2 cores); exactly 0 for one sample, as torch.var
+    return (per_sample - per_sample.mean(0)).square().mean(0)
 
 
 def bias_batch_l2(grad_output: torch.Tensor) -> torch.Tensor:
