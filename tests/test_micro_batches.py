@@ -3,12 +3,18 @@ against the per-sample loop, for every split of the batch."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from test_frontend import TOL, build, per_sample_grads, seed_models
 from torch import nn
 
 import gradvar_ext as gv
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from bench_variance import cpu_peak_bytes  # noqa: E402  (the benchmark's own memory measurement)
 
 SPLITS = (None, 1, 2, 3)  # the whole batch at once; micro-batches of 1, 2, 3 samples (3 rarely divides N)
 
@@ -114,24 +120,6 @@ def test_unused_parameters_get_zero_variance_and_no_gradient():
     assert model.used.weight.variance.abs().sum() > 0
 
 
-def peak_bytes(fn) -> int:
-    """Peak of live tensor bytes fn adds (the profiler's CPU allocation events, in time order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
-    )
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 def test_peak_memory_is_bounded_by_the_micro_batch_not_the_batch():
     """The gradient of the total variance of a conv net: the whole batch at once holds N samples'
     activations and double-backward graph, micro-batches of 4 hold 4 samples' whatever N is."""
@@ -148,7 +136,7 @@ def test_peak_memory_is_bounded_by_the_micro_batch_not_the_batch():
         run = lambda: gv.total_variance(model, lossfunc, x, y, micro_batch_size=micro_batch_size, backward=True)  # noqa: E731
         run()  # warm
         model.zero_grad(set_to_none=True)
-        return peak_bytes(run)
+        return cpu_peak_bytes(run)
 
     whole_8, whole_64 = peak(8, None), peak(64, None)
     micro_8, micro_64 = peak(8, 4), peak(64, 4)
