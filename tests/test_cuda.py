@@ -290,6 +290,30 @@ def test_cuda_front_end_matches_per_sample_loop(backward):
         assert_statistics(model, per_sample_grads(model, x, y, lossfunc), torch.float64)
 
 
+@pytest.mark.parametrize("micro_batch_size", [None, 3], ids=str)
+def test_cuda_total_variance_matches_per_sample_loop(micro_batch_size):
+    from test_frontend import build
+    from test_micro_batches import assert_close, loop_total_variance
+
+    torch.backends.cudnn.allow_tf32 = False
+    for name in ("digits-cnn", "conv-hyperparameters", "sequence-linear"):
+        model, x, y, lossfunc = build(name, torch.float64, device="cuda")
+        total_want, grads_want, variances_want = loop_total_variance(model, x, y, lossfunc)
+        model.zero_grad(set_to_none=True)
+        total = gradvar_ext.total_variance(model, lossfunc, x, y, micro_batch_size=micro_batch_size, backward=True)
+        assert total.is_cuda
+        assert_close(total, total_want, torch.float64, factor=10)
+        for p, grad_want, variance_want in zip(model.parameters(), grads_want, variances_want):
+            assert_close(p.variance, variance_want, torch.float64, factor=10)
+            assert_close(p.grad, grad_want, torch.float64, factor=10)
+
+
+def test_cuda_total_variance_replays_the_dropout_masks():
+    from test_micro_batches import check_dropout_replay
+
+    check_dropout_replay("cuda")
+
+
 def test_cuda_half_precision_is_promoted_to_float32():
     torch.manual_seed(19)
     x, g = torch.randn(9, 3, 20, device="cuda"), torch.randn(9, 3, 12, device="cuda")

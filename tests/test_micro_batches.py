@@ -79,13 +79,14 @@ def test_mean_reduction_is_read_from_the_loss(micro_batch_size):
         torch.testing.assert_close(p.grad, want)
 
 
-def test_dropout_masks_are_the_same_in_both_passes():
+def check_dropout_replay(device: str) -> None:
     """Train-mode dropout: pass 2 replays pass 1's random state, so each micro-batch's per-sample
     gradients are those of the masks its single forward draws (as the reference below sees them)."""
     torch.manual_seed(0)
-    model = gv.extend(nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3)).double())
-    x, y, lossfunc = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,)), nn.CrossEntropyLoss()
-    params = list(model.parameters())
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3))
+    model = gv.extend(model.to(device=device, dtype=torch.float64))
+    x, y = torch.randn(7, 6, dtype=torch.float64, device=device), torch.randint(0, 3, (7,), device=device)
+    lossfunc, params = nn.CrossEntropyLoss(), list(model.parameters())
     torch.manual_seed(1)
     per_sample = []
     for xb, yb in zip(x.split(3), y.split(3)):  # one forward per micro-batch, gradients per sample
@@ -99,6 +100,10 @@ def test_dropout_masks_are_the_same_in_both_passes():
     torch.testing.assert_close(total, total_want.detach())
     for p, want in zip(params, grads_want):
         torch.testing.assert_close(p.grad, want)
+
+
+def test_dropout_masks_are_the_same_in_both_passes():
+    check_dropout_replay("cpu")
 
 
 def test_unused_parameters_get_zero_variance_and_no_gradient():
