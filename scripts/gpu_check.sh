@@ -60,7 +60,8 @@ timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --job a --met
   --json "$OUT/bench_cuda_job_a.json" 2>&1 |
   tee "$OUT/bench_variance_job_a.log" | tail -45
 stage "cnn batch-size sweep"
-timeout 120 $PY benchmarks/bench_variance.py --device cuda --quick --workloads cnn-16 cnn-128 cnn-512 \
+# two batch sizes x three methods: as many processes as the earlier 3 x 2 (the bench part's 10-minute budget)
+timeout 100 $PY benchmarks/bench_variance.py --device cuda --quick --workloads cnn-16 cnn-512 \
   --methods gradvar gradvar-micro torch.func --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -14
 if [ "${CONV_ALGOS:-0}" = 1 ]; then
   stage "conv algorithms on CUDA (auto = unfold there; is grouped, i.e. cuDNN grouped convs, faster?)"
