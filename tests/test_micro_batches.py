@@ -106,7 +106,8 @@ def test_dropout_masks_are_the_same_in_both_passes():
     check_dropout_replay("cpu")
 
 
-def test_unused_parameters_get_zero_variance_and_no_gradient():
+@pytest.mark.parametrize("micro_batch_size", [None, 2], ids=str)
+def test_unused_parameters_get_zero_variance_and_no_gradient(micro_batch_size):
     """As Tensor.backward: a parameter the loss does not depend on gets no .grad."""
 
     class Branches(nn.Module):
@@ -119,7 +120,7 @@ def test_unused_parameters_get_zero_variance_and_no_gradient():
 
     model = Branches().double()
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
-    gv.total_variance(model, nn.MSELoss(reduction="sum"), x, y, micro_batch_size=2, backward=True)
+    gv.total_variance(model, nn.MSELoss(reduction="sum"), x, y, micro_batch_size=micro_batch_size, backward=True)
     for p in model.unused.parameters():
         assert torch.equal(p.variance, torch.zeros_like(p)) and p.grad is None
     assert model.used.weight.variance.abs().sum() > 0
