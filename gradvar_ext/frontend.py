@@ -65,6 +65,13 @@ class BatchL2Grad(Extension):
     savefield = "batch_l2"
 
 
+class _Moments(Extension):
+    """``(sum_n g_n**2, sum_n g_n)`` from one pass, one autograd node per layer (the moments ops):
+    what ``total_variance`` sums over micro-batches. Internal."""
+
+    savefield = "_gradvar_moments"
+
+
 _EXTENDED: weakref.WeakSet = weakref.WeakSet()  # modules whose hooks are installed
 _ACTIVE: list[_Collector] = []  # the innermost collect() block records
 
@@ -263,7 +270,7 @@ def clear(*modules: nn.Module) -> None:
     After ``backward(create_graph=True)`` the results hold the graph, which holds the parameters:
     clearing (or starting a new ``collect``) breaks that cycle.
     """
-    fields = [cls.savefield for cls in (Variance, SumGradSquared, BatchL2Grad)]
+    fields = [cls.savefield for cls in (Variance, SumGradSquared, BatchL2Grad, _Moments)]
     for module in modules:
         for p in module.parameters():
             for name in fields:
@@ -285,16 +292,27 @@ def _variance(by_moments, variance_op):
     return variance
 
 
+def _bias_moments(grad_output: Tensor) -> tuple[Tensor, Tensor]:
+    return ops.bias_second_moment(grad_output), grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+
+
 _LINEAR = {
     "variance": _variance(ops.linear_variance_by_moments, ops.linear_variance),
     "sum_grad_squared": ops.linear_second_moment,
     "batch_l2": ops.linear_batch_l2,
+    "_gradvar_moments": ops.linear_moments,
 }
-_BIAS = {"variance": ops.bias_variance, "sum_grad_squared": ops.bias_second_moment, "batch_l2": ops.bias_batch_l2}
+_BIAS = {
+    "variance": ops.bias_variance,
+    "sum_grad_squared": ops.bias_second_moment,
+    "batch_l2": ops.bias_batch_l2,
+    "_gradvar_moments": _bias_moments,
+}
 _CONV2D = {
     "variance": _variance(conv_ops.conv2d_variance_by_moments, conv_ops.conv2d_variance),
     "sum_grad_squared": conv_ops.conv2d_second_moment,
     "batch_l2": conv_ops.conv2d_batch_l2,
+    "_gradvar_moments": conv_ops.conv2d_moments,
 }
 
 
@@ -375,12 +393,20 @@ def _unfolded(module: nn.Module, x: Tensor, go: Tensor):
     return patches, positions
 
 
-def _weight_statistic(module: nn.Module, name: str, data: _LayerData) -> Tensor:
+def _weight_statistic(module: nn.Module, name: str, data: _LayerData):
+    """The statistic shaped like the weight (``[N]`` for batch_l2; a pair for the moments)."""
     if data.kind == "linear":
         return _LINEAR[name](data.input, data.grad_output)
     if data.kind == "conv":
         result = _CONV2D[name](data.input, data.grad_output, **_conv2d_kwargs(module))
     else:  # several calls: the Linear ops per group over the concatenated unfolded patches
         per_group = [_LINEAR[name](data.input[:, j], data.grad_output[:, j]) for j in range(data.input.shape[1])]
-        result = sum(per_group) if name == "batch_l2" else torch.cat(per_group, 0)
-    return result if name == "batch_l2" else result.reshape(module.weight.shape)
+        if name == "batch_l2":
+            return sum(per_group)
+        pairs = isinstance(per_group[0], tuple)
+        result = tuple(torch.cat(part, 0) for part in zip(*per_group)) if pairs else torch.cat(per_group, 0)
+    if name == "batch_l2":
+        return result
+    if isinstance(result, tuple):
+        return tuple(part.reshape(module.weight.shape) for part in result)
+    return result.reshape(module.weight.shape)

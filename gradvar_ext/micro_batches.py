@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .frontend import _ACTIVE, SumGradSquared, Variance, clear, collect, extend
+from .frontend import _ACTIVE, Variance, _Moments, clear, collect, extend
 
 _NAME = "gradvar_ext.total_variance"
 
@@ -102,9 +102,11 @@ def total_variance(
     return total
 
 
-def _statistic(p: Tensor, name: str) -> Tensor:
+def _statistic(p: Tensor, name: str, parts: int = 1):
     """What collect set on ``p`` (zeros for a parameter the loss does not depend on)."""
-    return getattr(p, name) if hasattr(p, name) else torch.zeros_like(p)
+    if hasattr(p, name):
+        return getattr(p, name)
+    return torch.zeros_like(p) if parts == 1 else tuple(torch.zeros_like(p) for _ in range(parts))
 
 
 def _in_one_batch(params, summed_loss, batches, n, backward, scale):
@@ -119,36 +121,38 @@ def _in_one_batch(params, summed_loss, batches, n, backward, scale):
 
 
 def _in_micro_batches(params, summed_loss, batches, n, backward, scale):
-    """Sums over micro-batches: of the gradients (the mean) and of their squares."""
+    """Sums over micro-batches of the moments (sum_n g_n**2, sum_n g_n): the statistics-only
+    backward gives both from one op per layer, whose own backward is one pass (no weight
+    gradients with a graph, no double backward through them)."""
     second_moments = [torch.zeros_like(p) for p in params]
-    mean = [torch.zeros_like(p) for p in params]
+    sums = [torch.zeros_like(p) for p in params]
     states = []  # the random number generators' state before each micro-batch's first forward
+    mean = None
     if backward:  # pass 1: the mean gradient m, held fixed in S_B
         for x, y in batches:
             states.append(_rng_state(x))
-            torch._foreach_add_(mean, _grads(summed_loss(x, y), params, create_graph=False))
-        torch._foreach_div_(mean, n)
+            torch._foreach_add_(sums, _grads(summed_loss(x, y), params))
+        mean = torch._foreach_div(sums, n)
+        torch._foreach_zero_(sums)
     for i, (x, y) in enumerate(batches):
         if states:  # the same dropout masks as in pass 1
             _set_rng_state(states[i])
-        with collect(SumGradSquared()):
-            grads = _grads(summed_loss(x, y), params, create_graph=backward)
-        squares = [_statistic(p, "sum_grad_squared") for p in params]
+        with collect(_Moments()) as stats:
+            stats.backward(summed_loss(x, y), create_graph=backward)
+        moments = [_statistic(p, _Moments.savefield, parts=2) for p in params]
         if backward:  # S_B = (sum_{n in B} ||g_n||² - 2 <sum_{n in B} g_n, m>) / N
-            s = sum(q.sum() - 2 * (g * m).sum() for q, g, m in zip(squares, grads, mean)) / n
+            s = sum(q.sum() - 2 * (g * m).sum() for (q, g), m in zip(moments, mean)) / n
             torch.autograd.backward(s * scale, inputs=params)
-        else:
-            torch._foreach_add_(mean, [g.detach() for g in grads])
-        torch._foreach_add_(second_moments, [q.detach() for q in squares])
-    if not backward:
-        torch._foreach_div_(mean, n)
+        torch._foreach_add_(second_moments, [q.detach() for q, _ in moments])
+        torch._foreach_add_(sums, [g.detach() for _, g in moments])
+    mean = torch._foreach_div(sums, n)
     variances = [(s / n - m.square()).clamp_(min=0) for s, m in zip(second_moments, mean)]
     return sum(v.sum() for v in variances), variances
 
 
-def _grads(loss: Tensor, params: list, create_graph: bool) -> tuple:
+def _grads(loss: Tensor, params: list) -> tuple:
     """d loss / d params, zeros for a parameter the loss does not depend on."""
-    return torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True, materialize_grads=True)
+    return torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
 
 
 def _loss_reduction(lossfunc, loss_reduction: str | None) -> str:

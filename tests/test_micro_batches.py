@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_frontend import TOL, build, per_sample_grads, seed_models
+from test_frontend import TOL, Reuse, build, per_sample_grads, seed_models
 from torch import nn
 
 import gradvar_ext as gv
@@ -54,6 +54,21 @@ def test_matches_per_sample_loop_for_every_split(name, dtype, micro_batch_size, 
         else:
             assert p.grad is None
     assert not any(hasattr(p, "sum_grad_squared") for p in model.parameters())
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 2], ids=str)
+def test_layers_called_twice_per_forward(micro_batch_size):
+    """A Linear and a grouped Conv2d each called twice: the moments of their total gradient."""
+    torch.manual_seed(1)
+    model = Reuse().double()
+    x, y = torch.randn(5, 2, 4, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    lossfunc = nn.MSELoss(reduction="sum")
+    total_want, grads_want, variances_want = loop_total_variance(model, x, y, lossfunc)
+    total = gv.total_variance(model, lossfunc, x, y, micro_batch_size=micro_batch_size, backward=True)
+    assert_close(total, total_want, torch.float64)
+    for p, grad_want, variance_want in zip(model.parameters(), grads_want, variances_want):
+        assert_close(p.variance, variance_want, torch.float64)
+        assert_close(p.grad, grad_want, torch.float64)
 
 
 def test_scale_multiplies_the_gradient_which_accumulates_into_grad():
