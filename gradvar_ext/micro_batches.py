@@ -6,17 +6,19 @@ its double-backward graph) like any batched backward does, so its peak memory gr
 
     total = gradvar_ext.total_variance(model, lossfunc, x, y, micro_batch_size=16, backward=True)
 
-The variance needs only sums over samples, so micro-batches add up: each contributes the sum of
-its samples' squared gradients (``SumGradSquared`` from ``collect``) and the sum of their
-gradients (its loss's gradient). Its gradient needs the mean gradient first: with ``g_n`` sample
+The variance needs only sums over samples, so micro-batches add up: each contributes its
+moments ``(sum_n g_n**2, sum_n g_n)``, from one moments op per layer in a statistics-only
+backward (``collect.backward``). Its gradient needs the mean gradient first: with ``g_n`` sample
 n's gradient, ``H_n`` its loss's Hessian and ``m`` the mean gradient,
 
     d/dθ [ sum_n ||g_n||² / N - ||m||² ] = (2 / N) sum_n H_n (g_n - m),
 
 a sum over samples again, of the gradient of ``S_B = sum_{n in B} (||g_n||² - 2 <g_n, m>) / N``
-with ``m`` held fixed. So ``backward=True`` makes two passes: one plain forward + backward per
-micro-batch for ``m``, then one double backward per micro-batch for ``S_B``, whose gradient is
-accumulated into ``.grad``. Each micro-batch's graph is freed before the next one runs.
+with ``m`` held fixed: both terms are sums of the micro-batch's moments, so one backward pass
+through the moments ops and the model's double backward give it. ``backward=True`` therefore
+makes two passes: one plain forward + backward per micro-batch for ``m``, then one double
+backward per micro-batch for ``S_B``, whose gradient is accumulated into ``.grad``. Each
+micro-batch's graph is freed before the next one runs.
 """
 
 from __future__ import annotations
