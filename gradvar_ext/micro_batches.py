@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .frontend import _ACTIVE, Variance, _Moments, clear, collect, extend
+from .ops import variance_from_moments
 
 _NAME = "gradvar_ext.total_variance"
 
@@ -129,7 +130,6 @@ def _in_micro_batches(params, summed_loss, batches, n, backward, scale):
     second_moments = [torch.zeros_like(p) for p in params]
     sums = [torch.zeros_like(p) for p in params]
     states = []  # the random number generators' state before each micro-batch's first forward
-    mean = None
     if backward:  # pass 1: the mean gradient m, held fixed in S_B
         for x, y in batches:
             states.append(_rng_state(x))
@@ -147,8 +147,7 @@ def _in_micro_batches(params, summed_loss, batches, n, backward, scale):
             torch.autograd.backward(s * scale, inputs=params)
         torch._foreach_add_(second_moments, [q.detach() for q, _ in moments])
         torch._foreach_add_(sums, [g.detach() for _, g in moments])
-    mean = torch._foreach_div(sums, n)
-    variances = [(s / n - m.square()).clamp_(min=0) for s, m in zip(second_moments, mean)]
+    variances = [variance_from_moments(q, g, n) for q, g in zip(second_moments, sums)]
     return sum(v.sum() for v in variances), variances
 
 
