@@ -9,7 +9,8 @@
 # $OUT, so that a second call can carry it as gradvar_ext/_C.so); PART=bench: the model
 # benchmarks only (no build when a carried gradvar_ext/_C.so loads). Default: both.
 # TEST_FILTER="..." passes -k to pytest (e.g. only the fused-kernel tests after a kernel change);
-# CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
+# SKIP_PROFILE=1 skips the profile of job (b) (90 s); the sweep runs before job (a), so that a
+# call cut short loses job (a) first. CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
 # On an H200: PART=core ~4.5-5 min, PART=bench ~8.5 min (job b profile, job b, job a, sweep): one
 # 10-min call each.
 set -uo pipefail
@@ -48,21 +49,23 @@ if [ "$PART" != bench ]; then
   done
 fi
 [ "$PART" = core ] && { stage done; exit 0; }
-stage "where job (b) spends its time: kernels launched, costliest ops (gradvar vs torch.func)"
-timeout 90 $PY benchmarks/profile_job.py --device cuda > "$OUT/profile_job_b.log" 2>&1
-grep -E "^## " "$OUT/profile_job_b.log"
+if [ "${SKIP_PROFILE:-0}" != 1 ]; then
+  stage "where job (b) spends its time: kernels launched, costliest ops (gradvar vs torch.func)"
+  timeout 90 $PY benchmarks/profile_job.py --device cuda > "$OUT/profile_job_b.log" 2>&1
+  grep -E "^## " "$OUT/profile_job_b.log"
+fi
 stage "variance benchmark"
 METHODS="floor gradvar gradvar+grad gradvar-fused loop torch.func backpack opacus"  # gradvar-micro: in the sweep
 timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --methods $METHODS --json "$OUT/bench_cuda.json" 2>&1 |
   tee "$OUT/bench_variance.log" | tail -50
-stage "variance benchmark, job a (the variance only)"
-timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --job a --methods $METHODS \
-  --json "$OUT/bench_cuda_job_a.json" 2>&1 |
-  tee "$OUT/bench_variance_job_a.log" | tail -45
 stage "cnn batch-size sweep"
 # two batch sizes x three methods: as many processes as the earlier 3 x 2 (the bench part's 10-minute budget)
 timeout 100 $PY benchmarks/bench_variance.py --device cuda --quick --workloads cnn-16 cnn-512 \
   --methods gradvar gradvar-micro torch.func --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -14
+stage "variance benchmark, job a (the variance only)"
+timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --job a --methods $METHODS \
+  --json "$OUT/bench_cuda_job_a.json" 2>&1 |
+  tee "$OUT/bench_variance_job_a.log" | tail -45
 if [ "${CONV_ALGOS:-0}" = 1 ]; then
   stage "conv algorithms on CUDA (auto = unfold there; is grouped, i.e. cuDNN grouped convs, faster?)"
   for algo in unfold grouped; do
