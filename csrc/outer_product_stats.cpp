@@ -80,19 +80,26 @@ GradientChunks outer_products(const Factors& X, const Factors& G, at::Tensor* x_
 }  // namespace
 
 #ifdef GRADVAR_WITH_CUDA
-bool use_fused_cuda(const Factors& X) {
+bool use_fused_cuda(const Factors& X, const Factors& G) {
   const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
   if (flag != nullptr && std::strcmp(flag, "") != 0) return std::strcmp(flag, "0") != 0;
-  // Default: fused where writing a chunk's per-sample gradients [c, O, I] costs more than the
+  // T = 1: the one-pass kernel (both GEMMs, no squared copies) while the product is small,
+  // N * groups * I * O <= 2^26, where a step is bound by launches rather than by the GEMM.
+  // Measured on an H100 (benchmarks/RESULTS.md, seventh session), per call: 0.10 vs 0.14 ms at
+  // 128 x 784 -> 512 (51M) and 128 x 512 -> 512, job (b) 1.45x (MLP) and 1.65x (MNIST linear)
+  // faster as a whole; level at 268M, 1.5-3x slower at 1G (its GPU time is 2-4x cuBLAS's).
+  if (X.positions == 1) return X.samples * X.groups * X.features * G.features <= (int64_t{1} << 26);
+  // T > 1: fused where writing a chunk's per-sample gradients [c, O, I] costs more than the
   // fused kernel's slower GEMM, i.e. few positions per sample. Measured on an H200
   // (benchmarks/RESULTS.md), GPU time: float32 fused 1.2-2.7x faster at T = 8-16, 1.3x slower
   // at T = 64 (faster in another run), 1.4-2.0x slower at T >= 128; float64 1.4-4x faster at
   // T = 8-16, 2.3x slower at T = 64 (cuBLAS runs DGEMM on tensor cores; the kernel does not).
-  // T = 1 stays two GEMMs (squares, plain) until the one-pass kernel has been timed on a GPU.
-  return X.positions != 1 && X.positions <= (X.options.dtype() == at::kDouble ? 16 : 32);
+  return X.positions <= (X.options.dtype() == at::kDouble ? 16 : 32);
 }
 
-// Whether the environment variable `name` is set to "1" (an opt-in not yet validated on a GPU).
+// Whether the environment variable `name` is set to "1": the fused squared norms and products
+// ran and passed on an H100 but were slower there than cuBLAS (benchmarks/RESULTS.md), so they
+// are opt-in only.
 static bool opted_in(const char* name) {
   const char* flag = std::getenv(name);
   return flag != nullptr && std::strcmp(flag, "1") == 0;
@@ -111,12 +118,12 @@ bool use_fused_products_cuda(const Factors& P) {
 // T > 1: per chunk of c samples, bmm -> [c*groups, O, I] (twice if the pairs differ), then a
 //        fused multiply-accumulate; extra memory <= kChunkBytes + O(groups O I). On CUDA with
 //        few positions, the fused kernel instead (use_fused_cuda): no [c, O, I] at all; for
-//        T == 1 on request, both GEMMs in one pass over the factors.
+//        T == 1 while small, both GEMMs in one pass over the factors.
 std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const Factors& G, const Factors* Xb,
                                                          const Factors* Gb, bool with_sum) {
   const bool same = Xb == nullptr;
 #ifdef GRADVAR_WITH_CUDA
-  const bool fused = X.options.device().is_cuda() && use_fused_cuda(X);
+  const bool fused = X.options.device().is_cuda() && use_fused_cuda(X, G);
 #else
   const bool fused = false;
 #endif

@@ -211,11 +211,11 @@ def _cuda_kernels_of(fn) -> set[str]:
 
 
 def test_fused_cuda_opt_in_paths_run_their_kernels(monkeypatch):
-    """GRADVAR_EXT_FUSED_CUDA=1 sends one-position moments and direct-form squared norms to the
-    fused kernels; unset, both stay on cuBLAS (not yet timed on a GPU) and give the same numbers
-    as the forced chunked path, bit for bit."""
+    """GRADVAR_EXT_FUSED_CUDA=1 sends large one-position moments (N * I * O > 2**26) and
+    direct-form squared norms to the fused kernels; unset, both stay on cuBLAS (faster there on an
+    H100) and give the same numbers as the forced chunked path, bit for bit."""
     torch.manual_seed(23)
-    x1, g1 = torch.randn(50, 30, device="cuda"), torch.randn(50, 20, device="cuda")  # T = 1
+    x1, g1 = torch.randn(1024, 256, device="cuda"), torch.randn(1024, 257, device="cuda")  # T = 1, 67.4M
     x, g = torch.randn(6, 70, 9, device="cuda"), torch.randn(6, 70, 5, device="cuda")  # direct form
     results = {}
     for flag, fused in (("1", True), ("", False), ("0", False)):
@@ -265,16 +265,24 @@ def test_fused_cuda_products_gradgradcheck(monkeypatch):
 
 @pytest.mark.parametrize(("dtype", "limit"), [(torch.float32, 32), (torch.float64, 16)], ids=str)
 def test_cuda_default_moment_path_by_positions(dtype, limit, monkeypatch):
-    """Unset GRADVAR_EXT_FUSED_CUDA takes the fused kernel up to `limit` positions per sample and
-    chunked cuBLAS above (csrc/outer_product_stats.cpp): bit for bit the forced path's result."""
+    """Unset GRADVAR_EXT_FUSED_CUDA takes the fused kernel for one position per sample while
+    N * I * O <= 2**26 and for 1 < T <= `limit` positions, chunked cuBLAS (or two GEMMs) otherwise
+    (csrc/outer_product_stats.cpp): bit for bit the forced path's result."""
     torch.manual_seed(20)
-    for t, forced in ((limit, "1"), (limit + 1, "0")):
-        x = torch.randn(40, t, 36, device="cuda", dtype=dtype)
-        g = torch.randn(40, t, 20, device="cuda", dtype=dtype)
+    # (samples, positions, in, out): T = 1 at 2**26 and just above it, then the positions' limit
+    shapes = [
+        (1024, 1, 256, 256, "1"),
+        (1024, 1, 256, 257, "0"),
+        (40, limit, 36, 20, "1"),
+        (40, limit + 1, 36, 20, "0"),
+    ]
+    for n, t, fan_in, fan_out, forced in shapes:
+        x = torch.randn(n, t, fan_in, device="cuda", dtype=dtype).squeeze(1)  # T = 1: [N, in]
+        g = torch.randn(n, t, fan_out, device="cuda", dtype=dtype).squeeze(1)
         monkeypatch.delenv("GRADVAR_EXT_FUSED_CUDA", raising=False)
         default = call("linear_variance", x, g)
         monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", forced)
-        assert torch.equal(default, call("linear_variance", x, g)), (t, forced)
+        assert torch.equal(default, call("linear_variance", x, g)), (n, t, fan_out, forced)
 
 
 # ---------------------------------------------------------------- the front end on CUDA

@@ -11,7 +11,7 @@
 // Memory: partials [splits, groups, O, I] (<= 64 MiB), none when the tiles alone fill the GPU.
 // The same walk also gives per-sample squared norms ||g_s||^2 (fused_squared_norms_cuda): per
 // sample, each warp's share of the tile's squares summed, [S, groups, tiles, 8] partials, then
-// each sample's partials summed (opt-in, GRADVAR_EXT_FUSED_CUDA=1, until it has run on a GPU).
+// each sample's partials summed (opt-in, GRADVAR_EXT_FUSED_CUDA=1: slower than cuBLAS on an H100).
 // GRADVAR_EXT_FUSED_CUDA=tf32x3 (float32, sm_80+): the same walk on tensor cores, 3xTF32 (below).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,6 @@
 // Fused weighted products on CUDA, the statistics' backward for few positions (opt-in,
-// GRADVAR_EXT_FUSED_BACKWARD_CUDA=1: not yet run on a GPU). Per sample n:
+// GRADVAR_EXT_FUSED_BACKWARD_CUDA=1: passes its tests on an H100, 2.5-2.9x slower there than
+// chunked bmm). Per sample n:
 //   h_n[r, k]   = W[r, k] * sum_t A[n, t, r] B[n, t, k] - C[r, k]      (C optional)
 //   out[n, t, k] = sum_r Z[n, t, r] h_n[r, k]
 // A, Z: [N, T, R]; B, out: [N, T, K]; W, C: [R, K]; any strides, T <= kMaxT. With A = grad_output,
