@@ -85,7 +85,7 @@ bool use_fused_cuda(const Factors& X, const Factors& G) {
   if (flag != nullptr && std::strcmp(flag, "") != 0) return std::strcmp(flag, "0") != 0;
   // T = 1: the one-pass kernel (both GEMMs, no squared copies) while the product is small,
   // N * groups * I * O <= 2^26, where a step is bound by launches rather than by the GEMM.
-  // Measured on an H100 (benchmarks/RESULTS.md, seventh session), per call: 0.10 vs 0.14 ms at
+  // Measured on an H100 (benchmarks/RESULTS.md, eighth session), per call: 0.10 vs 0.14 ms at
   // 128 x 784 -> 512 (51M) and 128 x 512 -> 512, job (b) 1.45x (MLP) and 1.65x (MNIST linear)
   // faster as a whole; level at 268M, 1.5-3x slower at 1G (its GPU time is 2-4x cuBLAS's).
   if (X.positions == 1) return X.samples * X.groups * X.features * G.features <= (int64_t{1} << 26);
