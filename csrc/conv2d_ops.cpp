@@ -150,9 +150,11 @@ Factors position_factors(const at::Tensor& grad, const ConvGeometry& c) {
 //   grouped: the chunk's n samples become the n * groups groups of one batch-1 convolution, so the
 //            backend's convolution kernels (oneDNN / cuDNN) do it without unfolded patches.
 // GRADVAR_EXT_CONV_ALGORITHM=unfold|grouped forces one; auto (default) takes grouped for float32
-// CPU tensors with a kernel larger than 1x1 (or a stride / padding) and >= 8 (or exactly 1) input
-// channels per group: on 2 cores 1.5-9x faster with 16x16 or more output pixels, within 10% either
-// way at 8x8 and below; slower for 3 input channels and 1x1 kernels (benchmarks/RESULTS.md).
+// CPU tensors with a kernel larger than 1x1 (or a stride / padding) and >= 8 input channels per
+// group, or 1 in each of several groups (depthwise): on 2 cores 1.5-9x faster with 16x16 or more
+// output pixels, within 10% either way at 8x8 and below; slower for 1-3 input channels in one
+// group (1.6-2.5x, the seed's MNIST conv included: its patches are small) and 1x1 kernels
+// (benchmarks/RESULTS.md).
 // Unfold elsewhere (CUDA: on an H200 the benchmark CNN ran 1.3x faster with unfold than grouped).
 bool use_grouped(const char* op, const ConvGeometry& c, const at::Tensor& input) {
   const char* flag = std::getenv("GRADVAR_EXT_CONV_ALGORITHM");
@@ -163,7 +165,7 @@ bool use_grouped(const char* op, const ConvGeometry& c, const at::Tensor& input)
                 "GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold or grouped, got '", choice, "'");
   const int64_t per_group = c.in_channels / c.groups;
   return input.is_cpu() && input.scalar_type() == at::kFloat && !c.unfold_is_view() &&
-         (per_group >= 8 || per_group == 1);
+         (per_group >= 8 || (per_group == 1 && c.groups > 1));
 }
 
 // Samples per chunk for the grouped path: oneDNN ran best with <= 16 samples and ~2 MiB of
