@@ -10,11 +10,11 @@
 # benchmarks only (no build when a carried gradvar_ext/_C.so loads). Default: both.
 # TEST_FILTER="..." passes -k to pytest (e.g. only the fused-kernel tests after a kernel change);
 # KERNEL_CHECKS=0 skips the fused-kernel benchmark and compute-sanitizer (when no .cu changed).
-# SKIP_PROFILE=1 skips the profile of job (b) (90 s); the sweep runs before job (a), so that a
+# SKIP_PROFILE=1 skips the profile of job (b) (90 s), SKIP_SWEEP=1 the CNN sweep (~90 s); the sweep runs before job (a), so that a
 # call cut short loses job (a) first. CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
 # On an H100 (eighth session): build 33 s, CUDA tests 190 s, fused benchmark 12 s, sanitizers 44 s,
 # job (b) ~290 s (48 fresh processes), the sweep ~90 s: PART=core ~5 min; for one 10-min call
-# after a Python-only change, KERNEL_CHECKS=0 SKIP_PROFILE=1 (core, job b, sweep; job a if time).
+# after a Python-only change, KERNEL_CHECKS=0 SKIP_PROFILE=1 SKIP_SWEEP=1 (core, job b; job a if time).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -65,10 +65,12 @@ stage "variance benchmark"
 METHODS="floor gradvar gradvar+grad gradvar-micro loop torch.func backpack opacus"
 timeout 320 $PY benchmarks/bench_variance.py --device cuda --quick --methods $METHODS --json "$OUT/bench_cuda.json" 2>&1 |
   tee "$OUT/bench_variance.log" | tail -50
-stage "cnn batch-size sweep"
-# two batch sizes x three methods: as many processes as the earlier 3 x 2 (the bench part's 10-minute budget)
-timeout 120 $PY benchmarks/bench_variance.py --device cuda --quick --workloads cnn-16 cnn-512 \
-  --methods gradvar gradvar-micro torch.func --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -14
+if [ "${SKIP_SWEEP:-0}" != 1 ]; then
+  stage "cnn batch-size sweep"
+  # two batch sizes x three methods: as many processes as the earlier 3 x 2 (the bench part's 10-minute budget)
+  timeout 120 $PY benchmarks/bench_variance.py --device cuda --quick --workloads cnn-16 cnn-512 \
+    --methods gradvar gradvar-micro torch.func --json "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -14
+fi
 stage "variance benchmark, job a (the variance only)"
 timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --job a --methods $METHODS \
   --json "$OUT/bench_cuda_job_a.json" 2>&1 |
