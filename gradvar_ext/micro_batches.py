@@ -198,12 +198,13 @@ def _check_batch(inputs: Tensor, targets: Tensor, micro_batch_size: int | None) 
 
 
 def _rng_state(x: Tensor) -> tuple:
-    """The random number generators' state before a micro-batch's first forward (dropout masks)."""
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+    """The random number generators' state before a micro-batch's first forward (dropout masks):
+    the CPU's and, for CUDA inputs, that of the inputs' device."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(x.device) if x.is_cuda else None), x.device
 
 
 def _set_rng_state(state: tuple) -> None:
-    cpu, cuda = state
+    cpu, cuda, device = state
     torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda)
+    if cuda is not None:  # on the device it was read from, not the current one
+        torch.cuda.set_rng_state(cuda, device)
