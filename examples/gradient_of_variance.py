@@ -73,6 +73,13 @@ def total_variance_and_gradient_loop(x, y, model, lossfunc):
     return total_var.detach(), torch.autograd.grad(total_var, params)
 
 
+def agree(var_a, grads_a, var_b, grads_b, tol=1e-5) -> bool:
+    """Whether two (total variance, gradient per parameter) results match within ``tol``."""
+    return torch.allclose(var_a, var_b, atol=tol, rtol=tol) and all(
+        torch.allclose(a, b, atol=tol, rtol=tol) for a, b in zip(grads_a, grads_b)
+    )
+
+
 def check_same_results(x, y, model, lossfunc) -> bool:
     var_ours, grad_ours = total_variance_and_gradient_gradvar(x, y, model, lossfunc)
     var_loop, grad_loop = total_variance_and_gradient_loop(x, y, model, lossfunc)
@@ -86,14 +93,10 @@ def check_same_results(x, y, model, lossfunc) -> bool:
         all_same &= match
         print(f"    {name:<10}: {match}")
     var_stats, grad_stats = total_variance_and_gradient_statistics_only(x, y, model, lossfunc)
-    same = torch.allclose(var_stats, var_ours, atol=1e-5, rtol=1e-5) and all(
-        torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(grad_stats, grad_ours)
-    )
+    same = agree(var_stats, grad_stats, var_ours, grad_ours)
     print(f"  Statistics-only backward (stats.backward) gives the same? {same}")
     var_micro, grad_micro = total_variance_and_gradient_micro_batched(x, y, model, lossfunc)
-    micro_same = torch.allclose(var_micro, var_ours, atol=1e-5, rtol=1e-5) and all(
-        torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(grad_micro, grad_ours)
-    )
+    micro_same = agree(var_micro, grad_micro, var_ours, grad_ours)
     print(f"  Micro-batches of 2 (gradvar_ext.total_variance) give the same? {micro_same}")
     return all_same and same and micro_same
 
