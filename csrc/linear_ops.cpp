@@ -16,7 +16,9 @@ Factors linear_factors(const at::Tensor& t) {
   for (int64_t d = 1; d + 1 < t.dim(); ++d) positions *= t.size(d);
   const auto samples = t.reshape({t.size(0), positions, t.size(-1)}).contiguous();
   return Factors{t.size(0), 1, positions, t.size(-1), t.options(), false,
-                 [samples](int64_t start, int64_t n) { return samples.narrow(0, start, n); }};
+                 [samples](int64_t start, int64_t n) {
+                   return n == samples.size(0) ? samples : samples.narrow(0, start, n);  // all: no view op
+                 }};
 }
 
 at::Tensor weight_of_group(const at::Tensor& moment) { return moment.squeeze(0); }

@@ -39,7 +39,9 @@ int64_t formed(const Factors& f) { return f.materialises ? f.groups * f.position
 
 // All samples at once with one position each: [groups, N, features].
 at::Tensor by_group(const Factors& f) {
-  return f.chunk(0, f.samples).reshape({f.samples, f.groups, f.features}).transpose(0, 1);
+  const auto all = f.chunk(0, f.samples);  // [N * groups, 1, features]
+  if (f.groups == 1) return all.view({1, f.samples, f.features});  // one view op (tiny layers: host-bound)
+  return all.reshape({f.samples, f.groups, f.features}).transpose(0, 1);
 }
 
 void accumulate_products(at::Tensor& moment, at::Tensor& sum, const at::Tensor& g, const at::Tensor& gb) {

@@ -354,6 +354,8 @@ def _layer_data(module: nn.Module, calls: list, loss_reduction: str) -> _LayerDa
     calls = [ops.promoted(x, go) for x, go in calls]  # mixed precision: float32 statistics
     calls = [(x, go * scale if scale != 1 else go) for x, go in calls]
     if isinstance(module, nn.Linear):
+        if len(calls) == 1:  # [N, *, in] as it is: the ops take any middle dims (no view nodes to differentiate)
+            return _LayerData("linear", calls[0][0], calls[0][1], calls[0][1])
         xs = _along_positions([x.reshape(x.shape[0], -1, x.shape[-1]) for x, _ in calls], 1)
         gos = _along_positions([go.reshape(go.shape[0], -1, go.shape[-1]) for _, go in calls], 1)
         return _LayerData("linear", xs, gos, gos)
