@@ -10,11 +10,16 @@ after warm-up):
   chunked  linear_variance / conv2d_variance with GRADVAR_EXT_FUSED_CUDA=0 (chunked bmm + accumulate)
   fused    the same on the default path, the fused kernel (one pass, O(out in) memory)
   tf32x3   the same on tensor cores, GRADVAR_EXT_FUSED_CUDA=tf32x3 (float32 only, sm_80+)
+  grouped  Conv2d only: GRADVAR_EXT_CONV_ALGORITHM=grouped, cuDNN's weight gradient of one grouped
+           convolution per chunk forms the per-sample gradients (no unfolded patches), then the
+           chunked accumulate; the candidate for the conv shapes, where unfolding costs as much
+           as the GEMM
 Throughput counts the per-sample GEMM FLOPs (2 N T out in) for all; peak memory is what the call
 allocates beyond its inputs. Beside each call's time (CUDA events, host launch overhead included)
 the GPU's own time from the profiler's kernel records: all kernels of the call, and the costliest
 one alone (for fused: the fused kernel, without the zeroing, the partials' reduction and the
-variance's elementwise steps). Issue target: fused >= 50% of bmm's throughput. Then the
+variance's elementwise steps). Issue target: fused >= 50% of bmm's throughput; the last column
+also gives the default path's (what a user gets) and, for Conv2d, the grouped one's. Then the
 statistics' backward (weighted_gradient_products), chunked against the opt-in fused kernel, and
 the two other opt-in paths of GRADVAR_EXT_FUSED_CUDA=1 against the default: one position per
 sample (a Linear layer without middle dims: one pass for both GEMMs) and batch_l2's direct form.
@@ -103,27 +108,42 @@ def main() -> None:
             bmm_gpu, _, _ = gpu_time(bmm)
             cells = [f"{bmm_ms:.3f} ms ({bmm_gpu:.3f} on GPU), {tf / bmm_gpu:.1f} TF/s, {bmm_mb:.0f} MB"]
             calls = {}
-            for name, flag in (("chunked", "0"), ("fused", "1"), ("tf32x3", "tf32x3")):
-                if name == "tf32x3" and dtype != torch.float32:
+            conv = label.startswith("conv")
+            for name, flag in (
+                ("chunked", "0"),
+                ("fused", "1"),
+                ("tf32x3", "tf32x3"),
+                ("grouped", "0"),
+                ("default", ""),
+            ):
+                if (name == "tf32x3" and dtype != torch.float32) or (name == "grouped" and not conv):
                     cells.append("-")
                     continue
                 os.environ["GRADVAR_EXT_FUSED_CUDA"] = flag
+                if name == "grouped":
+                    os.environ["GRADVAR_EXT_CONV_ALGORITHM"] = "grouped"
                 ms, mb = timed(statistic)
                 total, kernel, kernel_name = gpu_time(statistic)
+                os.environ.pop("GRADVAR_EXT_CONV_ALGORITHM", None)
                 calls[name] = (ms, total, kernel)
+                if name == "default":
+                    continue  # the same as chunked or fused: only its ratio is printed
                 cells.append(f"{ms:.3f} ms ({total:.3f} on GPU, kernel {kernel:.3f}), {mb:.0f} MB")
-                if name != "chunked" and "fused_moments" not in kernel_name:
+                if name in ("fused", "tf32x3") and "fused_moments" not in kernel_name:
                     cells[-1] += f" [top kernel: {kernel_name[:40]}]"
             os.environ.pop("GRADVAR_EXT_FUSED_CUDA", None)
             ms, total, kernel = calls["fused"]
             ratios = f"{bmm_ms / ms:.2f} / {bmm_gpu / total:.2f} / {bmm_gpu / kernel:.2f}"
+            ratios += f" | default {bmm_gpu / calls['default'][1]:.2f}"
+            if conv:
+                ratios += f", grouped {bmm_gpu / calls['grouped'][1]:.2f}"
             rows.append(f"| {str(dtype)[6:]} | {label} | {' | '.join(cells)} | {ratios} |")
             print(rows[-1], flush=True)  # as it comes, in case a time limit cuts the run
     print(
-        "\n| dtype | N x T x in -> out | bmm (per-sample grads) | chunked | fused | fused tf32x3 "
-        "| fused / bmm throughput: per call / GPU time / kernel alone |"
+        "\n| dtype | N x T x in -> out | bmm (per-sample grads) | chunked | fused | fused tf32x3 | grouped (conv) "
+        "| fused / bmm throughput: per call / GPU time / kernel alone | default (and grouped) / bmm, GPU time |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     products()
     opt_in_paths()
