@@ -103,6 +103,7 @@ def seed_models():
             mse,
         ),
         "sequence-linear": (lambda: nn.Linear(6, 4), torch.randn(5, 7, 6), torch.randn(5, 7, 4), mse),
+        "two-middle-dims-linear": (lambda: nn.Linear(6, 4), torch.randn(5, 3, 2, 6), torch.randn(5, 3, 2, 4), mse),
         "one-sample": (
             lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2)),
             torch.randn(1, 2, 4, 4),
