@@ -285,6 +285,30 @@ def test_cuda_default_moment_path_by_positions(dtype, limit, monkeypatch):
         assert torch.equal(default, call("linear_variance", x, g)), (n, t, fan_out, forced)
 
 
+@pytest.mark.parametrize("op", ["linear_moments", "weighted_gradient_products"])
+def test_cuda_chunk_scratch_is_at_most_half_the_per_sample_gradients(op, monkeypatch):
+    """The GPU's chunk budget (up to 32 MiB) is capped at half of what the whole batch would form
+    (at least 4 MiB): the sequence layer's [32, 128, 256] -> 256 per-sample gradients are 8 MiB,
+    all of which fit 32 MiB, so without the cap the call would hold them all at once, as much as
+    torch.func does (csrc/outer_product_stats.cpp chunk_bytes)."""
+    monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "0")  # the chunked path (T = 128 takes it anyway)
+    n, t, features = 32, 128, 256
+    x = torch.randn(n, t, features, device="cuda")
+    g = torch.randn(n, t, features, device="cuda")
+    w = torch.randn(features, features, device="cuda")
+    args = (x, g) if op == "linear_moments" else (g, x, x, g, w, w)
+    results_mb = (2 * features * features if op == "linear_moments" else 2 * n * t * features) * 4 / 2**20
+    getattr(torch.ops.gradvar, op)(*args)  # warm-up: cuBLAS workspace
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = getattr(torch.ops.gradvar, op)(*args)
+    torch.cuda.synchronize()
+    scratch_mb = (torch.cuda.max_memory_allocated() - base) / 2**20 - results_mb
+    per_sample_grads_mb = n * features * features * 4 / 2**20  # 8 MiB
+    assert scratch_mb <= per_sample_grads_mb / 2 + 0.5, (scratch_mb, out[0].shape)
+
+
 # ---------------------------------------------------------------- the front end on CUDA
 @pytest.mark.parametrize("backward", ["loss.backward", "collect.backward"])
 def test_cuda_front_end_matches_per_sample_loop(backward):

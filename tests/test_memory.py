@@ -3,7 +3,7 @@
 Each measurement runs in a fresh interpreter and reads the process's peak resident memory
 (ru_maxrss) around one call, so the number is what the call adds on top of its inputs. The
 per-sample gradients of these layers are hundreds of MB at N = 512: materialising them would show.
-- the statistic itself: extra memory stays flat in N (the chunk budget, 32 MiB, plus the result);
+- the statistic itself: extra memory stays flat in N (the chunk budget, 4 MiB on the CPU, plus the result);
 - its backward returns input-sized gradients, which must grow with N: the growth stays within a
   few input-sized tensors, far below the per-sample gradients."""
 
