@@ -17,8 +17,10 @@ a sum over samples again, of the gradient of ``S_B = sum_{n in B} (||g_n||² - 2
 with ``m`` held fixed: both terms are sums of the micro-batch's moments, so one backward pass
 through the moments ops and the model's double backward give it. ``backward=True`` therefore
 makes two passes: one plain forward + backward per micro-batch for ``m``, then one double
-backward per micro-batch for ``S_B``, whose gradient is accumulated into ``.grad``. Each
-micro-batch's graph is freed before the next one runs.
+backward per micro-batch for ``S_B``, whose gradient is accumulated into ``.grad``. The last
+micro-batch needs only one: its moments' sum completes ``m`` (only the double backward needs
+``m``), so it goes straight from the first pass into its double backward, and the second pass
+takes the others. Each micro-batch's graph is freed before the next one runs.
 """
 
 from __future__ import annotations
@@ -129,27 +131,41 @@ def _in_one_batch(params, summed_loss, batches, n, backward, scale):
 def _in_micro_batches(params, summed_loss, batches, n, backward, scale):
     """Sums over micro-batches of the moments (sum_n g_n**2, sum_n g_n): the statistics-only
     backward gives both from one op per layer, whose own backward is one pass (no weight
-    gradients with a graph, no double backward through them)."""
+    gradients with a graph, no double backward through them). With ``backward``: pass 1 (plain
+    gradients) over all micro-batches but the last, the last one's moments and double backward,
+    then pass 2 over the others (2K - 1 forwards for K micro-batches, not 2K)."""
     second_moments = [torch.zeros_like(p) for p in params]
-    sums = [torch.zeros_like(p) for p in params]
-    states = []  # the random number generators' state before each micro-batch's first forward
-    if backward:  # pass 1: the mean gradient m, held fixed in S_B
-        for x, y in batches:
-            states.append(_rng_state(x))
-            torch._foreach_add_(sums, _grads(summed_loss(x, y), params))
-        mean = torch._foreach_div(sums, n)
-        torch._foreach_zero_(sums)
-    for i, (x, y) in enumerate(batches):
-        if states:  # the same dropout masks as in pass 1
-            _set_rng_state(states[i])
+    sums = [torch.zeros_like(p) for p in params]  # sum_n g_n: of pass 1, then of the moments
+    mean: list = []  # m, once known
+
+    def moments_of(x: Tensor, y: Tensor, last_of_pass_1: bool = False) -> None:
+        """One micro-batch's moments (added up) and, with ``backward``, S_B's gradient into .grad."""
         with collect(_Moments()) as stats:
             stats.backward(summed_loss(x, y), create_graph=backward)
         moments = [_statistic(p, _Moments.savefield, parts=2) for p in params]
+        if last_of_pass_1:  # its sum completes m; the moments' sums restart from zero below
+            mean.extend(torch._foreach_div(torch._foreach_add(sums, [g.detach() for _, g in moments]), n))
+            torch._foreach_zero_(sums)
         if backward:  # S_B = (sum_{n in B} ||g_n||² - 2 <sum_{n in B} g_n, m>) / N
             s = sum(q.sum() - 2 * (g * m).sum() for (q, g), m in zip(moments, mean)) / n
             torch.autograd.backward(s * scale, inputs=params)
         torch._foreach_add_(second_moments, [q.detach() for q, _ in moments])
         torch._foreach_add_(sums, [g.detach() for _, g in moments])
+
+    if not backward:
+        for x, y in batches:
+            moments_of(x, y)
+    else:
+        states = []  # the random number generators' state before each micro-batch's first forward
+        for x, y in batches[:-1]:  # pass 1: the mean gradient m, held fixed in S_B
+            states.append(_rng_state(x))
+            torch._foreach_add_(sums, _grads(summed_loss(x, y), params))
+        moments_of(*batches[-1], last_of_pass_1=True)
+        after = _rng_state(batches[-1][0])  # as after one forward over the batch, once the replays are done
+        for state, (x, y) in zip(states, batches[:-1]):  # pass 2, with pass 1's dropout masks
+            _set_rng_state(state)
+            moments_of(x, y)
+        _set_rng_state(after)
     variances = [variance_from_moments(q, g, n) for q, g in zip(second_moments, sums)]
     return sum(v.sum() for v in variances), variances
 

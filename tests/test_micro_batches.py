@@ -96,7 +96,8 @@ def test_mean_reduction_is_read_from_the_loss(micro_batch_size):
 
 def check_dropout_replay(device: str) -> None:
     """Train-mode dropout: pass 2 replays pass 1's random state, so each micro-batch's per-sample
-    gradients are those of the masks its single forward draws (as the reference below sees them)."""
+    gradients are those of the masks its single forward draws (as the reference below sees them),
+    and the generator ends where one forward per micro-batch leaves it."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3))
     model = gv.extend(model.to(device=device, dtype=torch.float64))
@@ -108,10 +109,13 @@ def check_dropout_replay(device: str) -> None:
         out = model(xb)
         for i in range(xb.shape[0]):
             per_sample.append(torch.autograd.grad(lossfunc(out[i : i + 1], yb[i : i + 1]), params, create_graph=True))
+    state_want = torch.cuda.get_rng_state(device) if device != "cpu" else torch.get_rng_state()
     total_want = sum(torch.stack([g[k] for g in per_sample]).var(0, unbiased=False).sum() for k in range(4))
     grads_want = torch.autograd.grad(total_want, params)
     torch.manual_seed(1)
     total = gv.total_variance(model, lossfunc, x, y, micro_batch_size=3, backward=True)
+    state = torch.cuda.get_rng_state(device) if device != "cpu" else torch.get_rng_state()
+    assert torch.equal(state, state_want)
     torch.testing.assert_close(total, total_want.detach())
     for p, want in zip(params, grads_want):
         torch.testing.assert_close(p.grad, want)
