@@ -69,8 +69,8 @@ def total_variance(
             ``None`` (default): ``lossfunc.reduction`` (``nn.MSELoss``, ``nn.CrossEntropyLoss``, ...).
         backward: also accumulate ``scale`` times the gradient of the total variance w.r.t. the
             parameters into their ``.grad`` (like ``Tensor.backward``). With more than one
-            micro-batch this takes a plain forward + backward per micro-batch for the mean
-            gradient before the double backward per micro-batch.
+            micro-batch this takes a plain forward + backward per micro-batch but the last for
+            the mean gradient, besides the double backward per micro-batch.
         scale: the factor of the accumulated gradient (a regulariser's weight, say).
 
     Returns:
