@@ -349,7 +349,25 @@ def _statistics(module: nn.Module, calls: list, collector: _Collector) -> list:
     return results
 
 
+def _check_batched(module: nn.Module, x: Tensor) -> None:
+    """Per-sample statistics need a batch dimension; PyTorch's layers also take one sample alone."""
+    if isinstance(module, nn.Linear):
+        if x.dim() >= 2:
+            return
+        shape = "[N, *, in_features]"
+    elif x.dim() == (3 if isinstance(module, nn.Conv1d) else 4):
+        return
+    else:
+        shape = "[N, C, L]" if isinstance(module, nn.Conv1d) else "[N, C, H, W]"
+    raise ValueError(
+        f"gradvar_ext.collect: {type(module).__name__} got an input of shape {list(x.shape)}, without a batch "
+        f"dimension; per-sample statistics need a batch, {shape} (x.unsqueeze(0) for one sample)"
+    )
+
+
 def _layer_data(module: nn.Module, calls: list, loss_reduction: str) -> _LayerData:
+    for x, _ in calls:
+        _check_batched(module, x)
     scale = calls[0][0].shape[0] if loss_reduction == "mean" else 1
     calls = [ops.promoted(x, go) for x, go in calls]  # mixed precision: float32 statistics
     calls = [(x, go * scale if scale != 1 else go) for x, go in calls]

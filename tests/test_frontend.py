@@ -204,6 +204,26 @@ def test_unsupported_parameterised_layer_is_an_error_naming_it():
     gv.extend(model)
 
 
+@pytest.mark.parametrize(
+    ("layer", "sample", "shape"),
+    [
+        (nn.Linear(3, 2), (3,), r"\[N, \*, in_features\]"),
+        (nn.Conv1d(2, 3, 3), (2, 5), r"\[N, C, L\]"),
+        (nn.Conv2d(2, 3, 3), (2, 5, 5), r"\[N, C, H, W\]"),
+    ],
+    ids=["linear", "conv1d", "conv2d"],
+)
+def test_unbatched_input_is_an_error_naming_the_layer(layer, sample, shape):
+    """PyTorch's layers take a single unbatched sample; per-sample statistics cannot."""
+    model = gv.extend(layer)
+    x = torch.randn(*sample)
+    model(x).sum().backward()  # outside a block the extended layer works as before
+    dims = ", ".join(map(str, sample))
+    match = rf"{type(layer).__name__} got an input of shape \[{dims}\], without a batch dimension.*{shape}"
+    with gv.collect(gv.Variance()) as stats, pytest.raises(ValueError, match=match):
+        stats.backward(model(x).sum())
+
+
 def test_results_without_create_graph_hold_no_graph():
     model, x, y, lossfunc = build("digits-cnn", torch.float32)
     collect_all(model, lossfunc(model(x), y))
