@@ -18,6 +18,7 @@ Run:  python examples/gradient_of_variance.py      (exit status 1 if any check f
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -31,7 +32,10 @@ def total_variance_and_gradient_gradvar(x, y, model, lossfunc):
     """Total variance of the per-sample gradients and its gradient, with gradvar_ext."""
     model.zero_grad()
     loss = lossfunc(model(x), y)
-    with gv.collect(gv.Variance()):
+    with gv.collect(gv.Variance()), warnings.catch_warnings():
+        # PyTorch warns that .grad made with create_graph=True refers back to the parameters (a
+        # reference cycle): we set .grad to None below, which breaks it.
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
         loss.backward(retain_graph=True, create_graph=True)
     total_var = sum(p.variance.sum() for p in model.parameters())
     grad_of_var = torch.autograd.grad(total_var, list(model.parameters()))
