@@ -77,3 +77,48 @@ def test_backward_memory_grows_only_with_input_sized_gradients(kind):
     input_growth = large["inputs_mb"] - small["inputs_mb"]
     assert growth < 3 * input_growth + 16, (small, large)
     assert growth < large["per_sample_grads_mb"] / 2, (small, large)
+
+
+def _profiled_peak_mb(fn) -> float:
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_variance import cpu_peak_bytes  # the benchmark's own measurement: profiler allocation events
+
+    return cpu_peak_bytes(fn) / 2**20
+
+
+@pytest.mark.parametrize("op", ["linear_variance", "conv2d_variance"])
+def test_chunk_budget_knob_bounds_the_scratch(op, monkeypatch):
+    """GRADVAR_EXT_CHUNK_MIB=n: scratch per call within n MiB (a chunk of at least one sample), same result."""
+    import torch
+
+    import gradvar_ext
+
+    torch.manual_seed(0)
+    if op == "linear_variance":  # per-sample gradients [256, 256]: 0.25 MiB each, 8 MiB for all 32
+        x, go = torch.randn(32, 16, 256), torch.randn(32, 16, 256)
+        run = lambda: gradvar_ext.linear_variance(x, go)  # noqa: E731
+    else:  # unfolded patches [144, 256] and gradients [32, 144] per sample: ~0.16 MiB
+        x, go = torch.randn(32, 16, 16, 16), torch.randn(32, 32, 16, 16)
+        monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
+        run = lambda: gradvar_ext.conv2d_variance(x, go, 3, padding=1)  # noqa: E731
+    default = run()
+    peaks = {}
+    for mib in (1, 8):
+        monkeypatch.setenv("GRADVAR_EXT_CHUNK_MIB", str(mib))
+        torch.testing.assert_close(run(), default)
+        peaks[mib] = _profiled_peak_mb(run)
+    results_mb = 2 * default.numel() * 4 / 2**20  # the moment and the sum, weight-shaped
+    assert peaks[1] <= 1 + results_mb + 0.05, peaks
+    assert peaks[8] > 2 * peaks[1], peaks  # the knob does take more samples per chunk
+
+
+def test_bad_chunk_budget_is_named(monkeypatch):
+    import torch
+
+    import gradvar_ext
+
+    monkeypatch.setenv("GRADVAR_EXT_CHUNK_MIB", "lots")
+    with pytest.raises(
+        ValueError, match="GRADVAR_EXT_CHUNK_MIB must be a whole number of MiB from 1 to 1048576, got 'lots'"
+    ):
+        gradvar_ext.linear_variance(torch.randn(4, 3, 5), torch.randn(4, 3, 2))
