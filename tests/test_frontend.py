@@ -224,6 +224,31 @@ def test_unbatched_input_is_an_error_naming_the_layer(layer, sample, shape):
         stats.backward(model(x).sum())
 
 
+@pytest.mark.parametrize("name", ["digits-cnn", "conv-hyperparameters", "sequence-linear"])
+def test_dp_sgd_clipping_recipe_matches_per_sample_loop(name):
+    """The README's DP-SGD recipe: per-sample norms from BatchL2Grad, then one backward of the
+    losses weighted by the clip factors gives sum_n min(1, C / ||g_n||) g_n in .grad."""
+    model, x, y, lossfunc = build(name, torch.float64)
+    per_sample_lossfunc = type(lossfunc)(reduction="none")
+    # the recipe
+    with gv.collect(gv.BatchL2Grad()) as stats:
+        losses = per_sample_lossfunc(model(x), y).reshape(x.shape[0], -1).sum(1)  # one loss per sample
+        stats.backward(losses.sum(), retain_graph=True)
+    norms = sum(p.batch_l2 for p in model.parameters()).sqrt()
+    max_norm = norms.median().item()  # clips about half of the samples
+    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    (losses * factors).sum().backward()
+    gv.clear(model)
+    # the per-sample loop
+    grads = per_sample_grads(model, x, y, lossfunc)
+    norms_want = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
+    torch.testing.assert_close(norms, norms_want)
+    factors_want = (max_norm / (norms_want + 1e-6)).clamp(max=1.0)
+    assert 0 < int((factors_want < 1).sum()) < x.shape[0]  # some clipped, some not
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, (factors_want.reshape((-1,) + (1,) * (g.dim() - 1)) * g).sum(0))
+
+
 def test_results_without_create_graph_hold_no_graph():
     model, x, y, lossfunc = build("digits-cnn", torch.float32)
     collect_all(model, lossfunc(model(x), y))
