@@ -135,32 +135,35 @@ def _in_micro_batches(params, summed_loss, batches, n, backward, scale):
     gradients) over all micro-batches but the last, the last one's moments and double backward,
     then pass 2 over the others (2K - 1 forwards for K micro-batches, not 2K)."""
     second_moments = [torch.zeros_like(p) for p in params]
-    sums = [torch.zeros_like(p) for p in params]  # sum_n g_n: of pass 1, then of the moments
+    sums = [torch.zeros_like(p) for p in params]  # sum_n g_n, from the moments
     mean: list = []  # m, once known
 
-    def moments_of(x: Tensor, y: Tensor, last_of_pass_1: bool = False) -> None:
-        """One micro-batch's moments (added up) and, with ``backward``, S_B's gradient into .grad."""
+    def moments_of(x: Tensor, y: Tensor, pass_1_sums: list | None = None) -> None:
+        """One micro-batch's moments (added up) and, with ``backward``, S_B's gradient into .grad;
+        ``pass_1_sums`` (the last micro-batch): the other micro-batches' sum_n g_n, which this
+        one's completes to m."""
         with collect(_Moments()) as stats:
             stats.backward(summed_loss(x, y), create_graph=backward)
         moments = [_statistic(p, _Moments.savefield, parts=2) for p in params]
-        if last_of_pass_1:  # its sum completes m; the moments' sums restart from zero below
-            mean.extend(torch._foreach_div(torch._foreach_add(sums, [g.detach() for _, g in moments]), n))
-            torch._foreach_zero_(sums)
+        batch_sums = [g.detach() for _, g in moments]
+        if pass_1_sums is not None:
+            mean.extend(torch._foreach_div(torch._foreach_add(pass_1_sums, batch_sums), n))
         if backward:  # S_B = (sum_{n in B} ||g_n||² - 2 <sum_{n in B} g_n, m>) / N
             s = sum(q.sum() - 2 * (g * m).sum() for (q, g), m in zip(moments, mean)) / n
             torch.autograd.backward(s * scale, inputs=params)
         torch._foreach_add_(second_moments, [q.detach() for q, _ in moments])
-        torch._foreach_add_(sums, [g.detach() for _, g in moments])
+        torch._foreach_add_(sums, batch_sums)
 
     if not backward:
         for x, y in batches:
             moments_of(x, y)
     else:
         states = []  # the random number generators' state before each micro-batch's first forward
+        pass_1_sums = [torch.zeros_like(p) for p in params]
         for x, y in batches[:-1]:  # pass 1: the mean gradient m, held fixed in S_B
             states.append(_rng_state(x))
-            torch._foreach_add_(sums, _grads(summed_loss(x, y), params))
-        moments_of(*batches[-1], last_of_pass_1=True)
+            torch._foreach_add_(pass_1_sums, _grads(summed_loss(x, y), params))
+        moments_of(*batches[-1], pass_1_sums=pass_1_sums)
         after = _rng_state(batches[-1][0])  # as after one forward over the batch, once the replays are done
         for state, (x, y) in zip(states, batches[:-1]):  # pass 2, with pass 1's dropout masks
             _set_rng_state(state)
