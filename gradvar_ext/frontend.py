@@ -146,7 +146,7 @@ def extend(module: nn.Module) -> nn.Module:
     for name, sub in module.named_modules():
         if isinstance(sub, SUPPORTED):
             if sub not in _EXTENDED:
-                sub.register_forward_hook(_on_forward)
+                sub.register_forward_hook(_on_forward, with_kwargs=True)
                 _EXTENDED.add(sub)
         elif _trainable(sub):
             supported = ", ".join(t.__name__ for t in SUPPORTED)
@@ -158,10 +158,10 @@ def extend(module: nn.Module) -> nn.Module:
     return module
 
 
-def _on_forward(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+def _on_forward(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
         return
-    call = _Call(inputs[0])
+    call = _Call(args[0] if args else kwargs["input"])  # layer(x) or layer(input=x)
     calls = _CALLS.get(module)
     if calls is None:
         calls = _CALLS[module] = weakref.WeakSet()

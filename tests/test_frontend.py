@@ -291,6 +291,28 @@ def test_extending_twice_records_each_call_once():
     assert_statistics(model, per_sample_grads(model, x, y, lossfunc), torch.float64)
 
 
+@pytest.mark.parametrize("layer, shape", [(nn.Linear(3, 2), (4, 3)), (nn.Conv2d(2, 3, 3), (4, 2, 5, 5))], ids=str)
+def test_a_layer_called_with_its_input_as_keyword_gets_the_same_statistics(layer, shape):
+    layer = gv.extend(layer.double())
+    x = torch.randn(*shape, dtype=torch.float64)
+    results = []
+    for call in (lambda: layer(x), lambda: layer(input=x)):  # nn.Module hooks see only positional args
+        with gv.collect(gv.Variance(), gv.BatchL2Grad()) as stats:
+            stats.backward(call().pow(3).sum())
+        results.append((layer.weight.variance, layer.weight.batch_l2, layer.bias.variance))
+    expected = [torch.stack(rows).var(0, unbiased=False) for rows in zip(*per_sample_grads_of(layer, x))]
+    for got in results:
+        torch.testing.assert_close(got[0], expected[0])
+        torch.testing.assert_close(got[2], expected[1])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def per_sample_grads_of(layer, x):
+    """Each sample's (weight, bias) gradient of sum(layer(x_n) ** 3), by autograd one sample at a time."""
+    return [torch.autograd.grad(layer(x[n : n + 1]).pow(3).sum(), (layer.weight, layer.bias)) for n in range(len(x))]
+
+
 def test_collect_rejects_bad_arguments():
     with pytest.raises(TypeError, match="gradvar_ext.collect: expected Variance"):
         gv.collect("variance")
