@@ -7,7 +7,8 @@ Methods: floor (a plain forward + backward, for scale), gradvar (this library's 
 extend + collect, statistics-only backward: collect.backward, no .grad), gradvar+grad (the same
 with loss.backward(): the parameters' .grad as well), gradvar-fused (CUDA only: the fused moment
 kernel forced on, GRADVAR_EXT_FUSED_CUDA=1, where the default picks chunked cuBLAS bmm),
-gradvar-micro (gradvar_ext.total_variance in micro-batches of 16: memory bounded by 16 samples), loop
+gradvar-micro (gradvar_ext.total_variance in micro-batches of 16: memory bounded by 16 samples;
+gradvar-micro-K: micro-batches of K, e.g. gradvar-micro-64 on a GPU, where 16 is launch-bound), loop
 (per-sample autograd loop: the ground truth every other method is checked against), torch.func
 (vmap of grad), backpack (when installed), opacus (job a only, when installed). Prints a markdown
 table last and writes JSON to benchmarks/results/.
@@ -126,13 +127,13 @@ def run_gradvar(model, x, y, lossfunc, job, with_grad=False):
 MICRO_BATCH_SIZE = 16
 
 
-def run_gradvar_micro(model, x, y, lossfunc, job):
-    """gradvar_ext.total_variance, MICRO_BATCH_SIZE samples per forward and backward: peak memory
+def run_gradvar_micro(model, x, y, lossfunc, job, micro_batch_size=MICRO_BATCH_SIZE):
+    """gradvar_ext.total_variance, micro_batch_size samples per forward and backward: peak memory
     bounded by the micro-batch. Job (b) makes two passes (the mean gradient first)."""
     import gradvar_ext as gv
 
     params = list(model.parameters())
-    total = gv.total_variance(model, lossfunc, x, y, micro_batch_size=MICRO_BATCH_SIZE, backward=job == "b")
+    total = gv.total_variance(model, lossfunc, x, y, micro_batch_size=micro_batch_size, backward=job == "b")
     result = total, [p.grad if job == "b" else p.variance for p in params]
     model.zero_grad(set_to_none=True)
     return result
@@ -199,6 +200,16 @@ METHODS = {
 OPTIONAL = {"backpack": "backpack", "opacus": "opacus"}  # method -> package it needs
 
 
+def method_function(method: str):
+    """METHODS[method]; "gradvar-micro-K": total_variance in micro-batches of K samples."""
+    prefix = "gradvar-micro-"
+    if method.startswith(prefix) and method[len(prefix) :].isdigit() and int(method[len(prefix) :]) > 0:
+        return functools.partial(run_gradvar_micro, micro_batch_size=int(method[len(prefix) :]))
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS)} or gradvar-micro-K (K samples)")
+    return METHODS[method]
+
+
 # ---------------------------------------------------------------- one measurement (child process)
 def cpu_peak_bytes(fn) -> int:
     """Peak of live tensor bytes that one call of fn adds, from the profiler's allocation events
@@ -235,7 +246,7 @@ def worker(method: str, workload: str, device: str, repeats: int, out_path: str,
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     model, x, y, lossfunc = make_workload(workload, device)
-    fn = METHODS[method]
+    fn = method_function(method)
     if method == "opacus":  # wrap once: the wrapper's hooks stay on the model
         from opacus import GradSampleModule
 
@@ -332,6 +343,11 @@ def main() -> int:
     )
     args = parser.parse_args()
     methods = args.methods or [m for m in METHODS if m != "gradvar-fused" or args.device == "cuda"]
+    for method in methods:
+        try:
+            method_function(method)
+        except ValueError as e:
+            parser.error(str(e))
     repeats = 3 if args.quick else 7
     rows, results = [], {"machine": machine(args.device), "job": args.job, "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -65,7 +65,7 @@ def cuda_kernels(prof) -> Counter:
 
 def profile_one(workload: str, method: str, device: str, job: str, top: int) -> None:
     model, x, y, lossfunc = bv.make_workload(workload, device)
-    fn = bv.METHODS[method]
+    fn = bv.method_function(method)
     env = {"GRADVAR_EXT_FUSED_CUDA": "1"} if method == "gradvar-fused" else {}
     os.environ.update(env)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

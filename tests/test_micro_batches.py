@@ -208,3 +208,21 @@ def test_inside_a_collect_block_is_an_error():
     model = gv.extend(nn.Linear(3, 2))
     with gv.collect(gv.Variance()), pytest.raises(RuntimeError, match="call it outside collect blocks"):
         gv.total_variance(model, nn.MSELoss(), torch.randn(5, 3), torch.randn(5, 2))
+
+
+def test_benchmark_runs_micro_batches_of_the_size_its_method_names():
+    """bench_variance.py's "gradvar-micro-K": total_variance K samples at a time, same numbers as the loop."""
+    from bench_variance import make_workload, method_function, run_loop
+
+    model, x, y, lossfunc = make_workload("seed-mnist-cnn", "cpu")
+    assert method_function("gradvar-micro-12").keywords == {"micro_batch_size": 12}  # 32 = 12 + 12 + 8
+    total, grads = method_function("gradvar-micro-12")(model, x, y, lossfunc, "b")
+    grads = [g.clone() for g in grads]
+    model.zero_grad(set_to_none=True)
+    expected_total, expected_grads = run_loop(model, x, y, lossfunc, "b")
+    assert_close(total, expected_total, torch.float32)
+    for got, want in zip(grads, expected_grads):
+        assert_close(got, want, torch.float32)
+    for bad in ("gradvar-micro-0", "gradvar-micro-", "gradvar-nano"):
+        with pytest.raises(ValueError, match="unknown method"):
+            method_function(bad)
