@@ -204,6 +204,73 @@ def test_unsupported_parameterised_layer_is_an_error_naming_it():
     gv.extend(model)
 
 
+class AttentionThenLinear(nn.Module):
+    """nn.MultiheadAttention uses its out_proj (a Linear) by weight, never calling it."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention, self.head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 1)
+        self.attention.in_proj_weight.requires_grad_(False)  # not a supported layer: frozen
+        self.attention.in_proj_bias.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.attention(x, x, x)[0]).sum((1, 2))
+
+
+BYPASSED = (
+    r"the loss depends on the parameters of NonDynamicallyQuantizableLinear \(4, 4\) through a path that does not call"
+)
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_a_parameter_used_without_calling_its_layer_is_an_error_not_a_missing_statistic(backward):
+    model = gv.extend(AttentionThenLinear())
+    x, y, lossfunc = torch.randn(5, 3, 4), torch.randn(5), nn.MSELoss(reduction="sum")
+    with pytest.raises(RuntimeError, match=BYPASSED):
+        collect_with(backward, model, x, y, lossfunc)
+    assert not hasattr(model.head.weight, "variance")  # nothing half-set
+    with pytest.raises(RuntimeError, match=BYPASSED):  # was: total variance without out_proj's, silently
+        gv.total_variance(model, lossfunc, x, y, micro_batch_size=2, backward=True)
+    model.attention.out_proj.requires_grad_(False)  # frozen: the rest is fine
+    total = gv.total_variance(model, lossfunc, x, y)
+    rows = [torch.autograd.grad(lossfunc(model(x[n : n + 1]), y[n : n + 1]), model.head.weight)[0] for n in range(5)]
+    torch.testing.assert_close(total, torch.stack(rows).var(0, unbiased=False).sum() + model.head.bias.variance.sum())
+
+
+def test_a_forward_before_extend_is_an_error_in_the_block():
+    plain = nn.Linear(6, 6)
+    out = plain(torch.randn(3, 6))  # before extend: no hook saw its input
+    gv.extend(plain)
+    with pytest.raises(RuntimeError, match=r"Linear \(6, 6\) through a path"), gv.collect(gv.Variance()):
+        out.sum().backward()  # the error comes as the block ends
+    assert not hasattr(plain.weight, "variance")
+
+
+def test_tied_weights_of_two_layers_are_an_error():
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    second.weight = first.weight
+    model = gv.extend(nn.Sequential(first, nn.Tanh(), second))
+    for backward in BACKWARDS:
+        with pytest.raises(RuntimeError, match=r"Linear \(3, 3\) and Linear \(3, 3\) share a parameter"):
+            collect_with(backward, model, torch.randn(5, 3), torch.randn(5, 3), nn.MSELoss(reduction="sum"))
+        model.zero_grad(set_to_none=True)
+
+
+def test_gradients_of_layers_outside_the_block_forward_are_no_bypass():
+    """Writes to .grad that are not a backward through a parameter: no error. An inner block's
+    statistics cover its layers for the enclosing block."""
+    model, x, y, lossfunc = build("sequence-linear", torch.float64)
+    idle = gv.extend(nn.Linear(2, 2))  # extended, not run in the blocks below
+    idle(torch.randn(3, 2)).sum().backward()
+    with gv.collect(gv.Variance()) as stats:
+        idle.zero_grad(set_to_none=False)  # an in-place zero, not a gradient
+        stats.backward(lossfunc(model(x), y))
+    with gv.collect(gv.SumGradSquared()):
+        with gv.collect(gv.Variance()):
+            lossfunc(model(x), y).backward()
+    assert hasattr(model.weight, "variance") and not hasattr(model.weight, "sum_grad_squared")
+
+
 @pytest.mark.parametrize(
     ("layer", "sample", "shape"),
     [
