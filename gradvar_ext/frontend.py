@@ -447,6 +447,13 @@ def _check_batched(module: nn.Module, x: Tensor) -> None:
 def _layer_data(module: nn.Module, calls: list, loss_reduction: str) -> _LayerData:
     for x, _ in calls:
         _check_batched(module, x)
+    sizes = [x.shape[0] for x, _ in calls]
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            f"gradvar_ext.collect: {_describe(module)} was called {len(calls)} times in one forward with batch sizes "
+            f"{sizes}; the statistics of a layer used several times add its calls' gradients sample by sample, "
+            "so every call needs the same batch"
+        )
     scale = calls[0][0].shape[0] if loss_reduction == "mean" else 1
     calls = [ops.promoted(x, go) for x, go in calls]  # mixed precision: float32 statistics
     calls = [(x, go * scale if scale != 1 else go) for x, go in calls]

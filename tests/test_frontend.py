@@ -196,6 +196,27 @@ def test_reused_layers_get_statistics_of_their_total_gradient(dtype, backward):
     assert_statistics(model, per_sample_grads(model, x, y, lossfunc), dtype)
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize(
+    "layer, shape", [(nn.Linear(3, 3), (3,)), (nn.Conv2d(2, 2, 3), (2, 5, 5))], ids=["linear", "conv2d"]
+)
+def test_a_layer_called_on_batches_of_different_sizes_is_an_error(layer, shape, backward):
+    """Its statistics add the calls' gradients sample by sample: every call needs the same N."""
+    layer = gv.extend(layer)
+
+    def loss():
+        return layer(torch.randn(4, *shape)).sum() + layer(torch.randn(2, *shape)).sum()
+
+    match = rf"{type(layer).__name__} .* was called 2 times in one forward with batch sizes \[2, 4\]"
+    with pytest.raises(ValueError, match=match):
+        if backward == "loss.backward":
+            with gv.collect(gv.Variance()):
+                loss().backward()
+        else:
+            with gv.collect(gv.Variance()) as stats:
+                stats.backward(loss())
+
+
 def test_unsupported_parameterised_layer_is_an_error_naming_it():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     with pytest.raises(TypeError, match=r"layer '1' \(BatchNorm1d\) has trainable parameters.*Linear, Conv1d, Conv2d"):
