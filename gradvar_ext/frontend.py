@@ -101,6 +101,7 @@ class _Collector:
     written: set = field(default_factory=set)  # parameters whose .grad a backward inside the block accumulated
     covered: set = field(default_factory=set)  # layers whose statistics a block nested in this one computed
     grad_hooks: list = field(default_factory=list)  # the handles that fill `written`
+    batch: tuple | None = None  # (layer, N) of the first layer whose statistics were computed
     deliveries: ClassVar[int] = 0  # output gradients received by any block so far
 
     def deliver(self, module: nn.Module, call: _Call, layer_input: Tensor | None, grad_output: Tensor) -> None:
@@ -133,6 +134,19 @@ class _Collector:
                 "backward per collect block (micro-batches: one block each)"
             )
         self.results[module] = _statistics(module, self.records.pop(module), self)
+
+    def check_batch(self, module: nn.Module, n: int) -> None:
+        """Every layer of a block must see the same samples in dim 0 (its N)."""
+        if self.batch is None:
+            self.batch = (module, n)
+        elif self.batch[1] != n:
+            other = "the micro-batch" if self.batch[0] is None else _describe(self.batch[0])  # total_variance's
+            raise ValueError(
+                f"gradvar_ext.collect: {_describe(module)} got a batch of {n} where {other} had "
+                f"{self.batch[1]} in this block; per-sample statistics take dim 0 of every extended layer's "
+                "input as the sample, so a layer on samples folded into dim 0 (x.reshape(-1, features)) or on a "
+                "tensor without the batch dim would mix samples: keep the batch in dim 0 (Linear takes [N, *, in])"
+            )
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -293,6 +307,7 @@ class collect:
                 handle.remove()
             collector.records, collector.results, collector.delivered = {}, {}, set()
             collector.called, collector.written, collector.covered, collector.grad_hooks = set(), set(), set(), []
+            collector.batch = None
 
 
 # ---------------------------------------------------------------- parameters used around their layer
@@ -419,6 +434,7 @@ def _statistics(module: nn.Module, calls: list, collector: _Collector) -> list:
     results = []
     with torch.set_grad_enabled(differentiable):  # no create_graph: keep no graph alive
         data = _layer_data(module, calls, collector.loss_reduction)
+        collector.check_batch(module, data.input.shape[0])
         for ext in collector.extensions:
             name = ext.savefield
             if module.weight.requires_grad:

@@ -119,7 +119,7 @@ def _statistic(p: Tensor, name: str, parts: int = 1):
 
 def _in_one_batch(params, summed_loss, batches, n, backward, scale):
     """The whole batch in one collect block: the variance straight from its moments."""
-    with collect(Variance()) as stats:
+    with _block(Variance(), batches[0][0]) as stats:
         stats.backward(summed_loss(*batches[0]), create_graph=backward)
     variances = [_statistic(p, "variance") for p in params]
     total = sum(v.sum() for v in variances)
@@ -142,7 +142,7 @@ def _in_micro_batches(params, summed_loss, batches, n, backward, scale):
         """One micro-batch's moments (added up) and, with ``backward``, S_B's gradient into .grad;
         ``pass_1_sums`` (the last micro-batch): the other micro-batches' sum_n g_n, which this
         one's completes to m."""
-        with collect(_Moments()) as stats:
+        with _block(_Moments(), x) as stats:
             stats.backward(summed_loss(x, y), create_graph=backward)
         moments = [_statistic(p, _Moments.savefield, parts=2) for p in params]
         batch_sums = [g.detach() for _, g in moments]
@@ -171,6 +171,14 @@ def _in_micro_batches(params, summed_loss, batches, n, backward, scale):
         _set_rng_state(after)
     variances = [variance_from_moments(q, g, n) for q, g in zip(second_moments, sums)]
     return sum(v.sum() for v in variances), variances
+
+
+def _block(extension, x: Tensor) -> collect:
+    """A collect block whose layers must all see x's samples in dim 0 (a layer that folds them into
+    dim 0, x.reshape(-1, features), would give statistics of rows, not samples: an error)."""
+    block = collect(extension)
+    block._collector.batch = (None, x.shape[0])
+    return block
 
 
 def _grads(loss: Tensor, params: list) -> tuple:

@@ -217,6 +217,31 @@ def test_a_layer_called_on_batches_of_different_sizes_is_an_error(layer, shape, 
                 stats.backward(loss())
 
 
+class FoldsSamples(nn.Module):
+    """A sequence model whose head sees the samples' positions folded into dim 0 ([N * T, hidden])."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(4, 8), nn.Linear(8, 1)
+
+    def forward(self, x):  # [N, T, 4]
+        return self.head(self.embed(x).reshape(-1, 8)).reshape(x.shape[0], -1).sum(1)
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_layers_that_see_different_batches_in_one_block_are_an_error(backward):
+    """[N * T, hidden] rows are not samples: their 'per-sample' statistics would be wrong, silently."""
+    model = gv.extend(FoldsSamples())
+    x, y, lossfunc = torch.randn(5, 3, 4), torch.randn(5), nn.MSELoss(reduction="sum")
+    with pytest.raises(ValueError, match=r"Linear \(8, 4\) got a batch of 5 where Linear \(1, 8\) had 15"):
+        collect_with(backward, model, x, y, lossfunc)
+    model.embed.requires_grad_(False)  # the head alone: total_variance knows N
+    for micro_batch_size, rows, samples in ((None, 15, 5), (2, 6, 2)):
+        match = rf"Linear \(1, 8\) got a batch of {rows} where the micro-batch had {samples} in"
+        with pytest.raises(ValueError, match=match):
+            gv.total_variance(model, lossfunc, x, y, micro_batch_size=micro_batch_size)
+
+
 def test_unsupported_parameterised_layer_is_an_error_naming_it():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     with pytest.raises(TypeError, match=r"layer '1' \(BatchNorm1d\) has trainable parameters.*Linear, Conv1d, Conv2d"):
