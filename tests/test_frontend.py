@@ -608,3 +608,15 @@ def test_activation_checkpointing_gives_the_statistics_of_the_plain_model(use_re
         lossfunc(model(x.clone().requires_grad_(use_reentrant)), y).backward()
     plain = nn.Sequential(body, nn.Tanh(), head)
     assert_statistics(plain, per_sample_grads(plain, x, y, lossfunc), torch.float64)
+
+
+def test_statistics_of_a_scaled_loss_are_scaled_by_its_square():
+    """The README's GradScaler note: statistics of scaler.scale(loss)'s gradients / scale**2."""
+    model, x, y, lossfunc = build("digits-cnn", torch.float64)
+    results = []
+    for scale in (1.0, 1024.0):
+        with gv.collect(*ALL) as stats:
+            stats.backward(lossfunc(model(x), y) * scale)
+        results.append([getattr(p, e.savefield) / scale**2 for p in model.parameters() for e in ALL])
+    for unscaled, scaled in zip(*results):
+        torch.testing.assert_close(scaled, unscaled, **TOL[torch.float64])
