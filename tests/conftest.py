@@ -1,9 +1,15 @@
-"""Shared fixtures."""
+"""Shared fixtures; benchmarks/ on sys.path for the tests that use the benchmark's own helpers
+(its CPU memory measurement, its methods)."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
 @pytest.fixture(params=["unfold", "unfold-strided", "grouped"])

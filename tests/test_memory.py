@@ -80,8 +80,7 @@ def test_backward_memory_grows_only_with_input_sized_gradients(kind):
 
 
 def _profiled_peak_mb(fn) -> float:
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from bench_variance import cpu_peak_bytes  # the benchmark's own measurement: profiler allocation events
+    from bench_variance import cpu_peak_bytes  # the benchmark's own measurement (conftest: on sys.path)
 
     return cpu_peak_bytes(fn) / 2**20
 

@@ -3,18 +3,13 @@ against the per-sample loop, for every split of the batch."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
+from bench_variance import cpu_peak_bytes  # the benchmark's own memory measurement (conftest: on sys.path)
 from test_frontend import TOL, Reuse, build, per_sample_grads, seed_models
 from torch import nn
 
 import gradvar_ext as gv
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from bench_variance import cpu_peak_bytes  # noqa: E402  (the benchmark's own memory measurement)
 
 SPLITS = (None, 1, 2, 3)  # the whole batch at once; micro-batches of 1, 2, 3 samples (3 rarely divides N)
 
