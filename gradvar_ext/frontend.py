@@ -98,9 +98,9 @@ class _Collector:
     results: dict = field(default_factory=dict)  # module -> [(parameter, savefield, statistic)], set at the exit
     outputs: list = field(default_factory=list)  # gradient edges of the layer outputs of forwards inside
     called: set = field(default_factory=set)  # layers whose forward ran inside the block
-    written: set = field(default_factory=set)  # parameters whose .grad a backward inside the block accumulated
+    extended: list = field(default_factory=list)  # the extended layers at the block's entry
+    grads_at_entry: dict = field(default_factory=dict)  # their parameters -> _grad_state at the entry
     covered: set = field(default_factory=set)  # layers whose statistics a block nested in this one computed
-    grad_hooks: list = field(default_factory=list)  # the handles that fill `written`
     batch: tuple | None = None  # (layer, N) of the first layer whose statistics were computed
     deliveries: ClassVar[int] = 0  # output gradients received by any block so far
 
@@ -223,11 +223,9 @@ class collect:
         self._collector = _Collector(tuple(extensions), loss_reduction)
 
     def __enter__(self) -> collect:
-        clear(*_EXTENDED)
-        written = self._collector.written
-        self._collector.grad_hooks = [
-            p.register_post_accumulate_grad_hook(written.add) for m in _EXTENDED for p in _trainable(m)
-        ]
+        extended = self._collector.extended = list(_EXTENDED)
+        clear(*extended)
+        self._collector.grads_at_entry = {p: _grad_state(p) for m in extended for p in _trainable(m)}
         _ACTIVE.append(self._collector)
         return self
 
@@ -251,7 +249,7 @@ class collect:
                 "gradvar_ext.collect.backward: no extended layer ran a forward with gradients inside this block; "
                 "run the forward inside it (and extend the model with gradvar_ext.extend)"
             )
-        bypassed = [m for m in _EXTENDED if m not in self._collector.called and _trainable(m)]
+        bypassed = [m for m in self._collector.extended if m not in self._collector.called and _trainable(m)]
         if bypassed:  # layers not called here: does the loss use their parameters all the same?
             reached = _parameters_reached(loss, {p for m in bypassed for p in _trainable(m)})
             _check_not_bypassed([m for m in bypassed if any(p in reached for p in _trainable(m))])
@@ -285,16 +283,15 @@ class collect:
             if exc_info[0] is None:
                 for module in list(collector.records):  # layers with a call that got no gradient here
                     collector.finish(module)
-                if collector.written:  # a backward wrote .grad: did it skip a layer's statistics?
-                    _check_not_bypassed(
-                        [
-                            m
-                            for m in _EXTENDED
-                            if m not in collector.results
-                            and m not in collector.covered
-                            and any(p in collector.written for p in _trainable(m))
-                        ]
-                    )
+                _check_not_bypassed(  # a backward wrote .grad of a layer without its statistics?
+                    [
+                        m
+                        for m in collector.extended
+                        if m not in collector.results
+                        and m not in collector.covered
+                        and any(_gradient_written(p, collector.grads_at_entry) for p in _trainable(m))
+                    ]
+                )
                 if len(collector.results) > 1:
                     _check_not_shared(collector.results)
                 for assignments in collector.results.values():
@@ -303,14 +300,27 @@ class collect:
             if _ACTIVE:  # gradients this block accounted for are no bypass for the enclosing one
                 _ACTIVE[-1].covered.update(collector.results, collector.covered)
         finally:
-            for handle in collector.grad_hooks:
-                handle.remove()
             collector.records, collector.results, collector.delivered = {}, {}, set()
-            collector.called, collector.written, collector.covered, collector.grad_hooks = set(), set(), set(), []
+            collector.called, collector.grads_at_entry, collector.covered, collector.extended = set(), {}, set(), []
             collector.batch = None
 
 
 # ---------------------------------------------------------------- parameters used around their layer
+def _grad_state(p: Tensor) -> tuple | None:
+    """What changes when a backward writes p.grad: the tensor (new, or replaced) or its version
+    (accumulated in place)."""
+    grad = p.grad
+    return None if grad is None else (id(grad), grad._version)
+
+
+def _gradient_written(p: Tensor, at_entry: dict) -> bool:
+    """Whether a backward inside the block gave p a gradient: its .grad changed since the entry and
+    is not all zeros (zero_grad(set_to_none=False) changes it too; a real gradient is not 0)."""
+    if p not in at_entry or p.grad is None or _grad_state(p) == at_entry[p]:
+        return False
+    return bool(p.grad.ne(0).any())  # only for a layer without statistics: rare
+
+
 def _parameters_reached(loss: Tensor, params: set) -> set:
     """The members of ``params`` whose gradient ``loss``'s backward would compute (its graph's leaves)."""
     reached, seen = set(), set()

@@ -272,8 +272,11 @@ BYPASSED = (
 def test_a_parameter_used_without_calling_its_layer_is_an_error_not_a_missing_statistic(backward):
     model = gv.extend(AttentionThenLinear())
     x, y, lossfunc = torch.randn(5, 3, 4), torch.randn(5), nn.MSELoss(reduction="sum")
+    if backward == "loss.backward":  # .grad exists already: the block's backward accumulates into it
+        lossfunc(model(x), y).backward()
     with pytest.raises(RuntimeError, match=BYPASSED):
         collect_with(backward, model, x, y, lossfunc)
+    model.zero_grad(set_to_none=True)
     assert not hasattr(model.head.weight, "variance")  # nothing half-set
     with pytest.raises(RuntimeError, match=BYPASSED):  # was: total variance without out_proj's, silently
         gv.total_variance(model, lossfunc, x, y, micro_batch_size=2, backward=True)
