@@ -252,7 +252,10 @@ class collect:
         bypassed = [m for m in self._collector.extended if m not in self._collector.called and _trainable(m)]
         if bypassed:  # layers not called here: does the loss use their parameters all the same?
             reached = _parameters_reached(loss, {p for m in bypassed for p in _trainable(m)})
-            _check_not_bypassed([m for m in bypassed if any(p in reached for p in _trainable(m))])
+            _check_not_bypassed(
+                [m for m in bypassed if any(p in reached for p in _trainable(m))],
+                f"no call of that layer ran inside this block ({_USED_DIRECTLY}, or its forward ran before the block)",
+            )
         # backward (not autograd.grad) towards the outputs' gradient edges: the hooks take each
         # output gradient and nothing captures it, so it is freed once its layer has used it.
         deliveries = _Collector.deliveries  # to this block, or to one nested in it
@@ -290,7 +293,9 @@ class collect:
                         if m not in collector.results
                         and m not in collector.covered
                         and any(_gradient_written(p, collector.grads_at_entry) for p in _trainable(m))
-                    ]
+                    ],
+                    f"the backward reached them without a call of that layer ({_USED_DIRECTLY}, or a forward that "
+                    "ran before gradvar_ext.extend)",
                 )
                 if len(collector.results) > 1:
                     _check_not_shared(collector.results)
@@ -337,16 +342,18 @@ def _parameters_reached(loss: Tensor, params: set) -> set:
     return reached
 
 
-def _check_not_bypassed(modules: list) -> None:
-    """Layers whose parameters get a gradient without a call of the layer (the forward hook sees no
-    input): their statistics would silently be missing (or zero in total_variance)."""
+def _check_not_bypassed(modules: list, reason: str) -> None:
+    """Layers whose parameters get a gradient without a call of the layer that the block saw (the
+    forward hook holds the input): their statistics would silently be missing (zero in total_variance)."""
     if modules:
         raise RuntimeError(
-            f"gradvar_ext.collect: the loss depends on the parameters of {_describe(modules[0])} through a path "
-            "that does not call that layer (its weight used directly, as nn.MultiheadAttention uses its out_proj; "
-            "or a forward that ran before gradvar_ext.extend): the per-sample statistics need the layer's input "
-            "from its forward. Call the layer, or freeze its parameters (requires_grad_(False))"
+            f"gradvar_ext.collect: the loss depends on the parameters of {_describe(modules[0])}, but {reason}; "
+            "the per-sample statistics need the layer's input from its forward: call the layer (inside the block "
+            "for collect.backward), or freeze its parameters (requires_grad_(False))"
         )
+
+
+_USED_DIRECTLY = "its weight used directly, as nn.MultiheadAttention uses its out_proj"
 
 
 def _check_not_shared(results: dict) -> None:
