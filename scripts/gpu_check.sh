@@ -9,7 +9,9 @@
 # $OUT, so that a second call can carry it as gradvar_ext/_C.so); PART=bench: the model
 # benchmarks only (no build when a carried gradvar_ext/_C.so loads). Default: both.
 # TEST_FILTER="..." passes -k to pytest (e.g. only the fused-kernel tests after a kernel change);
-# KERNEL_CHECKS=0 skips the fused-kernel benchmark and compute-sanitizer (when no .cu changed).
+# KERNEL_CHECKS=0 skips the fused-kernel benchmark and compute-sanitizer (when no .cu changed);
+# SANITIZE=0 skips only compute-sanitizer. WORKLOADS="cnn seq" limits the variance benchmarks to
+# those workloads (default: all six); SKIP_JOB_A=1 skips job (a).
 # SKIP_PROFILE=1 skips the profile of job (b) (90 s), SKIP_SWEEP=1 the CNN sweep (~90 s); the sweep runs before job (a), so that a
 # call cut short loses job (a) first. CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
 # On an H100 (eighth session): build 33 s, CUDA tests 190 s, fused benchmark 12 s, sanitizers 44 s,
@@ -46,11 +48,13 @@ fi
 if [ "$PART" != bench ] && [ "${KERNEL_CHECKS:-1}" = 1 ]; then
   stage "fused kernel benchmark"
   timeout 180 $PY benchmarks/bench_fused_cuda.py 2>&1 | tee "$OUT/bench_fused.log" | tail -24
-  stage "compute-sanitizer"
-  for tool in memcheck racecheck; do
-    timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1
-    echo "$tool exit: $?: $(grep 'SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
-  done
+  if [ "${SANITIZE:-1}" = 1 ]; then
+    stage "compute-sanitizer"
+    for tool in memcheck racecheck; do
+      timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1
+      echo "$tool exit: $?: $(grep 'SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
+    done
+  fi
 fi
 [ "$PART" = core ] && { stage done; exit 0; }
 if [ "${SKIP_PROFILE:-0}" != 1 ]; then
@@ -63,7 +67,8 @@ stage "variance benchmark"
 # one-position default, and forced onto slow shapes elsewhere (bench_fused_cuda.py times those):
 # the micro-batched total_variance takes its place (GPU memory at N = 64 was not measured yet).
 METHODS="floor gradvar gradvar+grad gradvar-micro loop torch.func backpack opacus"
-timeout 320 $PY benchmarks/bench_variance.py --device cuda --quick --methods $METHODS --json "$OUT/bench_cuda.json" 2>&1 |
+timeout 320 $PY benchmarks/bench_variance.py --device cuda --quick ${WORKLOADS:+--workloads $WORKLOADS} --methods $METHODS \
+  --json "$OUT/bench_cuda.json" 2>&1 |
   tee "$OUT/bench_variance.log" | tail -50
 if [ "${SKIP_SWEEP:-0}" != 1 ]; then
   stage "cnn batch-size sweep"
@@ -72,10 +77,12 @@ if [ "${SKIP_SWEEP:-0}" != 1 ]; then
     --methods gradvar gradvar-micro gradvar-micro-128 torch.func --json "$OUT/bench_sweep.json" 2>&1 |
     tee "$OUT/bench_sweep.log" | tail -16
 fi
-stage "variance benchmark, job a (the variance only)"
-timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --job a --methods $METHODS \
-  --json "$OUT/bench_cuda_job_a.json" 2>&1 |
-  tee "$OUT/bench_variance_job_a.log" | tail -45
+if [ "${SKIP_JOB_A:-0}" != 1 ]; then
+  stage "variance benchmark, job a (the variance only)"
+  timeout 200 $PY benchmarks/bench_variance.py --device cuda --quick --job a ${WORKLOADS:+--workloads $WORKLOADS} \
+    --methods $METHODS --json "$OUT/bench_cuda_job_a.json" 2>&1 |
+    tee "$OUT/bench_variance_job_a.log" | tail -45
+fi
 if [ "${CONV_ALGOS:-0}" = 1 ]; then
   stage "conv algorithms on CUDA (auto = unfold there; is grouped, i.e. cuDNN grouped convs, faster?)"
   for algo in unfold grouped; do
