@@ -408,10 +408,20 @@ def _as_conv2d(op, input, grad_output, kernel_size, stride, padding, dilation):
             op,
             f"input and grad_output must have shape [N, C, L], got {list(input.shape)} and {list(grad_output.shape)}",
         )
-    as_int = [v[0] if isinstance(v, (tuple, list)) and len(v) == 1 else v for v in (kernel_size, stride, dilation)]
-    pad = padding[0] if isinstance(padding, (tuple, list)) and len(padding) == 1 else padding
-    pad2 = pad if isinstance(pad, str) else (0, pad)
-    return input.unsqueeze(2), grad_output.unsqueeze(2), (1, as_int[0]), (1, as_int[1]), pad2, (1, as_int[2])
+    k, s, d = (
+        _single(v, name, op) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation"))
+    )
+    pad = padding if isinstance(padding, str) else (0, _single(padding, "padding", op))
+    return input.unsqueeze(2), grad_output.unsqueeze(2), (1, k), (1, s), pad, (1, d)
+
+
+def _single(value, name: str, op: str) -> int:
+    """A Conv1d hyper-parameter: an int or a 1-tuple of one (nn.Conv1d stores them so)."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    _checks.fail(op, f"{name} must be an int or a 1-tuple of ints (Conv1d), got {value!r}")
 
 
 def _conv1d_function(op: str, conv2d_statistic):

@@ -193,6 +193,17 @@ def test_conv1d(kwargs):
     torch.testing.assert_close(gradvar_ext.conv1d_batch_l2(x, go, **conv), per_sample.square().sum((1, 2, 3)))
 
 
+@pytest.mark.parametrize(
+    "name, value", [("kernel_size", (3, 3)), ("stride", (1, 1)), ("dilation", 1.0), ("padding", (0, 1))], ids=str
+)
+def test_conv1d_rejects_a_two_dimensional_hyper_parameter_naming_itself(name, value):
+    x, go = torch.randn(2, 3, 6), torch.randn(2, 4, 4)
+    kwargs = dict(kernel_size=3)
+    kwargs[name] = value
+    with pytest.raises(ValueError, match=rf"gradvar.conv1d_variance: {name} must be an int or a 1-tuple of ints"):
+        gradvar_ext.conv1d_variance(x, go, **kwargs)
+
+
 def test_variance_of_one_sample_is_exactly_zero():
     x, go, *conv = ConvCase(1, 3, 4, (6, 6), padding=(1, 1)).args("conv2d_variance", torch.float32)
     assert torch.equal(call("conv2d_variance", x, go, *conv), torch.zeros(4, 3, 3, 3))
