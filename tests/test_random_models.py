@@ -85,7 +85,8 @@ def close(a, b):
 
 
 @pytest.mark.parametrize("seed", range(CASES))
-def test_random_model_statistics_and_gradient_of_total_variance_match_the_loop(seed):
+def test_random_model_statistics_and_gradient_of_total_variance_match_the_loop(seed, conv_algorithm):
+    """Each drawn model with each way of forming the conv layers' per-sample gradients (conftest)."""
     model, x, y, lossfunc, rng = random_model(seed)
     path, create_graph = PATHS[seed % len(PATHS)], rng.random() < 0.5
     per_sample, total, total_grad = loop_total_variance(model, x, y, lossfunc)
