@@ -322,6 +322,14 @@ def test_cuda_front_end_matches_per_sample_loop(backward):
         assert_statistics(model, per_sample_grads(model, x, y, lossfunc), torch.float64)
 
 
+@pytest.mark.parametrize("seed", range(24))
+def test_cuda_random_models_match_per_sample_loop(seed, conv_algorithm):
+    """tests/test_random_models.py's drawn models on CUDA, with each conv algorithm."""
+    from test_random_models import check_random_model
+
+    check_random_model(seed, "cuda")
+
+
 @pytest.mark.parametrize("micro_batch_size", [None, 3], ids=str)
 def test_cuda_total_variance_matches_per_sample_loop(micro_batch_size):
     from test_frontend import build

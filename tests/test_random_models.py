@@ -44,7 +44,7 @@ def random_conv_stack(rng: random.Random, two_d: bool, n: int):
     return layers + [nn.Flatten()], torch.randn(n, *shape)
 
 
-def random_model(seed: int):
+def random_model(seed: int, device: str = "cpu"):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     kind, n = rng.choice(["mlp", "sequence", "conv1d", "conv2d"]), rng.randint(1, 6)
@@ -62,9 +62,10 @@ def random_model(seed: int):
     x = x.double()
     with torch.no_grad():
         width = features(x[:1]).shape[1]
-    model = nn.Sequential(features, nn.Linear(width, 3).double())
+    model = nn.Sequential(features, nn.Linear(width, 3).double()).to(device)
     reduction = rng.choice(["sum", "mean"])
-    return model, x, torch.randn(n, 3, dtype=torch.float64), nn.MSELoss(reduction=reduction), rng
+    y = torch.randn(n, 3, dtype=torch.float64)
+    return model, x.to(device), y.to(device), nn.MSELoss(reduction=reduction), rng
 
 
 def loop_total_variance(model, x, y, lossfunc):
@@ -87,7 +88,12 @@ def close(a, b):
 @pytest.mark.parametrize("seed", range(CASES))
 def test_random_model_statistics_and_gradient_of_total_variance_match_the_loop(seed, conv_algorithm):
     """Each drawn model with each way of forming the conv layers' per-sample gradients (conftest)."""
-    model, x, y, lossfunc, rng = random_model(seed)
+    check_random_model(seed, "cpu")
+
+
+def check_random_model(seed: int, device: str) -> None:
+    """Model ``seed`` on ``device`` through one of the four ways (by seed), against the loop."""
+    model, x, y, lossfunc, rng = random_model(seed, device)
     path, create_graph = PATHS[seed % len(PATHS)], rng.random() < 0.5
     per_sample, total, total_grad = loop_total_variance(model, x, y, lossfunc)
     params = list(gv.extend(model).parameters())
