@@ -168,9 +168,10 @@ def extend(module: nn.Module) -> nn.Module:
         raise TypeError(f"gradvar_ext.extend: expected an nn.Module, got {type(module).__name__}")
     for name, sub in module.named_modules():
         if isinstance(sub, SUPPORTED):
-            if sub not in _EXTENDED:
+            # the hook itself, not membership, tells an extended layer: a deep copy keeps the hook
+            if not any(hook is _on_forward for hook in sub._forward_hooks.values()):
                 sub.register_forward_hook(_on_forward, with_kwargs=True)
-                _EXTENDED.add(sub)
+            _EXTENDED.add(sub)
         elif _trainable(sub):
             supported = ", ".join(t.__name__ for t in SUPPORTED)
             raise TypeError(
@@ -184,6 +185,8 @@ def extend(module: nn.Module) -> nn.Module:
 def _on_forward(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
         return
+    if module not in _EXTENDED:  # a deep copy of an extended layer: known from now on (clear, checks)
+        _EXTENDED.add(module)
     call = _Call(args[0] if args else kwargs["input"])  # layer(x) or layer(input=x)
     calls = _CALLS.get(module)
     if calls is None:

@@ -446,6 +446,27 @@ def per_sample_grads_of(layer, x):
     return [torch.autograd.grad(layer(x[n : n + 1]).pow(3).sum(), (layer.weight, layer.bias)) for n in range(len(x))]
 
 
+@pytest.mark.parametrize("extend_again", [False, True], ids=["copy", "copy-extended"])
+def test_a_deep_copy_of_an_extended_model_is_extended_once(extend_again, tmp_path):
+    """A deep copy (or a pickled model) keeps the forward hook; extend must not add a second one,
+    which would count every call twice (4x the variance)."""
+    import copy
+
+    model, x, y, lossfunc = build("digits-cnn", torch.float64)
+    twin = copy.deepcopy(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for other in (twin, loaded):
+        if extend_again:
+            gv.extend(other)
+        assert all(len(m._forward_hooks) == 1 for m in other.modules() if isinstance(m, gv.frontend.SUPPORTED))
+        collect_all(other, lossfunc(other(x), y))
+        assert_statistics(other, per_sample_grads(other, x, y, lossfunc), torch.float64)
+        with gv.collect(gv.SumGradSquared()):  # a new block clears the copy's earlier results too
+            pass
+        assert not any(hasattr(p, "variance") for p in other.parameters())
+
+
 def test_collect_rejects_bad_arguments():
     with pytest.raises(TypeError, match="gradvar_ext.collect: expected Variance"):
         gv.collect("variance")
