@@ -203,8 +203,9 @@ OPTIONAL = {"backpack": "backpack", "opacus": "opacus"}  # method -> package it 
 def method_function(method: str):
     """METHODS[method]; "gradvar-micro-K": total_variance in micro-batches of K samples."""
     prefix = "gradvar-micro-"
-    if method.startswith(prefix) and method[len(prefix) :].isdigit() and int(method[len(prefix) :]) > 0:
-        return functools.partial(run_gradvar_micro, micro_batch_size=int(method[len(prefix) :]))
+    size = method[len(prefix) :] if method.startswith(prefix) else ""
+    if size.isdigit() and int(size) > 0:
+        return functools.partial(run_gradvar_micro, micro_batch_size=int(size))
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS)} or gradvar-micro-K (K samples)")
     return METHODS[method]

@@ -185,8 +185,7 @@ def extend(module: nn.Module) -> nn.Module:
 def _on_forward(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
         return
-    if module not in _EXTENDED:  # a deep copy of an extended layer: known from now on (clear, checks)
-        _EXTENDED.add(module)
+    _EXTENDED.add(module)  # a no-op but for a deep copy of an extended layer: known from now on (clear, checks)
     call = _Call(args[0] if args else kwargs["input"])  # layer(x) or layer(input=x)
     calls = _CALLS.get(module)
     if calls is None:
@@ -256,11 +255,12 @@ class collect:
                 "gradvar_ext.collect.backward: no extended layer ran a forward with gradients inside this block; "
                 "run the forward inside it (and extend the model with gradvar_ext.extend)"
             )
-        bypassed = [m for m in self._collector.extended if m not in self._collector.called and _trainable(m)]
+        not_called = {m: _trainable(m) for m in self._collector.extended if m not in self._collector.called}
+        bypassed = {m: params for m, params in not_called.items() if params}
         if bypassed:  # layers not called here: does the loss use their parameters all the same?
-            reached = _parameters_reached(loss, {p for m in bypassed for p in _trainable(m)})
+            reached = _parameters_reached(loss, {p for params in bypassed.values() for p in params})
             _check_not_bypassed(
-                [m for m in bypassed if any(p in reached for p in _trainable(m))],
+                [m for m, params in bypassed.items() if any(p in reached for p in params)],
                 f"no call of that layer ran inside this block ({_USED_DIRECTLY}, or its forward ran before the block)",
             )
         # backward (not autograd.grad) towards the outputs' gradient edges: the hooks take each
