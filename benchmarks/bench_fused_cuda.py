@@ -9,7 +9,8 @@ after warm-up):
            for Conv2d from patches unfolded beforehand, outside the timing)
   chunked  linear_variance / conv2d_variance with GRADVAR_EXT_FUSED_CUDA=0 (chunked bmm + accumulate)
   fused    the same on the default path, the fused kernel (one pass, O(out in) memory)
-  tf32x3   the same on tensor cores, GRADVAR_EXT_FUSED_CUDA=tf32x3 (float32 only, sm_80+)
+  tensor   the same on tensor cores, GRADVAR_EXT_FUSED_CUDA=tensor_cores (sm_80+): 3xTF32 for
+           float32, DMMA (FP64 tensor cores, as cuBLAS's DGEMM) for float64
   grouped  Conv2d only: GRADVAR_EXT_CONV_ALGORITHM=grouped, cuDNN's weight gradient of one grouped
            convolution per chunk forms the per-sample gradients (no unfolded patches), then the
            chunked accumulate; the candidate for the conv shapes, where unfolding costs as much
@@ -113,11 +114,11 @@ def main() -> None:
             for name, flag in (
                 ("chunked", "0"),
                 ("fused", "1"),
-                ("tf32x3", "tf32x3"),
+                ("tensor", "tensor_cores"),
                 ("grouped", "0"),
                 ("default", ""),
             ):
-                if (name == "tf32x3" and dtype != torch.float32) or (name == "grouped" and not conv):
+                if name == "grouped" and not conv:
                     cells.append("-")
                     continue
                 os.environ["GRADVAR_EXT_FUSED_CUDA"] = flag
@@ -130,19 +131,20 @@ def main() -> None:
                 if name == "default":
                     continue  # the same as chunked or fused: only its ratio is printed
                 cells.append(f"{ms:.3f} ms ({total:.3f} on GPU, kernel {kernel:.3f}), {mb:.0f} MB")
-                if name in ("fused", "tf32x3") and "fused_moments" not in kernel_name:
+                if name in ("fused", "tensor") and "fused_moments" not in kernel_name:
                     cells[-1] += f" [top kernel: {kernel_name[:40]}]"
             os.environ.pop("GRADVAR_EXT_FUSED_CUDA", None)
             ms, total, kernel = calls["fused"]
             ratios = f"{bmm_ms / ms:.2f} / {bmm_gpu / total:.2f} / {bmm_gpu / kernel:.2f}"
-            ratios += f" | default {bmm_gpu / calls['default'][1]:.2f}"
+            ratios += f" | tensor cores {bmm_gpu / calls['tensor'][1]:.2f}, default {bmm_gpu / calls['default'][1]:.2f}"
             if conv:
                 ratios += f", grouped {bmm_gpu / calls['grouped'][1]:.2f}"
             rows.append(f"| {str(dtype)[6:]} | {label} | {' | '.join(cells)} | {ratios} |")
             print(rows[-1], flush=True)  # as it comes, in case a time limit cuts the run
     print(
-        "\n| dtype | N x T x in -> out | bmm (per-sample grads) | chunked | fused | fused tf32x3 | grouped (conv) "
-        "| fused / bmm throughput: per call / GPU time / kernel alone | default (and grouped) / bmm, GPU time |"
+        "\n| dtype | N x T x in -> out | bmm (per-sample grads) | chunked | fused | fused, tensor cores "
+        "| grouped (conv) | fused / bmm throughput: per call / GPU time / kernel alone "
+        "| tensor cores, default (and grouped) / bmm, GPU time |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))

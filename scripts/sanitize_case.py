@@ -8,7 +8,7 @@ import torch
 import gradvar_ext as gv
 
 torch.manual_seed(0)
-for fused in ("0", "1", "tf32x3"):
+for fused in ("0", "1", "tensor_cores"):
     os.environ["GRADVAR_EXT_FUSED_CUDA"] = fused
     os.environ["GRADVAR_EXT_FUSED_BACKWARD_CUDA"] = "0" if fused == "0" else "1"  # the products' kernel
     for dtype in (torch.float32, torch.float64):

@@ -120,10 +120,10 @@ MOMENT_OPS = ("linear_second_moment", "linear_variance", "linear_cross_moment")
 CONV_MOMENT_OPS = ("conv2d_second_moment", "conv2d_variance", "conv2d_cross_moment")
 
 
-@pytest.fixture(params=["0", "1", "tf32x3"])
+@pytest.fixture(params=["0", "1", "tensor_cores"])
 def fused(request, monkeypatch):
     """Chunked bmm ("0"), the fused kernel on CUDA cores ("1"; the default for few positions) and,
-    for float32 on sm_80+, on tensor cores (3xTF32)."""
+    on sm_80+, on tensor cores (3xTF32 for float32, DMMA for float64)."""
     monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", request.param)
 
 
@@ -176,6 +176,22 @@ def test_fused_cuda_is_deterministic_and_gradgradchecks(fused):
     x = torch.randn(3, 2, 3, device="cuda", dtype=torch.float64, requires_grad=True)
     g = torch.randn(3, 2, 2, device="cuda", dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(torch.ops.gradvar.linear_variance, (x, g))
+
+
+def test_tf32x3_is_the_first_name_of_tensor_cores(monkeypatch):
+    """GRADVAR_EXT_FUSED_CUDA=tf32x3 (its name while float32 alone had a tensor-core kernel) takes
+    the same kernels as =tensor_cores, bit for bit (the kernels are deterministic); float64 on
+    DMMA matches the reference to float64 accuracy."""
+    torch.manual_seed(23)
+    for dtype in DTYPES:
+        x = torch.randn(37, 5, 70, device="cuda", dtype=dtype)
+        g = torch.randn(37, 5, 66, device="cuda", dtype=dtype)
+        results = []
+        for flag in ("tensor_cores", "tf32x3"):
+            monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", flag)
+            results.append(call("linear_variance", x, g))
+        assert torch.equal(*results)
+        assert_matches(results[0], expected("linear_variance", x.cpu(), g.cpu()), dtype)
 
 
 # Shapes where batch_l2 takes the direct form ||G_n^T X_n||^2 (T (in + out) >= in * out): tile

@@ -12,7 +12,8 @@
 // The same walk also gives per-sample squared norms ||g_s||^2 (fused_squared_norms_cuda): per
 // sample, each warp's share of the tile's squares summed, [S, groups, tiles, 8] partials, then
 // each sample's partials summed (opt-in, GRADVAR_EXT_FUSED_CUDA=1: slower than cuBLAS on an H100).
-// GRADVAR_EXT_FUSED_CUDA=tf32x3 (float32, sm_80+): the same walk on tensor cores, 3xTF32 (below).
+// GRADVAR_EXT_FUSED_CUDA=tensor_cores (sm_80+): the same walk on tensor cores, 3xTF32 for float32 and
+// DMMA for float64 (below).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -302,108 +303,151 @@ __global__ void __launch_bounds__(kBlock)
       });
 }
 
-// ---- tensor cores: 3xTF32 (float32 inputs, float32 accumulation, ~float32 accuracy) ----
-// Same walk over (sample, 16 positions) steps; 4 warps, each owning a 32 x 32 quarter of the
-// 64 x 64 tile as 2 x 2 wmma 16 x 16 accumulators. Per 8 positions, A = G^T (16 o x 8 t,
-// column-major in gs[t][o]) and B = X (8 t x 16 i, row-major in xs[t][i]); each operand is split
-// v = big + small (tf32 parts) and g += a_small b_big + a_big b_small + a_big b_big (3xTF32: the
-// dropped small * small term is ~2^-22 relative). Accumulator fragments of one shape share their
-// element layout, so the moment / sum updates are elementwise on fragments.
+// ---- tensor cores (sm_80+): 3xTF32 for float32, DMMA for float64 ----
+// Same walk over (sample, 16 positions) steps, a 64 x 64 output tile per block, each warp owning
+// a kFragsO x kFragsI grid of wmma accumulators. Per k-step of the MMA shape (8 positions for
+// TF32, 4 for FP64), A = G^T (o x t, column-major in gs[t][o]) and B = X (t x i, row-major in
+// xs[t][i]). Accumulator fragments of one shape share their element layout, so the moment / sum
+// updates are elementwise on fragments.
+// - Tf32x3 (float32 inputs and accumulation, ~float32 accuracy): 4 warps, each a 32 x 32
+//   quarter as 2 x 2 accumulators of 16 x 16 x 8; each operand is split v = big + small (tf32
+//   parts) and g += a_small b_big + a_big b_small + a_big b_big (the dropped small * small term
+//   is ~2^-22 relative).
+// - Dmma (float64: IEEE double products and sums, as on CUDA cores up to their order): 8 warps,
+//   each 32 x 16 as 4 x 2 accumulators of 8 x 8 x 4 (2 doubles a thread each: g, m and s or h
+//   take 96 registers).
 // Pipeline: each thread fetches its share of the next step's operands into registers while the
 // warps run the current step's MMAs; shared memory holds two stages (one barrier per step).
-// Rows are padded to 72 floats so fragment loads are free of bank conflicts. Shared memory: one
-// 64 x 72 float buffer (18 KiB): 2 stages x {G, X} x 16 positions during the walk, then the
-// staging tile through which results reach global memory (bounds-checked).
+// Rows are padded to 72 elements so that fragment loads take the fewest wavefronts. Shared
+// memory: one 64 x 72 buffer (18 KiB float, 36 KiB double): 2 stages x {G, X} x 16 positions
+// during the walk, then the staging tile through which results reach global memory.
 namespace wmma = nvcuda::wmma;
-constexpr int kTile = 64, kSteps = 16;
-constexpr int kTcThreads = 128, kLd = kTile + 8, kPerThread = kSteps * kTile / kTcThreads;
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
-using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+constexpr int kTile = 64, kSteps = 16, kLd = kTile + 8;
+
+struct Tf32x3 {
+  using scalar_t = float;
+  // Capped at 168 registers for 3 blocks per SM (the sum / cross variants spill ~230 bytes,
+  // touched once per sample): on an H200 5-12% faster than 2 blocks per SM with no spills on 4
+  // of 5 shapes (8% slower on 64x128x1024->1024), both variants tested there (RESULTS.md).
+  static constexpr int kM = 16, kK = 8, kWarpsO = 2, kWarpsI = 2, kMinBlocks = 3;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  template <typename Frag>
+  struct Split {
+    Frag big, small;
+  };
+  using A = Split<wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>>;
+  using B = Split<wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>>;
+
+  template <typename Frag>
+  static __device__ void load(Split<Frag>& f, const float* at) {
+    wmma::load_matrix_sync(f.big, at, kLd);
+#pragma unroll
+    for (int e = 0; e < f.big.num_elements; ++e) {
+      const float v = f.big.x[e];
+      const float hi = wmma::__float_to_tf32(v);
+      f.big.x[e] = hi;
+      f.small.x[e] = wmma::__float_to_tf32(v - hi);
+    }
+  }
+  static __device__ void mma(FragC& acc, const A& a, const B& b) {
+    wmma::mma_sync(acc, a.small, b.big, acc);
+    wmma::mma_sync(acc, a.big, b.small, acc);
+    wmma::mma_sync(acc, a.big, b.big, acc);
+  }
+};
+
+struct Dmma {
+  using scalar_t = double;
+  static constexpr int kM = 8, kK = 4, kWarpsO = 2, kWarpsI = 4, kMinBlocks = 1;
+  using FragC = wmma::fragment<wmma::accumulator, 8, 8, 4, double>;
+  using A = wmma::fragment<wmma::matrix_a, 8, 8, 4, double, wmma::col_major>;
+  using B = wmma::fragment<wmma::matrix_b, 8, 8, 4, double, wmma::row_major>;
+
+  template <typename Frag>
+  static __device__ void load(Frag& f, const double* at) {
+    wmma::load_matrix_sync(f, at, kLd);
+  }
+  static __device__ void mma(FragC& acc, const A& a, const B& b) { wmma::mma_sync(acc, a, b, acc); }
+};
+
+template <typename Mma>
+struct MmaTiling {
+  static constexpr int kThreads = 32 * Mma::kWarpsO * Mma::kWarpsI;
+  static constexpr int kFragsO = kTile / (Mma::kWarpsO * Mma::kM), kFragsI = kTile / (Mma::kWarpsI * Mma::kM);
+  static constexpr int kPerThread = kSteps * kTile / kThreads;  // elements of one operand a thread fetches per step
+};
 
 // This thread's elements of rows [t0, t0 + kSteps) x features [f0, f0 + kTile) of sample-group b
 // (zero outside [T, F)); consecutive threads walk the operand's unit-stride dimension.
-__device__ void fetch_tile(float (&v)[kPerThread], const Operand& op, int64_t b, int64_t t0, int64_t f0, int64_t T,
+template <typename scalar_t, int kThreads, int kPer>
+__device__ void fetch_tile(scalar_t (&v)[kPer], const Operand& op, int64_t b, int64_t t0, int64_t f0, int64_t T,
                            int64_t F) {
-  const float* base = static_cast<const float*>(op.data) + b * op.s_batch;
+  const scalar_t* base = static_cast<const scalar_t*>(op.data) + b * op.s_batch;
   const bool features_fastest = op.s_feat == 1;
 #pragma unroll
-  for (int r = 0; r < kPerThread; ++r) {
-    const int e = threadIdx.x + r * kTcThreads;
+  for (int r = 0; r < kPer; ++r) {
+    const int e = threadIdx.x + r * kThreads;
     const int64_t t = t0 + (features_fastest ? e / kTile : e % kSteps);
     const int64_t feat = f0 + (features_fastest ? e % kTile : e / kSteps);
-    v[r] = (t < T && feat < F) ? base[t * op.s_pos + feat * op.s_feat] : 0.0f;
+    v[r] = (t < T && feat < F) ? base[t * op.s_pos + feat * op.s_feat] : scalar_t(0);
   }
 }
 
-__device__ void stash_tile(const float (&v)[kPerThread], float* tile, bool features_fastest) {  // tile: [kSteps][kLd]
+template <typename scalar_t, int kThreads, int kPer>
+__device__ void stash_tile(const scalar_t (&v)[kPer], scalar_t* tile, bool features_fastest) {  // tile: [kSteps][kLd]
 #pragma unroll
-  for (int r = 0; r < kPerThread; ++r) {
-    const int e = threadIdx.x + r * kTcThreads;
+  for (int r = 0; r < kPer; ++r) {
+    const int e = threadIdx.x + r * kThreads;
     const int k = features_fastest ? e / kTile : e % kSteps, f = features_fastest ? e % kTile : e / kSteps;
     tile[k * kLd + f] = v[r];
   }
 }
 
-template <typename Frag>
-__device__ void split_tf32(Frag& big, Frag& small) {
+// acc += G^T X over the stage's first `valid` positions (gs, xs: [kSteps][kLd]); this warp's
+// fragments start at row wo, column wi of the tile.
+template <typename Mma, int kFO, int kFI>
+__device__ void mma_step(typename Mma::FragC (&acc)[kFO][kFI], const typename Mma::scalar_t* gs,
+                         const typename Mma::scalar_t* xs, int64_t valid, int wo, int wi) {
 #pragma unroll
-  for (int e = 0; e < big.num_elements; ++e) {
-    const float v = big.x[e];
-    const float hi = wmma::__float_to_tf32(v);
-    big.x[e] = hi;
-    small.x[e] = wmma::__float_to_tf32(v - hi);
+  for (int k0 = 0; k0 < kSteps; k0 += Mma::kK) {
+    if (k0 >= valid) break;  // uniform: short sequences skip the all-zero rest
+    typename Mma::A a[kFO];
+    typename Mma::B b[kFI];
+#pragma unroll
+    for (int r = 0; r < kFO; ++r) Mma::load(a[r], gs + k0 * kLd + wo + Mma::kM * r);
+#pragma unroll
+    for (int c = 0; c < kFI; ++c) Mma::load(b[c], xs + k0 * kLd + wi + Mma::kM * c);
+#pragma unroll
+    for (int r = 0; r < kFO; ++r)
+#pragma unroll
+      for (int c = 0; c < kFI; ++c) Mma::mma(acc[r][c], a[r], b[c]);
   }
 }
 
-// acc += G^T X over the stage's first `valid` positions (gs, xs: [kSteps][kLd]).
-__device__ void mma_step(FragC (&acc)[2][2], const float* gs, const float* xs, int64_t valid, int wo, int wi) {
+template <typename FragC, int kFO, int kFI>
+__device__ void zero(FragC (&frags)[kFO][kFI]) {
 #pragma unroll
-  for (int k0 = 0; k0 < kSteps; k0 += 8) {
-    if (k0 >= valid) break;  // uniform: short sequences skip the all-zero half
-    FragA a_big[2], a_small[2];
-    FragB b_big[2], b_small[2];
+  for (int r = 0; r < kFO; ++r)
 #pragma unroll
-    for (int a = 0; a < 2; ++a) {
-      wmma::load_matrix_sync(a_big[a], gs + k0 * kLd + wo + 16 * a, kLd);
-      split_tf32(a_big[a], a_small[a]);
-    }
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      wmma::load_matrix_sync(b_big[c], xs + k0 * kLd + wi + 16 * c, kLd);
-      split_tf32(b_big[c], b_small[c]);
-    }
-#pragma unroll
-    for (int a = 0; a < 2; ++a)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        wmma::mma_sync(acc[a][c], a_small[a], b_big[c], acc[a][c]);
-        wmma::mma_sync(acc[a][c], a_big[a], b_small[c], acc[a][c]);
-        wmma::mma_sync(acc[a][c], a_big[a], b_big[c], acc[a][c]);
-      }
-  }
+    for (int c = 0; c < kFI; ++c) wmma::fill_fragment(frags[r][c], 0);
 }
 
-__device__ void zero(FragC (&frags)[2][2]) {
+// Writes a block's 64 x 64 result (this warp's fragments at (wo, wi)) to out[o, i] (+= when accumulate).
+template <typename Mma, int kFO, int kFI>
+__device__ void store_tile(typename Mma::scalar_t* staging, typename Mma::FragC (&frags)[kFO][kFI],
+                           typename Mma::scalar_t* out, int64_t o0, int64_t i0, int64_t O, int64_t I, int wo, int wi,
+                           bool accumulate) {
 #pragma unroll
-  for (int a = 0; a < 2; ++a)
+  for (int r = 0; r < kFO; ++r)
 #pragma unroll
-    for (int c = 0; c < 2; ++c) wmma::fill_fragment(frags[a][c], 0.0f);
-}
-
-// Writes a block's 64 x 64 result (2 x 2 fragments per warp) to out[o, i] (+= when accumulate).
-__device__ void store_tile(float* staging, FragC (&frags)[2][2], float* out, int64_t o0, int64_t i0, int64_t O,
-                           int64_t I, int wo, int wi, bool accumulate) {
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int c = 0; c < 2; ++c)
-      wmma::store_matrix_sync(staging + (wo + 16 * a) * kLd + wi + 16 * c, frags[a][c], kLd, wmma::mem_row_major);
+    for (int c = 0; c < kFI; ++c)
+      wmma::store_matrix_sync(staging + (wo + Mma::kM * r) * kLd + wi + Mma::kM * c, frags[r][c], kLd,
+                              wmma::mem_row_major);
   __syncthreads();
-  for (int e = threadIdx.x; e < kTile * kTile; e += kTcThreads) {
+  for (int e = threadIdx.x; e < kTile * kTile; e += MmaTiling<Mma>::kThreads) {
     const int64_t o = o0 + e / kTile, i = i0 + e % kTile;
     if (o < O && i < I) {
-      const float v = staging[(e / kTile) * kLd + e % kTile];
+      const auto v = staging[(e / kTile) * kLd + e % kTile];
       out[o * I + i] = accumulate ? out[o * I + i] + v : v;
     }
   }
@@ -435,55 +479,57 @@ __device__ Step next_step(Step s, int64_t T) {
   return s;
 }
 
-// Capped at 168 registers for 3 blocks per SM (the sum / cross variants spill ~230 bytes, touched
-// once per sample): on an H200 5-12% faster than 2 blocks per SM with no spills on 4 of 5 shapes
-// (8% slower on 64x128x1024->1024), both variants tested there (benchmarks/RESULTS.md).
-template <bool kCross, bool kSum>
-__global__ void __launch_bounds__(kTcThreads, 3)
-    fused_moments_tf32x3_kernel(Operand X, Operand G, Operand Xb, Operand Gb, float* __restrict__ moment_out,
-                                float* __restrict__ sum_out, int64_t samples, int64_t groups, int64_t T, int64_t I,
-                                int64_t O, int64_t splits, bool accumulate) {
+template <typename Mma, bool kCross, bool kSum>
+__global__ void __launch_bounds__(MmaTiling<Mma>::kThreads, Mma::kMinBlocks)
+    fused_moments_mma_kernel(Operand X, Operand G, Operand Xb, Operand Gb,
+                             typename Mma::scalar_t* __restrict__ moment_out,
+                             typename Mma::scalar_t* __restrict__ sum_out, int64_t samples, int64_t groups, int64_t T,
+                             int64_t I, int64_t O, int64_t splits, bool accumulate) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  __shared__ __align__(128) float smem[kTile * kLd];  // stage s, operand p: rows [(2 s + p) kSteps, +kSteps)
-  const int warp = threadIdx.x / 32, wo = (warp / 2) * 32, wi = (warp % 2) * 32;
+  using scalar_t = typename Mma::scalar_t;
+  using Tile = MmaTiling<Mma>;
+  constexpr int kFO = Tile::kFragsO, kFI = Tile::kFragsI, kThreads = Tile::kThreads, kPer = Tile::kPerThread;
+  __shared__ __align__(128) scalar_t smem[kTile * kLd];  // stage s, operand p: rows [(2 s + p) kSteps, +kSteps)
+  const int warp = threadIdx.x / 32;
+  const int wo = (warp / Mma::kWarpsI) * kFO * Mma::kM, wi = (warp % Mma::kWarpsI) * kFI * Mma::kM;
   const int64_t i0 = int64_t(blockIdx.x) * kTile, o0 = int64_t(blockIdx.y) * kTile;
   const int64_t group = blockIdx.z % groups, split = blockIdx.z / groups;
   const int64_t s_begin = samples * split / splits, s_end = samples * (split + 1) / splits;
-  FragC m[2][2], s[2][2], g[2][2], h[2][2];
+  typename Mma::FragC m[kFO][kFI], s[kFO][kFI], g[kFO][kFI], h[kFO][kFI];
   zero(m);
-  zero(s);
+  if (kSum) zero(s);
   zero(g);
   if (kCross) zero(h);
-  float reg_g[kPerThread], reg_x[kPerThread];
+  scalar_t reg_g[kPer], reg_x[kPer];
   auto fetch = [&](const Step& at) {
     const int64_t b = at.n * groups + group;
-    fetch_tile(reg_g, pick(kCross && at.pass, G, Gb), b, at.t0, o0, T, O);
-    fetch_tile(reg_x, pick(kCross && at.pass, X, Xb), b, at.t0, i0, T, I);
+    fetch_tile<scalar_t, kThreads>(reg_g, pick(kCross && at.pass, G, Gb), b, at.t0, o0, T, O);
+    fetch_tile<scalar_t, kThreads>(reg_x, pick(kCross && at.pass, X, Xb), b, at.t0, i0, T, I);
   };
   Step at{s_begin, 0, 0};
   if (at.n < s_end && T > 0) fetch(at);
   for (int stage = 0; at.n < s_end && T > 0; stage ^= 1) {
-    float* gs = smem + (2 * stage) * kSteps * kLd;
-    float* xs = gs + kSteps * kLd;
-    stash_tile(reg_g, gs, pick(kCross && at.pass, G, Gb).s_feat == 1);
-    stash_tile(reg_x, xs, pick(kCross && at.pass, X, Xb).s_feat == 1);
+    scalar_t* gs = smem + (2 * stage) * kSteps * kLd;
+    scalar_t* xs = gs + kSteps * kLd;
+    stash_tile<scalar_t, kThreads>(reg_g, gs, pick(kCross && at.pass, G, Gb).s_feat == 1);
+    stash_tile<scalar_t, kThreads>(reg_x, xs, pick(kCross && at.pass, X, Xb).s_feat == 1);
     __syncthreads();
     const Step next = next_step<kCross>(at, T);
     if (next.n < s_end) fetch(next);  // in flight while the MMAs below run
     if (kCross && at.pass) {
-      mma_step(h, gs, xs, T - at.t0, wo, wi);
+      mma_step<Mma>(h, gs, xs, T - at.t0, wo, wi);
     } else {
-      mma_step(g, gs, xs, T - at.t0, wo, wi);
+      mma_step<Mma>(g, gs, xs, T - at.t0, wo, wi);
     }
     if (next.n != at.n) {  // the sample's gradient tile is complete
 #pragma unroll
-      for (int a = 0; a < 2; ++a)
+      for (int r = 0; r < kFO; ++r)
 #pragma unroll
-        for (int c = 0; c < 2; ++c)
+        for (int c = 0; c < kFI; ++c)
 #pragma unroll
-          for (int e = 0; e < m[a][c].num_elements; ++e) {
-            m[a][c].x[e] += g[a][c].x[e] * (kCross ? h[a][c].x[e] : g[a][c].x[e]);
-            if (kSum) s[a][c].x[e] += g[a][c].x[e];
+          for (int e = 0; e < m[r][c].num_elements; ++e) {
+            m[r][c].x[e] += g[r][c].x[e] * (kCross ? h[r][c].x[e] : g[r][c].x[e]);
+            if (kSum) s[r][c].x[e] += g[r][c].x[e];
           }
       zero(g);
       if (kCross) zero(h);
@@ -492,8 +538,8 @@ __global__ void __launch_bounds__(kTcThreads, 3)
   }
   __syncthreads();  // the operand stages become the staging tile
   const int64_t out_base = (split * groups + group) * O * I;  // [splits, groups, O, I]
-  store_tile(smem, m, moment_out + out_base, o0, i0, O, I, wo, wi, accumulate);  // accumulate: splits == 1 only
-  if (kSum) store_tile(smem, s, sum_out + out_base, o0, i0, O, I, wo, wi, accumulate);
+  store_tile<Mma>(smem, m, moment_out + out_base, o0, i0, O, I, wo, wi, accumulate);  // accumulate: splits == 1 only
+  if (kSum) store_tile<Mma>(smem, s, sum_out + out_base, o0, i0, O, I, wo, wi, accumulate);
 #else
   __trap();  // the host launches this only on sm_80+
 #endif
@@ -512,9 +558,10 @@ void with_variant(bool cross, bool with_sum, F&& f) {
   }
 }
 
+// GRADVAR_EXT_FUSED_CUDA=tensor_cores (or its first name, tf32x3, once float32 only).
 bool tensor_cores_requested() {
   const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
-  return flag != nullptr && std::strcmp(flag, "tf32x3") == 0;
+  return flag != nullptr && (std::strcmp(flag, "tensor_cores") == 0 || std::strcmp(flag, "tf32x3") == 0);
 }
 
 Operand operand(const at::Tensor& t) { return Operand{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
@@ -623,16 +670,22 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
       if (sum.defined()) at::sum_out(sum, sum_out, over_splits);
     }
   };
-  if (X.scalar_type() == at::kFloat && facts.major >= 8 && tensor_cores_requested()) {
-    with_variant(cross, sum.defined(), [&](auto kCross, auto kSum) {
-      const auto kernel = fused_moments_tf32x3_kernel<decltype(kCross)::value, decltype(kSum)::value>;
-      run(kernel, kTcThreads, kTile, [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits, bool add) {
-        float* s_ptr = sum.defined() ? s_out.mutable_data_ptr<float>() : nullptr;
-        kernel<<<grid, kTcThreads, 0, stream>>>(x, g, xb, gb, m_out.mutable_data_ptr<float>(), s_ptr, samples,
-                                                groups, T, I, O, splits, add);
+  if (facts.major >= 8 && tensor_cores_requested()) {  // 3xTF32 for float32, DMMA for float64
+    auto on_tensor_cores = [&](auto policy) {
+      using Mma = decltype(policy);
+      using scalar_t = typename Mma::scalar_t;
+      constexpr int threads = MmaTiling<Mma>::kThreads;
+      with_variant(cross, sum.defined(), [&](auto kCross, auto kSum) {
+        const auto kernel = fused_moments_mma_kernel<Mma, decltype(kCross)::value, decltype(kSum)::value>;
+        run(kernel, threads, kTile, [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits, bool add) {
+          scalar_t* s_ptr = sum.defined() ? s_out.mutable_data_ptr<scalar_t>() : nullptr;
+          kernel<<<grid, threads, 0, stream>>>(x, g, xb, gb, m_out.mutable_data_ptr<scalar_t>(), s_ptr, samples,
+                                               groups, T, I, O, splits, add);
+        });
       });
-    });
-    return;
+    };
+    if (X.scalar_type() == at::kFloat) return on_tensor_cores(Tf32x3{});
+    if (X.scalar_type() == at::kDouble) return on_tensor_cores(Dmma{});
   }
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "fused_moments_cuda", [&] {
     with_variant(cross, sum.defined(), [&](auto kCross, auto kSum) {
