@@ -15,6 +15,8 @@ after warm-up):
            convolution per chunk forms the per-sample gradients (no unfolded patches), then the
            chunked accumulate; the candidate for the conv shapes, where unfolding costs as much
            as the GEMM
+  implicit Conv2d only: GRADVAR_EXT_CONV_ALGORITHM=implicit, the tensor-core kernel (3xTF32 /
+           DMMA) reading the patches straight from the image: no unfolding, no per-sample gradients
 Throughput counts the per-sample GEMM FLOPs (2 N T out in) for all; peak memory is what the call
 allocates beyond its inputs. Beside each call's time (CUDA events, host launch overhead included)
 the GPU's own time from the profiler's kernel records: all kernels of the call, and the costliest
@@ -116,14 +118,15 @@ def main() -> None:
                 ("fused", "1"),
                 ("tensor", "tensor_cores"),
                 ("grouped", "0"),
+                ("implicit", ""),
                 ("default", ""),
             ):
-                if name == "grouped" and not conv:
+                if name in ("grouped", "implicit") and not conv:
                     cells.append("-")
                     continue
                 os.environ["GRADVAR_EXT_FUSED_CUDA"] = flag
-                if name == "grouped":
-                    os.environ["GRADVAR_EXT_CONV_ALGORITHM"] = "grouped"
+                if name in ("grouped", "implicit"):
+                    os.environ["GRADVAR_EXT_CONV_ALGORITHM"] = name
                 ms, mb = timed(statistic)
                 total, kernel, kernel_name = gpu_time(statistic)
                 os.environ.pop("GRADVAR_EXT_CONV_ALGORITHM", None)
@@ -131,22 +134,24 @@ def main() -> None:
                 if name == "default":
                     continue  # the same as chunked or fused: only its ratio is printed
                 cells.append(f"{ms:.3f} ms ({total:.3f} on GPU, kernel {kernel:.3f}), {mb:.0f} MB")
-                if name in ("fused", "tensor") and "fused_moments" not in kernel_name:
+                if name in ("fused", "tensor", "implicit") and "fused_moments" not in kernel_name:
                     cells[-1] += f" [top kernel: {kernel_name[:40]}]"
             os.environ.pop("GRADVAR_EXT_FUSED_CUDA", None)
             ms, total, kernel = calls["fused"]
             ratios = f"{bmm_ms / ms:.2f} / {bmm_gpu / total:.2f} / {bmm_gpu / kernel:.2f}"
             ratios += f" | tensor cores {bmm_gpu / calls['tensor'][1]:.2f}, default {bmm_gpu / calls['default'][1]:.2f}"
             if conv:
-                ratios += f", grouped {bmm_gpu / calls['grouped'][1]:.2f}"
+                ratios += (
+                    f", grouped {bmm_gpu / calls['grouped'][1]:.2f}, implicit {bmm_gpu / calls['implicit'][1]:.2f}"
+                )
             rows.append(f"| {str(dtype)[6:]} | {label} | {' | '.join(cells)} | {ratios} |")
             print(rows[-1], flush=True)  # as it comes, in case a time limit cuts the run
     print(
         "\n| dtype | N x T x in -> out | bmm (per-sample grads) | chunked | fused | fused, tensor cores "
-        "| grouped (conv) | fused / bmm throughput: per call / GPU time / kernel alone "
-        "| tensor cores, default (and grouped) / bmm, GPU time |"
+        "| grouped (conv) | implicit (conv) | fused / bmm throughput: per call / GPU time / kernel alone "
+        "| tensor cores, default (and grouped, implicit) / bmm, GPU time |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     chunk_budgets()
     products()

@@ -121,19 +121,37 @@ bool unfold_with_im2col(const at::Tensor& images) {
   return images.is_cpu() && choice != "strided";
 }
 
-// Patches of an image [N, C_in, H, W]: chunk -> [n * groups, L, C_in/groups * kh * kw].
-Factors patch_factors(const at::Tensor& image, const ConvGeometry& c) {
+// GRADVAR_EXT_CONV_ALGORITHM (see use_grouped): auto (default), unfold, grouped or implicit.
+std::string conv_algorithm(const char* op) {
+  const char* flag = std::getenv("GRADVAR_EXT_CONV_ALGORITHM");
+  const std::string choice = flag != nullptr ? flag : "";
+  GRADVAR_CHECK(choice.empty() || choice == "auto" || choice == "unfold" || choice == "grouped" ||
+                    choice == "implicit",
+                op, "GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold, grouped or implicit, got '", choice, "'");
+  return choice;
+}
+
+// Patches of an image [N, C_in, H, W]: chunk -> [n * groups, L, C_in/groups * kh * kw]. On CUDA
+// with GRADVAR_EXT_CONV_ALGORITHM=implicit the factor also names its image (Factors::patches),
+// for the moments' kernel that reads patches in place; every other use unfolds chunks.
+Factors patch_factors(const char* op, const at::Tensor& image, const ConvGeometry& c) {
   const auto img = image.contiguous();
   const int64_t g = c.groups, f = c.patch(), L = c.positions();
-  return Factors{img.size(0), g, L, f, img.options(), !c.unfold_is_view(),
-                 [img, c, g, f, L](int64_t start, int64_t n) {
-                   const auto part = img.narrow(0, start, n);
-                   if (c.unfold_is_view()) return part.view({n, g, f, L}).transpose(2, 3).reshape({n * g, L, f});
-                   if (!unfold_with_im2col(part)) return unfold_strided(part, c);
-                   at::Tensor cols = at::empty({n, g * f, L}, part.options());
-                   im2col_cpu(part, cols, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
-                   return cols.view({n, g, f, L}).transpose(2, 3).reshape({n * g, L, f});
-                 }};
+  Factors factors{img.size(0), g, L, f, img.options(), !c.unfold_is_view(),
+                  [img, c, g, f, L](int64_t start, int64_t n) {
+                    const auto part = img.narrow(0, start, n);
+                    if (c.unfold_is_view()) return part.view({n, g, f, L}).transpose(2, 3).reshape({n * g, L, f});
+                    if (!unfold_with_im2col(part)) return unfold_strided(part, c);
+                    at::Tensor cols = at::empty({n, g * f, L}, part.options());
+                    im2col_cpu(part, cols, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
+                    return cols.view({n, g, f, L}).transpose(2, 3).reshape({n * g, L, f});
+                  }};
+  if (img.is_cuda() && conv_algorithm(op) == "implicit") {
+    factors.patches = std::make_shared<const PatchSource>(
+        PatchSource{img, c.in_channels / g, c.kernel[0], c.kernel[1], c.stride[0], c.stride[1], c.padding[0],
+                    c.padding[1], c.dilation[0], c.dilation[1], c.out_width});
+  }
+  return factors;
 }
 
 // Positions of a grad_output-like tensor [N, C_out, H_out, W_out]: chunk -> [n * groups, L, C_out/groups], a view.
@@ -149,7 +167,8 @@ Factors position_factors(const at::Tensor& grad, const ConvGeometry& c) {
 //   unfold:  the Linear case over unfolded patches (bmm; the patches are formed per chunk);
 //   grouped: the chunk's n samples become the n * groups groups of one batch-1 convolution, so the
 //            backend's convolution kernels (oneDNN / cuDNN) do it without unfolded patches.
-// GRADVAR_EXT_CONV_ALGORITHM=unfold|grouped forces one; auto (default) takes grouped for float32
+// GRADVAR_EXT_CONV_ALGORITHM=unfold|grouped forces one (implicit: unfold, but on CUDA the moments
+// read the patches straight from the image, Factors::patches); auto (default) takes grouped for float32
 // CPU tensors with a kernel larger than 1x1 (or a stride / padding) and >= 8 input channels per
 // group, or 1 in each of several groups (depthwise): on 2 cores 1.5-9x faster with 16x16 or more
 // output pixels, within 10% either way at 8x8 and below; slower for 1-3 input channels in one
@@ -157,12 +176,9 @@ Factors position_factors(const at::Tensor& grad, const ConvGeometry& c) {
 // (benchmarks/RESULTS.md).
 // Unfold elsewhere (CUDA: on an H200 the benchmark CNN ran 1.3x faster with unfold than grouped).
 bool use_grouped(const char* op, const ConvGeometry& c, const at::Tensor& input) {
-  const char* flag = std::getenv("GRADVAR_EXT_CONV_ALGORITHM");
-  const std::string choice = flag != nullptr ? flag : "";
+  const std::string choice = conv_algorithm(op);
   if (choice == "grouped") return true;
-  if (choice == "unfold") return false;
-  GRADVAR_CHECK(choice.empty() || choice == "auto", op,
-                "GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold or grouped, got '", choice, "'");
+  if (choice == "unfold" || choice == "implicit") return false;
   const int64_t per_group = c.in_channels / c.groups;
   return input.is_cpu() && input.scalar_type() == at::kFloat && !c.unfold_is_view() &&
          (per_group >= 8 || (per_group == 1 && c.groups > 1));
@@ -255,46 +271,50 @@ at::Tensor as_weight(const at::Tensor& per_group, const ConvGeometry& c) { retur
 at::Tensor conv2d_second_moment(const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups) {
-  const auto c = check_conv("conv2d_second_moment", input, "input", grad_output, "grad_output", kernel_size, stride,
-                            padding, dilation, groups);
+  const char* op = "conv2d_second_moment";
+  const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
+                            groups);
   c10::OptionalDeviceGuard guard(input.device());
-  if (use_grouped("conv2d_second_moment", c, input)) {
+  if (use_grouped(op, c, input)) {
     return as_weight(std::get<0>(reduce_gradients(grouped_gradients(input, grad_output, c), nullptr, false)), c);
   }
-  const auto X = patch_factors(input, c), G = position_factors(grad_output, c);
+  const auto X = patch_factors(op, input, c), G = position_factors(grad_output, c);
   return as_weight(std::get<0>(reduce_outer_products(X, G, nullptr, nullptr, /*with_sum=*/false)), c);
 }
 
 at::Tensor conv2d_variance(const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const auto c = check_conv("conv2d_variance", input, "input", grad_output, "grad_output", kernel_size, stride,
-                            padding, dilation, groups);
+  const char* op = "conv2d_variance";
+  const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
+                            groups);
   c10::OptionalDeviceGuard guard(input.device());
-  if (use_grouped("conv2d_variance", c, input)) {
+  if (use_grouped(op, c, input)) {
     return as_weight(variance_of_gradients(grouped_gradients(input, grad_output, c)), c);
   }
-  return as_weight(variance_from_moments(patch_factors(input, c), position_factors(grad_output, c)), c);
+  return as_weight(variance_from_moments(patch_factors(op, input, c), position_factors(grad_output, c)), c);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv2d_moments(const at::Tensor& input, const at::Tensor& grad_output,
                                                   at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const auto c = check_conv("conv2d_moments", input, "input", grad_output, "grad_output", kernel_size, stride,
-                            padding, dilation, groups);
+  const char* op = "conv2d_moments";
+  const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
+                            groups);
   c10::OptionalDeviceGuard guard(input.device());
-  auto [moment, sum] = use_grouped("conv2d_moments", c, input)
+  auto [moment, sum] = use_grouped(op, c, input)
                            ? reduce_gradients(grouped_gradients(input, grad_output, c), nullptr, /*with_sum=*/true)
-                           : reduce_outer_products(patch_factors(input, c), position_factors(grad_output, c), nullptr,
+                           : reduce_outer_products(patch_factors(op, input, c), position_factors(grad_output, c), nullptr,
                                                    nullptr, /*with_sum=*/true);
   return {as_weight(moment, c), as_weight(sum, c)};
 }
 
 at::Tensor conv2d_batch_l2(const at::Tensor& input, const at::Tensor& grad_output, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const auto c = check_conv("conv2d_batch_l2", input, "input", grad_output, "grad_output", kernel_size, stride,
-                            padding, dilation, groups);
+  const char* op = "conv2d_batch_l2";
+  const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
+                            groups);
   c10::OptionalDeviceGuard guard(input.device());
-  return outer_product_squared_norms(patch_factors(input, c), position_factors(grad_output, c));
+  return outer_product_squared_norms(patch_factors(op, input, c), position_factors(grad_output, c));
 }
 
 at::Tensor conv2d_cross_moment(const at::Tensor& input, const at::Tensor& grad_output, const at::Tensor& other_input,
@@ -310,8 +330,8 @@ at::Tensor conv2d_cross_moment(const at::Tensor& input, const at::Tensor& grad_o
     const auto gb = grouped_gradients(other_input, other_grad_output, c);
     return as_weight(std::get<0>(reduce_gradients(grouped_gradients(input, grad_output, c), &gb, false)), c);
   }
-  const auto Xb = patch_factors(other_input, c), Gb = position_factors(other_grad_output, c);
-  return as_weight(std::get<0>(reduce_outer_products(patch_factors(input, c), position_factors(grad_output, c), &Xb,
+  const auto Xb = patch_factors(op, other_input, c), Gb = position_factors(other_grad_output, c);
+  return as_weight(std::get<0>(reduce_outer_products(patch_factors(op, input, c), position_factors(grad_output, c), &Xb,
                                                      &Gb, /*with_sum=*/false)),
                    c);
 }
@@ -390,7 +410,7 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
                              {to_input ? grouped_to_input(left, out, c) : grouped_to_grad_output(left, out, c)});
     return out;
   }
-  const auto input_patches = patch_factors(input, c);
+  const auto input_patches = patch_factors(op, input, c);
   if (to_input) {
     at::Tensor out = at::empty(input.sizes(), input.options());
     weighted_outer_product_apply(position_factors(left, c), input_patches, position_factors(grad_output, c), W, C,
@@ -399,7 +419,7 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
   }
   // The variance's backward passes left = input: one Factors object, so the core unfolds it once.
   const bool left_is_input = left.is_same(input);
-  const auto other_patches = left_is_input ? Factors{} : patch_factors(left, c);
+  const auto other_patches = left_is_input ? Factors{} : patch_factors(op, left, c);
   at::Tensor out = at::empty(grad_output.sizes(), grad_output.options());
   weighted_outer_product_apply(left_is_input ? input_patches : other_patches, position_factors(grad_output, c),
                                input_patches, W.transpose(1, 2), C.defined() ? C.transpose(1, 2) : C,
@@ -430,9 +450,9 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weighted_gradient_products(
                               grouped_to_grad_output(left_input, to_grad_output, c)});
     return {to_input, to_grad_output};
   }
-  const auto input_patches = patch_factors(input, c);
+  const auto input_patches = patch_factors(op, input, c);
   const bool left_is_input = left_input.is_same(input);
-  const auto other_patches = left_is_input ? Factors{} : patch_factors(left_input, c);
+  const auto other_patches = left_is_input ? Factors{} : patch_factors(op, left_input, c);
   weighted_outer_product_apply_both(position_factors(left_grad_output, c), left_is_input ? input_patches : other_patches,
                                     input_patches, position_factors(grad_output, c), W, C, fold_into(to_input, c),
                                     write_into(to_grad_output, c), /*positions_last=*/true);

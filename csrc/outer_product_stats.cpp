@@ -142,10 +142,19 @@ bool use_fused_products_cuda(const Factors& P) {
 // T > 1: per chunk of c samples, bmm -> [c*groups, O, I] (twice if the pairs differ), then a
 //        fused multiply-accumulate; extra memory <= kChunkBytes + O(groups O I). On CUDA with
 //        few positions, the fused kernel instead (use_fused_cuda): no [c, O, I] at all; for
-//        T == 1 while small, both GEMMs in one pass over the factors.
+//        T == 1 while small, both GEMMs in one pass over the factors. Conv patches with a
+//        PatchSource (GRADVAR_EXT_CONV_ALGORITHM=implicit, CUDA, sm_80+): the tensor-core kernel
+//        reads them from the image, no unfolding at all.
 std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const Factors& G, const Factors* Xb,
                                                          const Factors* Gb, bool with_sum) {
   const bool same = Xb == nullptr;
+#ifdef GRADVAR_WITH_CUDA
+  if (same && X.patches != nullptr && X.options.device().is_cuda()) {  // GRADVAR_EXT_CONV_ALGORITHM=implicit
+    at::Tensor moment = at::empty({X.groups, G.features, X.features}, X.options);
+    at::Tensor sum = with_sum ? at::empty({X.groups, G.features, X.features}, X.options) : at::Tensor();
+    if (fused_patch_moments_cuda(moment, sum, *X.patches, G.chunk(0, G.samples), X.groups)) return {moment, sum};
+  }  // else (below sm_80) as unfold
+#endif
 #ifdef GRADVAR_WITH_CUDA
   const bool fused = X.options.device().is_cuda() && use_fused_cuda(X, G);
 #else

@@ -8,11 +8,21 @@
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 namespace gradvar {
+
+// Where a conv's unfolded patches come from, for a kernel that reads them from the image itself
+// (GRADVAR_EXT_CONV_ALGORITHM=implicit): image [N, groups * channels, height, width], any strides;
+// patch feature (c, i, j) of output pixel (oh, ow) is image[n, group * channels + c,
+// oh * stride_h - pad_h + i * dil_h, ow * stride_w - pad_w + j * dil_w] (0 outside the image).
+struct PatchSource {
+  at::Tensor image;
+  int64_t channels, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, out_width;
+};
 
 // One factor of the per-sample gradients, materialised a chunk of samples at a time:
 // chunk(start, n) -> [n * groups, positions, features] (any strides: bmm reads views in place).
@@ -21,6 +31,7 @@ struct Factors {
   at::TensorOptions options;
   bool materialises;  // chunk() allocates (unfolding): counted against the memory budget
   std::function<at::Tensor(int64_t start, int64_t n)> chunk;
+  std::shared_ptr<const PatchSource> patches = nullptr;  // set: the same factor, unfolded implicitly
 };
 
 // The per-sample gradients themselves, a chunk of samples at a time: chunk(start, n) ->
@@ -122,6 +133,11 @@ bool use_fused_norms_cuda(const Factors& X);
 // (a contiguous view allowed). Allocates fused_squared_norms_partials(...) elements per sample.
 void fused_squared_norms_cuda(at::Tensor& out, const at::Tensor& X, const at::Tensor& G, int64_t groups);
 int64_t fused_squared_norms_partials(int64_t groups, int64_t I, int64_t O, at::ScalarType dtype);
+// moment = sum_s g_s**2 and sum = sum_s g_s (sum may be undefined) with g_s = G_s^T X_s, X_s the
+// patches of patches.image read in place by the tensor-core kernel (no unfolded copy): G
+// [S * groups, T, O]; moment, sum [groups, O, I] (overwritten). False (nothing done) below sm_80.
+bool fused_patch_moments_cuda(at::Tensor& moment, at::Tensor& sum, const PatchSource& patches, const at::Tensor& G,
+                              int64_t groups);
 // Whether the weighted products of CUDA factors with 1 < T <= fused_products_max_positions() use
 // the fused kernel (cuda/fused_products.cu): only on request, GRADVAR_EXT_FUSED_BACKWARD_CUDA=1
 // (2.5-2.9x slower than chunked bmm on an H100); else chunked bmm.

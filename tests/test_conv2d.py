@@ -213,7 +213,9 @@ def test_variance_of_one_sample_is_exactly_zero():
 def test_unknown_conv_algorithm_is_named(monkeypatch):
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "winograd")
     x, go, *conv = ConvCase(2, 8, 4, (6, 6), padding=(1, 1)).args("conv2d_variance", torch.float32)
-    with pytest.raises(ValueError, match="GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold or grouped, got 'winograd'"):
+    with pytest.raises(
+        ValueError, match="GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold, grouped or implicit, got 'winograd'"
+    ):
         call("conv2d_variance", x, go, *conv)
 
 
@@ -227,15 +229,18 @@ def test_unknown_unfolding_is_named(monkeypatch):
 
 
 def test_algorithms_agree_on_the_auto_choice(monkeypatch):
-    """float32, 3x3, stride 1, 16 channels: auto takes the grouped path; all three agree."""
+    """float32, 3x3, stride 1, 16 channels: auto takes the grouped path; all agree. implicit (a
+    CUDA kernel reading patches in place) is unfold off CUDA: the same numbers, bit for bit."""
     x, go, *conv = ConvCase(5, 16, 8, (7, 6), padding=(1, 1)).args("conv2d_variance", torch.float32)
     results = {}
-    for algorithm in ("auto", "unfold", "grouped"):
+    for algorithm in ("auto", "unfold", "grouped", "implicit"):
         monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", algorithm)
         results[algorithm] = call("conv2d_variance", x, go, *conv)
     want = reference.conv2d_variance(x.double(), go.double(), *conv)
     for result in results.values():
         assert_matches(result, want, torch.float32, want.abs().max().item())
+    if gradvar_ext.backend() != "reference":
+        assert torch.equal(results["implicit"], results["unfold"])
 
 
 @pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the choice is the compiled kernels'")

@@ -159,6 +159,27 @@ def test_fused_cuda_conv_matches_reference(fused, op, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ("conv2d_second_moment", "conv2d_variance", "conv2d_moments"))
+def test_implicit_patches_match_reference(op, dtype, monkeypatch):
+    """GRADVAR_EXT_CONV_ALGORITHM=implicit: the moments' tensor-core kernel reads the patches from
+    the image (every stride, padding, dilation, group and tile edge of the conv cases); the other
+    ops (cross moment, batch_l2, the backward's products) unfold as before, so the gradients and
+    gradgradcheck go through both."""
+    monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "implicit")
+    torch.manual_seed(19)
+    cases = CONV_CASES + MULTI_CHUNK_CONV_CASES + [ConvCase(3, 70, 66, (9, 11), stride=(2, 1), padding=(2, 0))]
+    for case in cases:
+        args = case.args(op, dtype, device="cuda")
+        cpu64 = [a.cpu().double() if isinstance(a, torch.Tensor) else a for a in args]
+        scale = None
+        if op == "conv2d_variance":
+            scale = (gradvar_ext.reference.conv2d_second_moment(*cpu64) / case.n).max().item()
+        assert_matches(call(op, *args), gradvar_ext.reference.OPS[op](*cpu64), dtype, scale)
+    x, go, *conv = ConvCase(3, 2, 3, (5, 4), padding=(1, 1)).args(op, torch.float64, "cuda", requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: call(op, a, b, *conv), (x, go))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_cuda_zero_positions_give_zeros(fused, dtype):
     """No positions per sample: every moment is a sum of no terms (the fused path writes its
     results without zeroing them first, except here)."""

@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <type_traits>
@@ -403,6 +404,57 @@ __device__ void stash_tile(const scalar_t (&v)[kPer], scalar_t* tile, bool featu
   }
 }
 
+// X read as patches of an image (GRADVAR_EXT_CONV_ALGORITHM=implicit): the image's element
+// strides and the convolution; `data` of the X operand is the image.
+struct Patches {
+  int64_t s_sample, s_channel, s_row, s_col;
+  int channels, height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, out_width;
+};
+
+// This thread's share of a step's patches: element r is position t0 + threadIdx.x % kSteps and
+// feature f0 + threadIdx.x / kSteps + r * (kThreads / kSteps), the layout stash_tile gives for
+// positions fastest (16 threads read 16 neighbouring output pixels of one tap: coalesced for stride 1).
+// A thread's features stay fixed over the walk, so their taps are worked out once:
+// offset = c * s_channel, (row, col) = the tap's shift (i * dil_h - pad_h, j * dil_w - pad_w); a
+// feature past F gets a row that no output row brings inside the image.
+template <int kThreads, int kPer>
+struct PatchTaps {
+  int64_t offset[kPer];
+  int row[kPer], col[kPer];
+
+  PatchTaps() = default;
+  __device__ PatchTaps(const Patches& p, int64_t f0, int64_t F) {
+    const int taps = p.kernel_h * p.kernel_w;
+#pragma unroll
+    for (int r = 0; r < kPer; ++r) {
+      const int64_t feature = f0 + threadIdx.x / kSteps + r * (kThreads / kSteps);
+      const int c = static_cast<int>(feature / taps), tap = static_cast<int>(feature % taps);
+      const int i = tap / p.kernel_w, j = tap % p.kernel_w;
+      offset[r] = c * p.s_channel;
+      row[r] = feature < F ? i * p.dil_h - p.pad_h : INT32_MIN / 2;
+      col[r] = j * p.dil_w - p.pad_w;
+    }
+  }
+
+  // v = the patches of sample-group (n, group) at positions [t0, t0 + kSteps) (0 past T).
+  template <typename scalar_t>
+  __device__ void fetch(scalar_t (&v)[kPer], const Operand& image, const Patches& p, int64_t n, int64_t group,
+                        int64_t t0, int64_t T) const {
+    const scalar_t* base = static_cast<const scalar_t*>(image.data) + n * p.s_sample +
+                           group * p.channels * p.s_channel;
+    const int64_t t = t0 + threadIdx.x % kSteps;
+    const int oh = static_cast<int>(t / p.out_width), ow = static_cast<int>(t % p.out_width);
+    const int top = t < T ? oh * p.stride_h : INT32_MIN / 2, left = ow * p.stride_w;
+#pragma unroll
+    for (int r = 0; r < kPer; ++r) {
+      const int y = top + row[r], x = left + col[r];
+      const bool inside = static_cast<unsigned>(y) < static_cast<unsigned>(p.height) &&
+                          static_cast<unsigned>(x) < static_cast<unsigned>(p.width);
+      v[r] = inside ? base[offset[r] + y * p.s_row + x * p.s_col] : scalar_t(0);
+    }
+  }
+};
+
 // acc += G^T X over the stage's first `valid` positions (gs, xs: [kSteps][kLd]); this warp's
 // fragments start at row wo, column wi of the tile.
 template <typename Mma, int kFO, int kFI>
@@ -479,12 +531,15 @@ __device__ Step next_step(Step s, int64_t T) {
   return s;
 }
 
-template <typename Mma, bool kCross, bool kSum>
-__global__ void __launch_bounds__(MmaTiling<Mma>::kThreads, Mma::kMinBlocks)
+// kPatches (not with kCross): X is an image whose patches (geo) are the factor; its per-thread
+// tap table (PatchTaps) takes ~30 registers more, so at most 2 blocks per SM are asked for.
+template <typename Mma, bool kCross, bool kSum, bool kPatches = false>
+__global__ void __launch_bounds__(MmaTiling<Mma>::kThreads, kPatches ? std::min(Mma::kMinBlocks, 2) : Mma::kMinBlocks)
     fused_moments_mma_kernel(Operand X, Operand G, Operand Xb, Operand Gb,
                              typename Mma::scalar_t* __restrict__ moment_out,
                              typename Mma::scalar_t* __restrict__ sum_out, int64_t samples, int64_t groups, int64_t T,
-                             int64_t I, int64_t O, int64_t splits, bool accumulate) {
+                             int64_t I, int64_t O, int64_t splits, bool accumulate, Patches geo) {
+  static_assert(!(kPatches && kCross), "patches are read for the (G, X) pair only");
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using scalar_t = typename Mma::scalar_t;
   using Tile = MmaTiling<Mma>;
@@ -501,18 +556,25 @@ __global__ void __launch_bounds__(MmaTiling<Mma>::kThreads, Mma::kMinBlocks)
   zero(g);
   if (kCross) zero(h);
   scalar_t reg_g[kPer], reg_x[kPer];
+  PatchTaps<kThreads, kPer> taps;
+  if constexpr (kPatches) taps = PatchTaps<kThreads, kPer>(geo, i0, I);
   auto fetch = [&](const Step& at) {
     const int64_t b = at.n * groups + group;
     fetch_tile<scalar_t, kThreads>(reg_g, pick(kCross && at.pass, G, Gb), b, at.t0, o0, T, O);
-    fetch_tile<scalar_t, kThreads>(reg_x, pick(kCross && at.pass, X, Xb), b, at.t0, i0, T, I);
+    if constexpr (kPatches) {
+      taps.fetch(reg_x, X, geo, at.n, group, at.t0, T);
+    } else {
+      fetch_tile<scalar_t, kThreads>(reg_x, pick(kCross && at.pass, X, Xb), b, at.t0, i0, T, I);
+    }
   };
+  const bool x_features_fastest = !kPatches && X.s_feat == 1;  // patches: positions fastest
   Step at{s_begin, 0, 0};
   if (at.n < s_end && T > 0) fetch(at);
   for (int stage = 0; at.n < s_end && T > 0; stage ^= 1) {
     scalar_t* gs = smem + (2 * stage) * kSteps * kLd;
     scalar_t* xs = gs + kSteps * kLd;
     stash_tile<scalar_t, kThreads>(reg_g, gs, pick(kCross && at.pass, G, Gb).s_feat == 1);
-    stash_tile<scalar_t, kThreads>(reg_x, xs, pick(kCross && at.pass, X, Xb).s_feat == 1);
+    stash_tile<scalar_t, kThreads>(reg_x, xs, kCross && at.pass ? Xb.s_feat == 1 : x_features_fastest);
     __syncthreads();
     const Step next = next_step<kCross>(at, T);
     if (next.n < s_end) fetch(next);  // in flight while the MMAs below run
@@ -627,6 +689,55 @@ WalkGrid walk_grid(Kernel kernel, int threads, int64_t side, int64_t groups, int
 
 }  // namespace
 
+namespace {
+
+// Launches a moments walk over [groups] x O x I (start(grid, moment_out, sum_out, splits, add)
+// launches the kernel). Samples are split over gridDim.z so that the tiles fill one wave of
+// resident blocks (partials [splits, groups, O, I], at most 64 MiB); the partials are then
+// reduced in a fixed order, straight into the result (at::sum_out) unless an earlier chunk's
+// values are there to add to (accumulate).
+template <typename Kernel, typename Start>
+void run_moments_walk(Kernel kernel, int threads, int side, at::Tensor& moment, at::Tensor& sum, int64_t samples,
+                      int64_t groups, int64_t I, int64_t O, bool accumulate, int device, const DeviceFacts& facts,
+                      Start&& start) {
+  const int64_t per_split_bytes = groups * O * I * int64_t(moment.element_size()) * (sum.defined() ? 2 : 1);
+  const auto [grid, splits] = walk_grid(kernel, threads, side, groups, I, O, samples,
+                                        (int64_t(64) << 20) / std::max<int64_t>(per_split_bytes, 1), device, facts,
+                                        "moments");
+  at::Tensor moment_out = moment, sum_out = sum;
+  if (splits > 1) {
+    moment_out = at::empty({splits, groups, O, I}, moment.options());
+    if (sum.defined()) sum_out = at::empty({splits, groups, O, I}, moment.options());
+  }
+  start(grid, moment_out, sum_out, splits, accumulate && splits == 1);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1 && accumulate) {
+    moment.add_(moment_out.sum(0));
+    if (sum.defined()) sum.add_(sum_out.sum(0));
+  } else if (splits > 1) {
+    const int64_t over_splits[] = {0};
+    at::sum_out(moment, moment_out, over_splits);
+    if (sum.defined()) at::sum_out(sum, sum_out, over_splits);
+  }
+}
+
+// f(policy) with the tensor-core policy of a dtype: Tf32x3 for float32, Dmma for float64.
+template <typename F>
+void with_mma_policy(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kFloat) return f(Tf32x3{});
+  TORCH_CHECK(dtype == at::kDouble, "gradvar: the tensor-core moments take float32 or float64, got ", dtype);
+  f(Dmma{});
+}
+
+// Sizes the fused walks index with 32-bit integers.
+void check_walk_extents(int64_t T, int64_t I, int64_t O, const char* what) {
+  TORCH_CHECK(T <= INT32_MAX && I <= INT32_MAX && O <= INT32_MAX, "gradvar: the fused CUDA ", what,
+              " take fewer than 2^31 positions and features per sample (set GRADVAR_EXT_FUSED_CUDA=0 and "
+              "GRADVAR_EXT_CONV_ALGORITHM=auto for the chunked path)");
+}
+
+}  // namespace
+
 void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X, const at::Tensor& G,
                         const at::Tensor* Xb, const at::Tensor* Gb, int64_t groups, bool accumulate) {
   const c10::cuda::CUDAGuard guard(X.device());
@@ -638,40 +749,17 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
     }
     return;
   }
-  TORCH_CHECK(T <= INT32_MAX && I <= INT32_MAX && O <= INT32_MAX,
-              "gradvar: the fused CUDA moments take fewer than 2^31 positions and features per sample "
-              "(set GRADVAR_EXT_FUSED_CUDA=0 for the chunked path)");
+  check_walk_extents(T, I, O, "moments");
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool cross = Xb != nullptr;
   const Operand x = operand(X), g = operand(G), xb = cross ? operand(*Xb) : x, gb = cross ? operand(*Gb) : g;
   const int device = X.get_device();
   const DeviceFacts facts = device_facts(device);
-  // Samples are split over gridDim.z so that the tiles fill one wave of resident blocks (partials
-  // [splits, groups, O, I], at most 64 MiB); the partials are then reduced in a fixed order,
-  // straight into the result (at::sum_out) unless an earlier chunk's values are there to add to.
   auto run = [&](auto kernel, int threads, int side, auto start) {
-    const int64_t per_split_bytes = groups * O * I * int64_t(X.element_size()) * (sum.defined() ? 2 : 1);
-    const auto [grid, splits] = walk_grid(kernel, threads, side, groups, I, O, samples,
-                                          (int64_t(64) << 20) / std::max<int64_t>(per_split_bytes, 1), device,
-                                          facts, "moments");
-    at::Tensor moment_out = moment, sum_out = sum;
-    if (splits > 1) {
-      moment_out = at::empty({splits, groups, O, I}, moment.options());
-      if (sum.defined()) sum_out = at::empty({splits, groups, O, I}, moment.options());
-    }
-    start(grid, moment_out, sum_out, splits, accumulate && splits == 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (splits > 1 && accumulate) {
-      moment.add_(moment_out.sum(0));
-      if (sum.defined()) sum.add_(sum_out.sum(0));
-    } else if (splits > 1) {
-      const int64_t over_splits[] = {0};
-      at::sum_out(moment, moment_out, over_splits);
-      if (sum.defined()) at::sum_out(sum, sum_out, over_splits);
-    }
+    run_moments_walk(kernel, threads, side, moment, sum, samples, groups, I, O, accumulate, device, facts, start);
   };
   if (facts.major >= 8 && tensor_cores_requested()) {  // 3xTF32 for float32, DMMA for float64
-    auto on_tensor_cores = [&](auto policy) {
+    return with_mma_policy(X.scalar_type(), [&](auto policy) {
       using Mma = decltype(policy);
       using scalar_t = typename Mma::scalar_t;
       constexpr int threads = MmaTiling<Mma>::kThreads;
@@ -680,12 +768,10 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
         run(kernel, threads, kTile, [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits, bool add) {
           scalar_t* s_ptr = sum.defined() ? s_out.mutable_data_ptr<scalar_t>() : nullptr;
           kernel<<<grid, threads, 0, stream>>>(x, g, xb, gb, m_out.mutable_data_ptr<scalar_t>(), s_ptr, samples,
-                                               groups, T, I, O, splits, add);
+                                               groups, T, I, O, splits, add, Patches{});
         });
       });
-    };
-    if (X.scalar_type() == at::kFloat) return on_tensor_cores(Tf32x3{});
-    if (X.scalar_type() == at::kDouble) return on_tensor_cores(Dmma{});
+    });
   }
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "fused_moments_cuda", [&] {
     with_variant(cross, sum.defined(), [&](auto kCross, auto kSum) {
@@ -700,6 +786,57 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
       });
     });
   });
+}
+
+bool fused_patch_moments_cuda(at::Tensor& moment, at::Tensor& sum, const PatchSource& patches, const at::Tensor& G,
+                              int64_t groups) {
+  const at::Tensor& image = patches.image;
+  const c10::cuda::CUDAGuard guard(image.device());
+  const int device = image.get_device();
+  const DeviceFacts facts = device_facts(device);
+  if (facts.major < 8) return false;  // the tensor-core kernel only
+  const int64_t samples = G.size(0) / groups, T = G.size(1), O = G.size(2);
+  const int64_t I = patches.channels * patches.kernel_h * patches.kernel_w;
+  if (samples == 0 || T == 0 || I == 0 || O == 0) {
+    moment.zero_();
+    if (sum.defined()) sum.zero_();
+    return true;
+  }
+  check_walk_extents(T, I, O, "moments");
+  // Rows and columns are walked as 32-bit ints with a sentinel at -2^30: every extent below 2^29.
+  const int64_t extents[] = {image.size(2) + 2 * patches.pad_h,
+                             image.size(3) + 2 * patches.pad_w,
+                             patches.channels,
+                             patches.dil_h * patches.kernel_h,
+                             patches.dil_w * patches.kernel_w,
+                             patches.stride_h,
+                             patches.stride_w};
+  TORCH_CHECK(*std::max_element(std::begin(extents), std::end(extents)) < (int64_t(1) << 29),
+              "gradvar: GRADVAR_EXT_CONV_ALGORITHM=implicit takes images, kernels and strides of fewer than 2^29 "
+              "rows, columns and channels (set GRADVAR_EXT_CONV_ALGORITHM=auto)");
+  auto narrow = [](int64_t v) { return static_cast<int>(v); };
+  const Patches geo{image.stride(0), image.stride(1), image.stride(2), image.stride(3), narrow(patches.channels),
+                    narrow(image.size(2)), narrow(image.size(3)), narrow(patches.kernel_h),
+                    narrow(patches.kernel_w), narrow(patches.stride_h), narrow(patches.stride_w),
+                    narrow(patches.pad_h), narrow(patches.pad_w), narrow(patches.dil_h), narrow(patches.dil_w),
+                    narrow(patches.out_width)};
+  const Operand x{image.const_data_ptr(), 0, 0, 0}, g = operand(G);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  with_mma_policy(image.scalar_type(), [&](auto policy) {
+    using Mma = decltype(policy);
+    using scalar_t = typename Mma::scalar_t;
+    constexpr int threads = MmaTiling<Mma>::kThreads;
+    with_variant(false, sum.defined(), [&](auto, auto kSum) {
+      const auto kernel = fused_moments_mma_kernel<Mma, false, decltype(kSum)::value, true>;
+      run_moments_walk(kernel, threads, kTile, moment, sum, samples, groups, I, O, /*accumulate=*/false, device, facts,
+                       [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits, bool add) {
+                         scalar_t* s_ptr = sum.defined() ? s_out.mutable_data_ptr<scalar_t>() : nullptr;
+                         kernel<<<grid, threads, 0, stream>>>(x, g, x, g, m_out.mutable_data_ptr<scalar_t>(), s_ptr,
+                                                              samples, groups, T, I, O, splits, add, geo);
+                       });
+    });
+  });
+  return true;
 }
 
 // The partials fused_squared_norms_kernel writes per sample: groups x tiles x warps.
