@@ -38,8 +38,17 @@ else
 fi
 if [ "$PART" != bench ]; then
   stage "cuda tests"
-  timeout 280 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 |
-    tee "$OUT/test_cuda.log" | tail -8
+  if [ -n "${TEST_FILTER:-}" ]; then
+    timeout 280 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "$TEST_FILTER" 2>&1 |
+      tee "$OUT/test_cuda.log" | tail -8
+  else  # the kernels not yet run on a GPU in a process of their own: a fault there cannot spoil the rest
+    NEW_KERNELS="tensor_cores or implicit or tf32x3"
+    timeout 250 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "not ($NEW_KERNELS)" 2>&1 |
+      tee "$OUT/test_cuda.log" | tail -8
+    stage "cuda tests of the tensor-core kernels (DMMA, implicit patches: first run on a GPU)"
+    timeout 120 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "$NEW_KERNELS" 2>&1 |
+      tee "$OUT/test_cuda_tensor_cores.log" | tail -8
+  fi
   stage example
   timeout 60 $PY examples/gradient_of_variance.py > "$OUT/example.log" 2>&1
   echo "example exit $?"; grep -E "^\[|same\?|all checks|FAILED" "$OUT/example.log" | tail -16
