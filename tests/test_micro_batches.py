@@ -66,6 +66,24 @@ def test_layers_called_twice_per_forward(micro_batch_size):
         assert_close(p.grad, grad_want, torch.float64)
 
 
+def test_the_pass_for_the_mean_gradient_runs_over_the_smaller_micro_batches():
+    """N = 7 in micro-batches of 3: (1, 3, 3), the remainder first, so that the plain pass for the
+    mean gradient (all micro-batches but the last) forms 4 samples' gradients, not 6; then the
+    last micro-batch's double backward, then the others'. Numbers as the loop's."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    lossfunc = nn.MSELoss(reduction="sum")
+    total_want, grads_want, _ = loop_total_variance(model, x, y, lossfunc)
+    sizes = []
+    model[0].register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+    total = gv.total_variance(model, lossfunc, x, y, micro_batch_size=3, backward=True)
+    assert sizes == [1, 3, 3, 1, 3]  # pass 1: 1 + 3 samples; the last; pass 2
+    assert_close(total, total_want, torch.float64)
+    for p, grad_want in zip(model.parameters(), grads_want):
+        assert_close(p.grad, grad_want, torch.float64)
+
+
 def test_scale_multiplies_the_gradient_which_accumulates_into_grad():
     model, x, y, lossfunc = build("digits-cnn", torch.float64)
     _, grads_want, _ = loop_total_variance(model, x, y, lossfunc)
@@ -100,7 +118,9 @@ def check_dropout_replay(device: str) -> None:
     lossfunc, params = nn.CrossEntropyLoss(), list(model.parameters())
     torch.manual_seed(1)
     per_sample = []
-    for xb, yb in zip(x.split(3), y.split(3)):  # one forward per micro-batch, gradients per sample
+    micro_batches = list(zip(x.split(3), y.split(3)))
+    micro_batches.insert(0, micro_batches.pop())  # total_variance's order: (1, 3, 3), the remainder first
+    for xb, yb in micro_batches:  # one forward per micro-batch, gradients per sample
         out = model(xb)
         for i in range(xb.shape[0]):
             per_sample.append(torch.autograd.grad(lossfunc(out[i : i + 1], yb[i : i + 1]), params, create_graph=True))
