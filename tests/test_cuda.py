@@ -92,21 +92,26 @@ def test_cuda_non_default_device():
 
 
 # ---------------------------------------------------------------- Conv2d on CUDA
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("op", CONV_OPS)
-def test_cuda_conv_matches_reference(op, dtype, conv_algorithm):
-    torch.manual_seed(14)
-    cases = CONV_CASES + [ConvCase(**{**c.__dict__, "to_input": False}) for c in CONV_CASES] + MULTI_CHUNK_CONV_CASES
+def assert_conv_cases_match_reference(op, dtype, cases):
+    """op on CUDA tensors against the reference in float64 on the CPU, case by case (the variance
+    at the scale of the second moment / N, which its cancellation errors follow)."""
     for case in cases:
         args = case.args(op, dtype, device="cuda")
         cpu64 = [a.cpu().double() if isinstance(a, torch.Tensor) else a for a in args]
-        want = gradvar_ext.reference.OPS[op](*cpu64)
         scale = None
         if op == "conv2d_variance":
             scale = (gradvar_ext.reference.conv2d_second_moment(*cpu64) / case.n).max().item()
         out = call(op, *args)
         assert all(t.is_cuda for t in (out if isinstance(out, tuple) else (out,)))
-        assert_matches(out, want, dtype, scale)
+        assert_matches(out, gradvar_ext.reference.OPS[op](*cpu64), dtype, scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", CONV_OPS)
+def test_cuda_conv_matches_reference(op, dtype, conv_algorithm):
+    torch.manual_seed(14)
+    cases = CONV_CASES + [ConvCase(**{**c.__dict__, "to_input": False}) for c in CONV_CASES] + MULTI_CHUNK_CONV_CASES
+    assert_conv_cases_match_reference(op, dtype, cases)
 
 
 @pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
@@ -149,13 +154,7 @@ def test_fused_cuda_linear_matches_reference(fused, op, dtype):
 @pytest.mark.parametrize("op", CONV_MOMENT_OPS)
 def test_fused_cuda_conv_matches_reference(fused, op, dtype):
     torch.manual_seed(17)
-    for case in CONV_CASES + MULTI_CHUNK_CONV_CASES:
-        args = case.args(op, dtype, device="cuda")
-        cpu64 = [a.cpu().double() if isinstance(a, torch.Tensor) else a for a in args]
-        scale = None
-        if op == "conv2d_variance":
-            scale = (gradvar_ext.reference.conv2d_second_moment(*cpu64) / case.n).max().item()
-        assert_matches(call(op, *args), gradvar_ext.reference.OPS[op](*cpu64), dtype, scale)
+    assert_conv_cases_match_reference(op, dtype, CONV_CASES + MULTI_CHUNK_CONV_CASES)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -168,13 +167,7 @@ def test_implicit_patches_match_reference(op, dtype, monkeypatch):
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "implicit")
     torch.manual_seed(19)
     cases = CONV_CASES + MULTI_CHUNK_CONV_CASES + [ConvCase(3, 70, 66, (9, 11), stride=(2, 1), padding=(2, 0))]
-    for case in cases:
-        args = case.args(op, dtype, device="cuda")
-        cpu64 = [a.cpu().double() if isinstance(a, torch.Tensor) else a for a in args]
-        scale = None
-        if op == "conv2d_variance":
-            scale = (gradvar_ext.reference.conv2d_second_moment(*cpu64) / case.n).max().item()
-        assert_matches(call(op, *args), gradvar_ext.reference.OPS[op](*cpu64), dtype, scale)
+    assert_conv_cases_match_reference(op, dtype, cases)
     x, go, *conv = ConvCase(3, 2, 3, (5, 4), padding=(1, 1)).args(op, torch.float64, "cuda", requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda a, b: call(op, a, b, *conv), (x, go))
 
