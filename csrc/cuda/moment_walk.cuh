@@ -1,0 +1,148 @@
+// The host side shared by the fused moment walks, fused_moments.cu (CUDA cores) and
+// fused_moments_mma.cu (tensor cores): the factors as kernel operands, the kernel variant a call
+// needs, device facts, the grid with its split over samples and the splits' reduction.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <type_traits>
+#include <utility>
+
+namespace gradvar {
+namespace walk {
+
+struct Operand {  // a [S * groups, T, F] factor with element strides
+  const void* data;
+  int64_t s_batch, s_pos, s_feat;
+};
+
+// Calls f(kCross, kSum) as std::bool_constant arguments for the variant a call needs: a cross
+// moment carries no sum; otherwise the sum when it is asked for.
+template <typename F>
+void with_variant(bool cross, bool with_sum, F&& f) {
+  if (cross) {
+    f(std::true_type{}, std::false_type{});
+  } else if (with_sum) {
+    f(std::false_type{}, std::true_type{});
+  } else {
+    f(std::false_type{}, std::false_type{});
+  }
+}
+
+// GRADVAR_EXT_FUSED_CUDA=tensor_cores (or its first name, tf32x3, once float32 only).
+inline bool tensor_cores_requested() {
+  const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
+  return flag != nullptr && (std::strcmp(flag, "tensor_cores") == 0 || std::strcmp(flag, "tf32x3") == 0);
+}
+
+inline Operand operand(const at::Tensor& t) { return Operand{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+inline int64_t tiles_over(int64_t extent, int64_t side) { return (extent + side - 1) / side; }
+
+// Device facts and kernel occupancies, asked of the driver once per (device, kernel): the host
+// cost of a call matters at the sizes where the fused kernel is the default.
+struct DeviceFacts {
+  int multiprocessors = 0, major = 0;
+};
+
+inline DeviceFacts device_facts(int device) {
+  static std::mutex lock;
+  static std::map<int, DeviceFacts> known;
+  const std::lock_guard<std::mutex> guard(lock);
+  auto found = known.find(device);
+  if (found != known.end()) return found->second;
+  DeviceFacts facts;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&facts.multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&facts.major, cudaDevAttrComputeCapabilityMajor, device));
+  return known[device] = facts;
+}
+
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int threads, int device) {
+  static std::mutex lock;
+  static std::map<std::pair<const void*, int>, int> known;
+  const std::lock_guard<std::mutex> guard(lock);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  int resident = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, 0));
+  return known[key] = std::max(resident, 1);
+}
+
+// The grid of a walk over [groups] x O x I in side x side tiles: samples split over gridDim.z so
+// that the tiles fill one wave of resident blocks, at most max_splits and one sample per split.
+struct WalkGrid {
+  dim3 grid;
+  int64_t splits;
+};
+
+template <typename Kernel>
+WalkGrid walk_grid(Kernel kernel, int threads, int64_t side, int64_t groups, int64_t I, int64_t O, int64_t samples,
+                   int64_t max_splits, int device, const DeviceFacts& facts, const char* what) {
+  const int64_t tiles = tiles_over(I, side) * tiles_over(O, side) * groups;
+  const int64_t wave = int64_t(resident_blocks(kernel, threads, device)) * facts.multiprocessors;
+  const int64_t splits = std::clamp<int64_t>(std::min(wave / tiles, max_splits), 1, samples);
+  TORCH_CHECK(groups * splits <= 65535, "gradvar: the fused CUDA ", what,
+              " take at most 65535 groups (set GRADVAR_EXT_FUSED_CUDA=0 for the chunked path)");
+  const dim3 grid(static_cast<unsigned>(tiles_over(I, side)), static_cast<unsigned>(tiles_over(O, side)),
+                  static_cast<unsigned>(groups * splits));
+  return {grid, splits};
+}
+
+// Launches a moments walk over [groups] x O x I (start(grid, moment_out, sum_out, splits, add)
+// launches the kernel). Samples are split over gridDim.z so that the tiles fill one wave of
+// resident blocks (partials [splits, groups, O, I], at most 64 MiB); the partials are then
+// reduced in a fixed order, straight into the result (at::sum_out) unless an earlier chunk's
+// values are there to add to (accumulate).
+template <typename Kernel, typename Start>
+void run_moments_walk(Kernel kernel, int threads, int side, at::Tensor& moment, at::Tensor& sum, int64_t samples,
+                      int64_t groups, int64_t I, int64_t O, bool accumulate, int device, const DeviceFacts& facts,
+                      Start&& start) {
+  const int64_t per_split_bytes = groups * O * I * int64_t(moment.element_size()) * (sum.defined() ? 2 : 1);
+  const auto [grid, splits] = walk_grid(kernel, threads, side, groups, I, O, samples,
+                                        (int64_t(64) << 20) / std::max<int64_t>(per_split_bytes, 1), device, facts,
+                                        "moments");
+  at::Tensor moment_out = moment, sum_out = sum;
+  if (splits > 1) {
+    moment_out = at::empty({splits, groups, O, I}, moment.options());
+    if (sum.defined()) sum_out = at::empty({splits, groups, O, I}, moment.options());
+  }
+  start(grid, moment_out, sum_out, splits, accumulate && splits == 1);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1 && accumulate) {
+    moment.add_(moment_out.sum(0));
+    if (sum.defined()) sum.add_(sum_out.sum(0));
+  } else if (splits > 1) {
+    const int64_t over_splits[] = {0};
+    at::sum_out(moment, moment_out, over_splits);
+    if (sum.defined()) at::sum_out(sum, sum_out, over_splits);
+  }
+}
+
+// Sizes the fused walks index with 32-bit integers.
+inline void check_walk_extents(int64_t T, int64_t I, int64_t O, const char* what) {
+  TORCH_CHECK(T <= INT32_MAX && I <= INT32_MAX && O <= INT32_MAX, "gradvar: the fused CUDA ", what,
+              " take fewer than 2^31 positions and features per sample (GRADVAR_EXT_FUSED_CUDA=0, and "
+              "GRADVAR_EXT_CONV_ALGORITHM=auto for a conv, take the chunked path)");
+}
+
+// The moments on tensor cores (fused_moments_mma.cu; sm_80+, float32 or float64): the same
+// contract as fused_moments_cuda, on operands already checked by it.
+void fused_moments_mma_cuda(at::Tensor& moment, at::Tensor& sum, const Operand& x, const Operand& g,
+                            const Operand& xb, const Operand& gb, bool cross, int64_t samples, int64_t groups,
+                            int64_t T, int64_t I, int64_t O, bool accumulate, at::ScalarType dtype, int device,
+                            const DeviceFacts& facts);
+
+}  // namespace walk
+}  // namespace gradvar
