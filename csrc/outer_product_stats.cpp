@@ -154,8 +154,6 @@ std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const
     at::Tensor sum = with_sum ? at::empty({X.groups, G.features, X.features}, X.options) : at::Tensor();
     if (fused_patch_moments_cuda(moment, sum, *X.patches, G.chunk(0, G.samples), X.groups)) return {moment, sum};
   }  // else (below sm_80) as unfold
-#endif
-#ifdef GRADVAR_WITH_CUDA
   const bool fused = X.options.device().is_cuda() && use_fused_cuda(X, G);
 #else
   const bool fused = false;
