@@ -168,6 +168,10 @@ def test_implicit_patches_match_reference(op, dtype, monkeypatch):
     torch.manual_seed(19)
     cases = CONV_CASES + MULTI_CHUNK_CONV_CASES + [ConvCase(3, 70, 66, (9, 11), stride=(2, 1), padding=(2, 0))]
     assert_conv_cases_match_reference(op, dtype, cases)
+    args = cases[-1].args(
+        op, dtype, device="cuda"
+    )  # the tensor-core kernel ran (unset FUSED_CUDA: no other path to it)
+    assert any("fused_moments_mma_kernel" in n for n in _cuda_kernels_of(lambda: call(op, *args)))
     x, go, *conv = ConvCase(3, 2, 3, (5, 4), padding=(1, 1)).args(op, torch.float64, "cuda", requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda a, b: call(op, a, b, *conv), (x, go))
 
@@ -204,6 +208,9 @@ def test_tf32x3_is_the_first_name_of_tensor_cores(monkeypatch):
         for flag in ("tensor_cores", "tf32x3"):
             monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", flag)
             results.append(call("linear_variance", x, g))
+            names = _cuda_kernels_of(lambda x=x, g=g: call("linear_variance", x, g))
+            policy = "Dmma" if dtype == torch.float64 else "Tf32x3"
+            assert any("fused_moments_mma_kernel" in n and policy in n for n in names), (flag, names)
         assert torch.equal(*results)
         assert_matches(results[0], expected("linear_variance", x.cpu(), g.cpu()), dtype)
 
