@@ -334,26 +334,42 @@ void with_mma_policy(at::ScalarType dtype, F&& f) {
 
 using namespace walk;  // the shared host side (moment_walk.cuh)
 
-void walk::fused_moments_mma_cuda(at::Tensor& moment, at::Tensor& sum, const Operand& x, const Operand& g,
-                                  const Operand& xb, const Operand& gb, bool cross, int64_t samples, int64_t groups,
-                                  int64_t T, int64_t I, int64_t O, bool accumulate, at::ScalarType dtype, int device,
-                                  const DeviceFacts& facts) {
+namespace {
+
+// The tensor-core walk for a call's variant: X an unfolded factor, or (kPatches) an image whose
+// patches geo describes (the (G, X) pair alone: no cross moment).
+template <bool kPatches>
+void run_on_tensor_cores(at::Tensor& moment, at::Tensor& sum, const Operand& x, const Operand& g, const Operand& xb,
+                         const Operand& gb, bool cross, int64_t samples, int64_t groups, int64_t T, int64_t I,
+                         int64_t O, bool accumulate, at::ScalarType dtype, int device, const DeviceFacts& facts,
+                         const Patches& geo) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   with_mma_policy(dtype, [&](auto policy) {
     using Mma = decltype(policy);
     using scalar_t = typename Mma::scalar_t;
     constexpr int threads = MmaTiling<Mma>::kThreads;
     with_variant(cross, sum.defined(), [&](auto kCross, auto kSum) {
-      const auto kernel = fused_moments_mma_kernel<Mma, decltype(kCross)::value, decltype(kSum)::value>;
-      run_moments_walk(kernel, threads, kTile, moment, sum, samples, groups, I, O, accumulate, device, facts,
-                       [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits, bool add) {
-                         scalar_t* s_ptr = sum.defined() ? s_out.mutable_data_ptr<scalar_t>() : nullptr;
-                         kernel<<<grid, threads, 0, stream>>>(x, g, xb, gb, m_out.mutable_data_ptr<scalar_t>(),
-                                                              s_ptr, samples, groups, T, I, O, splits, add,
-                                                              Patches{});
-                       });
+      if constexpr (!(kPatches && decltype(kCross)::value)) {
+        const auto kernel = fused_moments_mma_kernel<Mma, decltype(kCross)::value, decltype(kSum)::value, kPatches>;
+        run_moments_walk(kernel, threads, kTile, moment, sum, samples, groups, I, O, accumulate, device, facts,
+                         [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits, bool add) {
+                           scalar_t* s_ptr = sum.defined() ? s_out.mutable_data_ptr<scalar_t>() : nullptr;
+                           kernel<<<grid, threads, 0, stream>>>(x, g, xb, gb, m_out.mutable_data_ptr<scalar_t>(),
+                                                                s_ptr, samples, groups, T, I, O, splits, add, geo);
+                         });
+      }
     });
   });
+}
+
+}  // namespace
+
+void walk::fused_moments_mma_cuda(at::Tensor& moment, at::Tensor& sum, const Operand& x, const Operand& g,
+                                  const Operand& xb, const Operand& gb, bool cross, int64_t samples, int64_t groups,
+                                  int64_t T, int64_t I, int64_t O, bool accumulate, at::ScalarType dtype, int device,
+                                  const DeviceFacts& facts) {
+  run_on_tensor_cores<false>(moment, sum, x, g, xb, gb, cross, samples, groups, T, I, O, accumulate, dtype, device,
+                             facts, Patches{});
 }
 
 bool fused_patch_moments_cuda(at::Tensor& moment, at::Tensor& sum, const PatchSource& patches, const at::Tensor& G,
@@ -389,21 +405,8 @@ bool fused_patch_moments_cuda(at::Tensor& moment, at::Tensor& sum, const PatchSo
                     narrow(patches.pad_h), narrow(patches.pad_w), narrow(patches.dil_h), narrow(patches.dil_w),
                     narrow(patches.out_width)};
   const Operand x{image.const_data_ptr(), 0, 0, 0}, g = operand(G);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  with_mma_policy(image.scalar_type(), [&](auto policy) {
-    using Mma = decltype(policy);
-    using scalar_t = typename Mma::scalar_t;
-    constexpr int threads = MmaTiling<Mma>::kThreads;
-    with_variant(false, sum.defined(), [&](auto, auto kSum) {
-      const auto kernel = fused_moments_mma_kernel<Mma, false, decltype(kSum)::value, true>;
-      run_moments_walk(kernel, threads, kTile, moment, sum, samples, groups, I, O, /*accumulate=*/false, device, facts,
-                       [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits, bool add) {
-                         scalar_t* s_ptr = sum.defined() ? s_out.mutable_data_ptr<scalar_t>() : nullptr;
-                         kernel<<<grid, threads, 0, stream>>>(x, g, x, g, m_out.mutable_data_ptr<scalar_t>(), s_ptr,
-                                                              samples, groups, T, I, O, splits, add, geo);
-                       });
-    });
-  });
+  run_on_tensor_cores<true>(moment, sum, x, g, x, g, /*cross=*/false, samples, groups, T, I, O, /*accumulate=*/false,
+                            image.scalar_type(), device, facts, geo);
   return true;
 }
 
