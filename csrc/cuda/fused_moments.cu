@@ -313,7 +313,8 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
   const int device = X.get_device();
   const DeviceFacts facts = device_facts(device);
   auto run = [&](auto kernel, int threads, int side, auto start) {
-    run_moments_walk(kernel, threads, side, moment, sum, samples, groups, I, O, accumulate, device, facts, start);
+    run_moments_walk(kernel, threads, /*smem_bytes=*/0, side, moment, sum, samples, groups, I, O, accumulate, device,
+                     facts, start);
   };
   if (facts.major >= 8 && tensor_cores_requested()) {  // 3xTF32 for float32, DMMA for float64
     return walk::fused_moments_mma_cuda(moment, sum, x, g, xb, gb, cross, samples, groups, T, I, O, accumulate,
@@ -358,7 +359,8 @@ void fused_squared_norms_cuda(at::Tensor& out, const at::Tensor& X, const at::Te
     const bool vectorised = vector_loads_ok(X, Tile::kVec) && vector_loads_ok(G, Tile::kVec);
     // A split changes only which block walks a sample, never the partials' values or their order.
     const auto [grid, splits] =
-        walk_grid(kernel, kBlock, Tile::kSide, groups, I, O, samples, samples, device, facts, "squared norms");
+        walk_grid(kernel, kBlock, /*smem_bytes=*/0, Tile::kSide, groups, I, O, samples, samples, device, facts,
+                  "squared norms");
     at::Tensor partial = at::empty({samples, fused_squared_norms_partials(groups, I, O, X.scalar_type())}, X.options());
     kernel<<<grid, kBlock, 0, stream>>>(operand(X), operand(G), partial.mutable_data_ptr<scalar_t>(), samples, groups,
                                         T, I, O, splits, vectorised);

@@ -9,6 +9,7 @@
 
 #include <mma.h>
 
+#include <algorithm>
 #include <iterator>
 
 #include "../outer_product_stats.h"
@@ -32,11 +33,13 @@ using walk::Operand;
 // - Dmma (float64: IEEE double products and sums, as on CUDA cores up to their order): 8 warps,
 //   each 32 x 16 as 4 x 2 accumulators of 8 x 8 x 4 (2 doubles a thread each: g, m and s or h
 //   take 96 registers).
-// Pipeline: each thread fetches its share of the next step's operands into registers while the
-// warps run the current step's MMAs; shared memory holds two stages (one barrier per step).
-// Rows are padded to 72 elements so that fragment loads take the fewest wavefronts. Shared
-// memory: one 64 x 72 buffer (18 KiB float, 36 KiB double): 2 stages x {G, X} x 16 positions
-// during the walk, then the staging tile through which results reach global memory.
+// Pipeline: kStages stages of {G, X} x 16 positions in shared memory, filled by asynchronous
+// copies (cp.async, element by element: any strides, zero-filled past the edges) kStages - 1
+// steps ahead of the step whose MMAs run; one barrier per step. Rows are padded to 72 elements
+// so that fragment loads take the fewest wavefronts. Shared memory (dynamic): 4 stages, 36 KiB
+// of float (Tf32x3, 3 blocks per SM) or 72 KiB of double (Dmma, 1 block per SM), then the
+// 64 x 72 staging tile through which results reach global memory. (Until 335b5f6 the next
+// step came through registers, one step ahead: 2 stages.)
 namespace wmma = nvcuda::wmma;
 constexpr int kTile = 64, kSteps = 16, kLd = kTile + 8;
 
@@ -45,7 +48,7 @@ struct Tf32x3 {
   // Capped at 168 registers for 3 blocks per SM (the sum / cross variants spill ~230 bytes,
   // touched once per sample): on an H200 5-12% faster than 2 blocks per SM with no spills on 4
   // of 5 shapes (8% slower on 64x128x1024->1024), both variants tested there (RESULTS.md).
-  static constexpr int kM = 16, kK = 8, kWarpsO = 2, kWarpsI = 2, kMinBlocks = 3;
+  static constexpr int kM = 16, kK = 8, kWarpsO = 2, kWarpsI = 2, kMinBlocks = 3, kStages = 4;
   using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
   template <typename Frag>
   struct Split {
@@ -74,7 +77,7 @@ struct Tf32x3 {
 
 struct Dmma {
   using scalar_t = double;
-  static constexpr int kM = 8, kK = 4, kWarpsO = 2, kWarpsI = 4, kMinBlocks = 1;
+  static constexpr int kM = 8, kK = 4, kWarpsO = 2, kWarpsI = 4, kMinBlocks = 1, kStages = 4;
   using FragC = wmma::fragment<wmma::accumulator, 8, 8, 4, double>;
   using A = wmma::fragment<wmma::matrix_a, 8, 8, 4, double, wmma::col_major>;
   using B = wmma::fragment<wmma::matrix_b, 8, 8, 4, double, wmma::row_major>;
@@ -91,31 +94,42 @@ struct MmaTiling {
   static constexpr int kThreads = 32 * Mma::kWarpsO * Mma::kWarpsI;
   static constexpr int kFragsO = kTile / (Mma::kWarpsO * Mma::kM), kFragsI = kTile / (Mma::kWarpsI * Mma::kM);
   static constexpr int kPerThread = kSteps * kTile / kThreads;  // elements of one operand a thread fetches per step
+  static constexpr int kSmemRows = std::max(2 * Mma::kStages * kSteps, kTile);  // the stages, later the staging tile
+  static constexpr size_t kSmemBytes = size_t(kSmemRows) * kLd * sizeof(typename Mma::scalar_t);
 };
 
-// This thread's elements of rows [t0, t0 + kSteps) x features [f0, f0 + kTile) of sample-group b
-// (zero outside [T, F)); consecutive threads walk the operand's unit-stride dimension.
+// One element, global -> shared, asynchronously (cp.async, sm_80+); when !inside the source
+// size is 0: nothing is read and the element becomes 0. commit_copies closes this thread's group
+// of copies; wait_copies<k> returns once at most k of its groups are still in flight.
+template <typename scalar_t>
+__device__ void copy_element_async(scalar_t* to, const scalar_t* from, bool inside) {
+  const auto shared = static_cast<unsigned>(__cvta_generic_to_shared(to));
+  constexpr int kBytes = sizeof(scalar_t);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(shared), "l"(from), "n"(kBytes),
+               "r"(inside ? kBytes : 0)
+               : "memory");
+}
+__device__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kInFlight>
+__device__ void wait_copies() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kInFlight) : "memory");
+}
+
+// Starts copying rows [t0, t0 + kSteps) x features [f0, f0 + kTile) of sample-group b into
+// tile[k][f] ([kSteps][kLd]; zero outside [T, F)); consecutive threads walk the operand's
+// unit-stride dimension (features, else positions).
 template <typename scalar_t, int kThreads, int kPer>
-__device__ void fetch_tile(scalar_t (&v)[kPer], const Operand& op, int64_t b, int64_t t0, int64_t f0, int64_t T,
-                           int64_t F) {
+__device__ void copy_tile_async(scalar_t* tile, const Operand& op, int64_t b, int64_t t0, int64_t f0, int64_t T,
+                                int64_t F) {
   const scalar_t* base = static_cast<const scalar_t*>(op.data) + b * op.s_batch;
   const bool features_fastest = op.s_feat == 1;
 #pragma unroll
   for (int r = 0; r < kPer; ++r) {
     const int e = threadIdx.x + r * kThreads;
-    const int64_t t = t0 + (features_fastest ? e / kTile : e % kSteps);
-    const int64_t feat = f0 + (features_fastest ? e % kTile : e / kSteps);
-    v[r] = (t < T && feat < F) ? base[t * op.s_pos + feat * op.s_feat] : scalar_t(0);
-  }
-}
-
-template <typename scalar_t, int kThreads, int kPer>
-__device__ void stash_tile(const scalar_t (&v)[kPer], scalar_t* tile, bool features_fastest) {  // tile: [kSteps][kLd]
-#pragma unroll
-  for (int r = 0; r < kPer; ++r) {
-    const int e = threadIdx.x + r * kThreads;
     const int k = features_fastest ? e / kTile : e % kSteps, f = features_fastest ? e % kTile : e / kSteps;
-    tile[k * kLd + f] = v[r];
+    const int64_t t = t0 + k, feat = f0 + f;
+    const bool inside = t < T && feat < F;
+    copy_element_async(tile + k * kLd + f, inside ? base + t * op.s_pos + feat * op.s_feat : base, inside);
   }
 }
 
@@ -127,7 +141,7 @@ struct Patches {
 };
 
 // This thread's share of a step's patches: element r is position t0 + threadIdx.x % kSteps and
-// feature f0 + threadIdx.x / kSteps + r * (kThreads / kSteps), the layout stash_tile gives for
+// feature f0 + threadIdx.x / kSteps + r * (kThreads / kSteps), copy_tile_async's layout for
 // positions fastest (16 threads read 16 neighbouring output pixels of one tap: coalesced for stride 1).
 // A thread's features stay fixed over the walk, so their taps are worked out once:
 // offset = c * s_channel, (row, col) = the tap's shift (i * dil_h - pad_h, j * dil_w - pad_w); a
@@ -151,13 +165,15 @@ struct PatchTaps {
     }
   }
 
-  // v = the patches of sample-group (n, group) at positions [t0, t0 + kSteps) (0 past T).
+  // Starts copying the patches of sample-group (n, group) at positions [t0, t0 + kSteps) into
+  // tile[k][f] ([kSteps][kLd]; 0 past T and F).
   template <typename scalar_t>
-  __device__ void fetch(scalar_t (&v)[kPer], const Operand& image, const Patches& p, int64_t n, int64_t group,
-                        int64_t t0, int64_t T) const {
+  __device__ void copy_async(scalar_t* tile, const Operand& image, const Patches& p, int64_t n, int64_t group,
+                             int64_t t0, int64_t T) const {
     const scalar_t* base = static_cast<const scalar_t*>(image.data) + n * p.s_sample +
                            group * p.channels * p.s_channel;
-    const int64_t t = t0 + threadIdx.x % kSteps;
+    const int k = threadIdx.x % kSteps;
+    const int64_t t = t0 + k;
     const int oh = static_cast<int>(t / p.out_width), ow = static_cast<int>(t % p.out_width);
     const int top = t < T ? oh * p.stride_h : INT32_MIN / 2, left = ow * p.stride_w;
 #pragma unroll
@@ -165,7 +181,8 @@ struct PatchTaps {
       const int y = top + row[r], x = left + col[r];
       const bool inside = static_cast<unsigned>(y) < static_cast<unsigned>(p.height) &&
                           static_cast<unsigned>(x) < static_cast<unsigned>(p.width);
-      v[r] = inside ? base[offset[r] + y * p.s_row + x * p.s_col] : scalar_t(0);
+      const int f = threadIdx.x / kSteps + r * (kThreads / kSteps);
+      copy_element_async(tile + k * kLd + f, inside ? base + offset[r] + y * p.s_row + x * p.s_col : base, inside);
     }
   }
 };
@@ -259,7 +276,9 @@ __global__ void __launch_bounds__(MmaTiling<Mma>::kThreads, kPatches ? std::min(
   using scalar_t = typename Mma::scalar_t;
   using Tile = MmaTiling<Mma>;
   constexpr int kFO = Tile::kFragsO, kFI = Tile::kFragsI, kThreads = Tile::kThreads, kPer = Tile::kPerThread;
-  __shared__ __align__(128) scalar_t smem[kTile * kLd];  // stage s, operand p: rows [(2 s + p) kSteps, +kSteps)
+  constexpr int kStages = Mma::kStages;
+  extern __shared__ __align__(128) unsigned char smem_bytes[];  // Tile::kSmemBytes
+  scalar_t* smem = reinterpret_cast<scalar_t*>(smem_bytes);  // stage s, operand p: rows [(2 s + p) kSteps, +kSteps)
   const int warp = threadIdx.x / 32;
   const int wo = (warp / Mma::kWarpsI) * kFO * Mma::kM, wi = (warp % Mma::kWarpsI) * kFI * Mma::kM;
   const int64_t i0 = int64_t(blockIdx.x) * kTile, o0 = int64_t(blockIdx.y) * kTile;
@@ -270,34 +289,51 @@ __global__ void __launch_bounds__(MmaTiling<Mma>::kThreads, kPatches ? std::min(
   if (kSum) zero(s);
   zero(g);
   if (kCross) zero(h);
-  scalar_t reg_g[kPer], reg_x[kPer];
   PatchTaps<kThreads, kPer> taps;
   if constexpr (kPatches) taps = PatchTaps<kThreads, kPer>(geo, i0, I);
-  auto fetch = [&](const Step& at) {
+  // Starts the copies of a step's operands into a stage: G^T's rows, then X's.
+  auto copy_step = [&](const Step& at, int stage) {
+    scalar_t* gs = smem + (2 * stage) * kSteps * kLd;
     const int64_t b = at.n * groups + group;
-    fetch_tile<scalar_t, kThreads>(reg_g, pick(kCross && at.pass, G, Gb), b, at.t0, o0, T, O);
+    copy_tile_async<scalar_t, kThreads, kPer>(gs, pick(kCross && at.pass, G, Gb), b, at.t0, o0, T, O);
     if constexpr (kPatches) {
-      taps.fetch(reg_x, X, geo, at.n, group, at.t0, T);
+      taps.copy_async(gs + kSteps * kLd, X, geo, at.n, group, at.t0, T);
     } else {
-      fetch_tile<scalar_t, kThreads>(reg_x, pick(kCross && at.pass, X, Xb), b, at.t0, i0, T, I);
+      copy_tile_async<scalar_t, kThreads, kPer>(gs + kSteps * kLd, pick(kCross && at.pass, X, Xb), b, at.t0, i0, T,
+                                                I);
     }
   };
-  const bool x_features_fastest = !kPatches && X.s_feat == 1;  // patches: positions fastest
-  Step at{s_begin, 0, 0};
-  if (at.n < s_end && T > 0) fetch(at);
-  for (int stage = 0; at.n < s_end && T > 0; stage ^= 1) {
-    scalar_t* gs = smem + (2 * stage) * kSteps * kLd;
-    scalar_t* xs = gs + kSteps * kLd;
-    stash_tile<scalar_t, kThreads>(reg_g, gs, pick(kCross && at.pass, G, Gb).s_feat == 1);
-    stash_tile<scalar_t, kThreads>(reg_x, xs, kCross && at.pass ? Xb.s_feat == 1 : x_features_fastest);
-    __syncthreads();
-    const Step next = next_step<kCross>(at, T);
-    if (next.n < s_end) fetch(next);  // in flight while the MMAs below run
+  // Step i's copies are commit group i (one group per step, empty ones past the end, so that the
+  // count stays aligned); `ahead` runs kStages - 1 steps in front of `at`. Every thread takes
+  // the same steps: the barriers are uniform.
+  Step at{s_begin, 0, 0}, ahead = at;
+  const bool walk = at.n < s_end && T > 0;
+  if (walk) {
+#pragma unroll
+    for (int k = 0; k < kStages - 1; ++k) {
+      if (ahead.n < s_end) {
+        copy_step(ahead, k);
+        ahead = next_step<kCross>(ahead, T);
+      }
+      commit_copies();
+    }
+  }
+  for (int stage = 0; walk && at.n < s_end; stage = (stage + 1) % kStages) {
+    wait_copies<kStages - 2>();  // this thread's copies of step `at` have landed
+    __syncthreads();  // everyone's; and the stage refilled below, read one step ago, is free
+    if (ahead.n < s_end) {
+      copy_step(ahead, (stage + kStages - 1) % kStages);
+      ahead = next_step<kCross>(ahead, T);
+    }
+    commit_copies();
+    const scalar_t* gs = smem + (2 * stage) * kSteps * kLd;
+    const scalar_t* xs = gs + kSteps * kLd;
     if (kCross && at.pass) {
       mma_step<Mma>(h, gs, xs, T - at.t0, wo, wi);
     } else {
       mma_step<Mma>(g, gs, xs, T - at.t0, wo, wi);
     }
+    const Step next = next_step<kCross>(at, T);
     if (next.n != at.n) {  // the sample's gradient tile is complete
 #pragma unroll
       for (int r = 0; r < kFO; ++r)
@@ -313,6 +349,7 @@ __global__ void __launch_bounds__(MmaTiling<Mma>::kThreads, kPatches ? std::min(
     }
     at = next;
   }
+  wait_copies<0>();  // none is left (ahead stops at s_end), but the staging tile reuses the stages
   __syncthreads();  // the operand stages become the staging tile
   const int64_t out_base = (split * groups + group) * O * I;  // [splits, groups, O, I]
   store_tile<Mma>(smem, m, moment_out + out_base, o0, i0, O, I, wo, wi, accumulate);  // accumulate: splits == 1 only
@@ -348,13 +385,14 @@ void run_on_tensor_cores(at::Tensor& moment, at::Tensor& sum, const Operand& x, 
     using Mma = decltype(policy);
     using scalar_t = typename Mma::scalar_t;
     constexpr int threads = MmaTiling<Mma>::kThreads;
+    constexpr size_t smem = MmaTiling<Mma>::kSmemBytes;
     with_variant(cross, sum.defined(), [&](auto kCross, auto kSum) {
       if constexpr (!(kPatches && decltype(kCross)::value)) {
         const auto kernel = fused_moments_mma_kernel<Mma, decltype(kCross)::value, decltype(kSum)::value, kPatches>;
-        run_moments_walk(kernel, threads, kTile, moment, sum, samples, groups, I, O, accumulate, device, facts,
+        run_moments_walk(kernel, threads, smem, kTile, moment, sum, samples, groups, I, O, accumulate, device, facts,
                          [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits, bool add) {
                            scalar_t* s_ptr = sum.defined() ? s_out.mutable_data_ptr<scalar_t>() : nullptr;
-                           kernel<<<grid, threads, 0, stream>>>(x, g, xb, gb, m_out.mutable_data_ptr<scalar_t>(),
+                           kernel<<<grid, threads, smem, stream>>>(x, g, xb, gb, m_out.mutable_data_ptr<scalar_t>(),
                                                                 s_ptr, samples, groups, T, I, O, splits, add, geo);
                          });
       }

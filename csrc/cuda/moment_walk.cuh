@@ -67,16 +67,21 @@ inline DeviceFacts device_facts(int device) {
   return known[device] = facts;
 }
 
+// smem_bytes: the kernel's dynamic shared memory; above the default 48 KiB the kernel is
+// allowed it here (once per kernel and device, on the current device: the caller's guard).
 template <typename Kernel>
-int resident_blocks(Kernel kernel, int threads, int device) {
+int resident_blocks(Kernel kernel, int threads, size_t smem_bytes, int device) {
   static std::mutex lock;
   static std::map<std::pair<const void*, int>, int> known;
   const std::lock_guard<std::mutex> guard(lock);
   const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
   auto found = known.find(key);
   if (found != known.end()) return found->second;
+  if (smem_bytes > (size_t(48) << 10)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
+  }
   int resident = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, 0));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem_bytes));
   return known[key] = std::max(resident, 1);
 }
 
@@ -88,10 +93,10 @@ struct WalkGrid {
 };
 
 template <typename Kernel>
-WalkGrid walk_grid(Kernel kernel, int threads, int64_t side, int64_t groups, int64_t I, int64_t O, int64_t samples,
-                   int64_t max_splits, int device, const DeviceFacts& facts, const char* what) {
+WalkGrid walk_grid(Kernel kernel, int threads, size_t smem_bytes, int64_t side, int64_t groups, int64_t I, int64_t O,
+                   int64_t samples, int64_t max_splits, int device, const DeviceFacts& facts, const char* what) {
   const int64_t tiles = tiles_over(I, side) * tiles_over(O, side) * groups;
-  const int64_t wave = int64_t(resident_blocks(kernel, threads, device)) * facts.multiprocessors;
+  const int64_t wave = int64_t(resident_blocks(kernel, threads, smem_bytes, device)) * facts.multiprocessors;
   const int64_t splits = std::clamp<int64_t>(std::min(wave / tiles, max_splits), 1, samples);
   TORCH_CHECK(groups * splits <= 65535, "gradvar: the fused CUDA ", what,
               " take at most 65535 groups (set GRADVAR_EXT_FUSED_CUDA=0 for the chunked path)");
@@ -101,16 +106,16 @@ WalkGrid walk_grid(Kernel kernel, int threads, int64_t side, int64_t groups, int
 }
 
 // Launches a moments walk over [groups] x O x I (start(grid, moment_out, sum_out, splits, add)
-// launches the kernel). Samples are split over gridDim.z so that the tiles fill one wave of
+// launches the kernel, with smem_bytes of dynamic shared memory). Samples are split over gridDim.z so that the tiles fill one wave of
 // resident blocks (partials [splits, groups, O, I], at most 64 MiB); the partials are then
 // reduced in a fixed order, straight into the result (at::sum_out) unless an earlier chunk's
 // values are there to add to (accumulate).
 template <typename Kernel, typename Start>
-void run_moments_walk(Kernel kernel, int threads, int side, at::Tensor& moment, at::Tensor& sum, int64_t samples,
-                      int64_t groups, int64_t I, int64_t O, bool accumulate, int device, const DeviceFacts& facts,
-                      Start&& start) {
+void run_moments_walk(Kernel kernel, int threads, size_t smem_bytes, int side, at::Tensor& moment, at::Tensor& sum,
+                      int64_t samples, int64_t groups, int64_t I, int64_t O, bool accumulate, int device,
+                      const DeviceFacts& facts, Start&& start) {
   const int64_t per_split_bytes = groups * O * I * int64_t(moment.element_size()) * (sum.defined() ? 2 : 1);
-  const auto [grid, splits] = walk_grid(kernel, threads, side, groups, I, O, samples,
+  const auto [grid, splits] = walk_grid(kernel, threads, smem_bytes, side, groups, I, O, samples,
                                         (int64_t(64) << 20) / std::max<int64_t>(per_split_bytes, 1), device, facts,
                                         "moments");
   at::Tensor moment_out = moment, sum_out = sum;
