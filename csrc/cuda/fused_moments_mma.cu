@@ -10,6 +10,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <iterator>
 
 #include "../outer_product_stats.h"
@@ -34,9 +35,10 @@ using walk::Operand;
 //   each 32 x 16 as 4 x 2 accumulators of 8 x 8 x 4 (2 doubles a thread each: g, m and s or h
 //   take 96 registers).
 // Pipeline: kStages stages of {G, X} x 16 positions in shared memory, filled by asynchronous
-// copies (cp.async, element by element: any strides, zero-filled past the edges) kStages - 1
-// steps ahead of the step whose MMAs run; one barrier per step. Rows are padded to 72 elements
-// so that fragment loads take the fewest wavefronts. Shared memory (dynamic): 4 stages, 36 KiB
+// copies (cp.async: 16 bytes at a time from aligned contiguous rows, else element by element,
+// any strides; zero-filled past the edges) kStages - 1 steps ahead of the step whose MMAs run;
+// one barrier per step. Rows are padded to 72 elements so that fragment loads take the fewest
+// wavefronts. Shared memory (dynamic): 4 stages, 36 KiB
 // of float (Tf32x3, 3 blocks per SM) or 72 KiB of double (Dmma, 1 block per SM), then the
 // 64 x 72 staging tile through which results reach global memory. (Until 335b5f6 the next
 // step came through registers, one step ahead: 2 stages.)
@@ -109,6 +111,12 @@ __device__ void copy_element_async(scalar_t* to, const scalar_t* from, bool insi
                "r"(inside ? kBytes : 0)
                : "memory");
 }
+// 16 bytes (both addresses 16-byte aligned); zeros when !inside.
+__device__ void copy_16_bytes_async(void* to, const void* from, bool inside) {
+  const auto shared = static_cast<unsigned>(__cvta_generic_to_shared(to));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared), "l"(from), "r"(inside ? 16 : 0)
+               : "memory");
+}
 __device__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int kInFlight>
 __device__ void wait_copies() {
@@ -118,11 +126,27 @@ __device__ void wait_copies() {
 // Starts copying rows [t0, t0 + kSteps) x features [f0, f0 + kTile) of sample-group b into
 // tile[k][f] ([kSteps][kLd]; zero outside [T, F)); consecutive threads walk the operand's
 // unit-stride dimension (features, else positions).
+// Rows of contiguous features, 16-byte aligned and a whole number of 16 bytes long, go 16 bytes
+// per copy (tile columns f0 are multiples of 64: every copy is inside or past F as a whole).
 template <typename scalar_t, int kThreads, int kPer>
 __device__ void copy_tile_async(scalar_t* tile, const Operand& op, int64_t b, int64_t t0, int64_t f0, int64_t T,
                                 int64_t F) {
   const scalar_t* base = static_cast<const scalar_t*>(op.data) + b * op.s_batch;
   const bool features_fastest = op.s_feat == 1;
+  constexpr int kV = 16 / sizeof(scalar_t);  // elements per 16 bytes
+  static_assert(kPer % kV == 0 && kTile % kV == 0, "whole 16-byte copies per thread and row");
+  if (features_fastest && F % kV == 0 && op.s_pos % kV == 0 && op.s_batch % kV == 0 &&
+      reinterpret_cast<uintptr_t>(op.data) % 16 == 0) {  // the same for every thread: uniform
+#pragma unroll
+    for (int r = 0; r < kPer / kV; ++r) {
+      const int e = threadIdx.x + r * kThreads;
+      const int k = e / (kTile / kV), f = (e % (kTile / kV)) * kV;
+      const int64_t t = t0 + k, feat = f0 + f;
+      const bool inside = t < T && feat < F;
+      copy_16_bytes_async(tile + k * kLd + f, inside ? base + t * op.s_pos + feat : base, inside);
+    }
+    return;
+  }
 #pragma unroll
   for (int r = 0; r < kPer; ++r) {
     const int e = threadIdx.x + r * kThreads;
