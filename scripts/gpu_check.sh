@@ -45,9 +45,11 @@ if [ "$PART" != bench ]; then
     NEW_KERNELS="tensor_cores or implicit or tf32x3"
     timeout 250 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "not ($NEW_KERNELS)" 2>&1 |
       tee "$OUT/test_cuda.log" | tail -8
-    stage "cuda tests of the tensor-core kernels (DMMA, implicit patches: first run on a GPU)"
+    stage "cuda tests of the tensor-core kernels (cp.async pipeline, DMMA, implicit patches: first run on a GPU)"
     timeout 120 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "$NEW_KERNELS" 2>&1 |
       tee "$OUT/test_cuda_tensor_cores.log" | tail -8
+    # failed: the fused benchmark leaves them out (a faulting kernel would end it, and its other tables)
+    [ "${PIPESTATUS[0]}" = 0 ] || export GRADVAR_BENCH_SKIP_TENSOR_CORES=1
   fi
   stage example
   timeout 60 $PY examples/gradient_of_variance.py > "$OUT/example.log" 2>&1
