@@ -337,6 +337,34 @@ def test_gradients_of_layers_outside_the_block_forward_are_no_bypass():
     assert hasattr(model.weight, "variance") and not hasattr(model.weight, "sum_grad_squared")
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_extending_part_of_a_model_gives_that_parts_statistics(backward):
+    """gv.extend(model[k]): its layers get statistics, the rest none and no error; the gradient of
+    their variance still reaches every parameter (through the extended layers' inputs)."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4), nn.Tanh(), nn.Linear(4, 2))
+    model = model.double()
+    gv.extend(model[3])
+    x, y = torch.randn(6, 1, 4, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    lossfunc = nn.MSELoss(reduction="sum")
+    collect_with(backward, model, x, y, lossfunc, create_graph=True)
+    part = list(model[3].parameters())
+    assert all(not hasattr(p, "variance") for m in (model[0], model[5]) for p in m.parameters())
+    ours = torch.autograd.grad(sum(p.variance.sum() for p in part), list(model.parameters()))
+    stats = [(p.variance.detach(), p.sum_grad_squared.detach(), p.batch_l2.detach()) for p in part]
+    gv.clear(model)
+    model.zero_grad(set_to_none=True)
+    loop = per_sample_grads(model, x, y, lossfunc, create_graph=True)[2:4]  # model[3]'s weight and bias
+    for (variance, second, l2), g in zip(stats, loop):
+        torch.testing.assert_close(variance, g.var(0, unbiased=False).detach(), **TOL[torch.float64])
+        torch.testing.assert_close(second, g.square().sum(0).detach(), **TOL[torch.float64])
+        torch.testing.assert_close(l2, g.square().flatten(1).sum(1).detach(), **TOL[torch.float64])
+    want = torch.autograd.grad(sum(g.var(0, unbiased=False).sum() for g in loop), list(model.parameters()))
+    assert want[0].abs().max() > 0  # the first conv's parameters get a gradient
+    for a, b in zip(ours, want):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9 * max(1, b.abs().max().item()))
+
+
 @pytest.mark.parametrize(
     ("layer", "sample", "shape"),
     [
