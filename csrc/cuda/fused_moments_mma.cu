@@ -38,18 +38,19 @@ using walk::Operand;
 // copies (cp.async: 16 bytes at a time from aligned contiguous rows, else element by element,
 // any strides; zero-filled past the edges) kStages - 1 steps ahead of the step whose MMAs run;
 // one barrier per step. Rows are padded to 72 elements so that fragment loads take the fewest
-// wavefronts. Shared memory (dynamic): 4 stages, 36 KiB
-// of float (Tf32x3, 3 blocks per SM) or 72 KiB of double (Dmma, 1 block per SM), then the
-// 64 x 72 staging tile through which results reach global memory. (Until 335b5f6 the next
-// step came through registers, one step ahead: 2 stages.)
+// wavefronts. Shared memory (dynamic): 4 stages, 36 KiB of float (Tf32x3, 3 blocks per SM) or
+// 72 KiB of double (Dmma, 1 block per SM), then the 64 x 72 staging tile through which results
+// reach global memory. (Until 335b5f6 the next step came through registers, one step ahead:
+// 2 stages.)
 namespace wmma = nvcuda::wmma;
 constexpr int kTile = 64, kSteps = 16, kLd = kTile + 8;
 
 struct Tf32x3 {
   using scalar_t = float;
-  // Capped at 168 registers for 3 blocks per SM (the sum / cross variants spill ~230 bytes,
-  // touched once per sample): on an H200 5-12% faster than 2 blocks per SM with no spills on 4
-  // of 5 shapes (8% slower on 64x128x1024->1024), both variants tested there (RESULTS.md).
+  // Capped at 168 registers for 3 blocks per SM: with the register pipeline (the sum / cross
+  // variants spilled ~230 bytes, touched once per sample) on an H200 5-12% faster than 2 blocks
+  // per SM with no spills on 4 of 5 shapes (8% slower on 64x128x1024->1024; RESULTS.md). With
+  // cp.async the spills are 0-16 bytes.
   static constexpr int kM = 16, kK = 8, kWarpsO = 2, kWarpsI = 2, kMinBlocks = 3, kStages = 4;
   using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
   template <typename Frag>
@@ -417,7 +418,7 @@ void run_on_tensor_cores(at::Tensor& moment, at::Tensor& sum, const Operand& x, 
                          [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits, bool add) {
                            scalar_t* s_ptr = sum.defined() ? s_out.mutable_data_ptr<scalar_t>() : nullptr;
                            kernel<<<grid, threads, smem, stream>>>(x, g, xb, gb, m_out.mutable_data_ptr<scalar_t>(),
-                                                                s_ptr, samples, groups, T, I, O, splits, add, geo);
+                                                                   s_ptr, samples, groups, T, I, O, splits, add, geo);
                          });
       }
     });

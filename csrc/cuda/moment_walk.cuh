@@ -106,10 +106,10 @@ WalkGrid walk_grid(Kernel kernel, int threads, size_t smem_bytes, int64_t side, 
 }
 
 // Launches a moments walk over [groups] x O x I (start(grid, moment_out, sum_out, splits, add)
-// launches the kernel, with smem_bytes of dynamic shared memory). Samples are split over gridDim.z so that the tiles fill one wave of
-// resident blocks (partials [splits, groups, O, I], at most 64 MiB); the partials are then
-// reduced in a fixed order, straight into the result (at::sum_out) unless an earlier chunk's
-// values are there to add to (accumulate).
+// launches the kernel, with smem_bytes of dynamic shared memory). Samples are split over
+// gridDim.z so that the tiles fill one wave of resident blocks (partials [splits, groups, O, I],
+// at most 64 MiB); the partials are then reduced in a fixed order, straight into the result
+// (at::sum_out) unless an earlier chunk's values are there to add to (accumulate).
 template <typename Kernel, typename Start>
 void run_moments_walk(Kernel kernel, int threads, size_t smem_bytes, int side, at::Tensor& moment, at::Tensor& sum,
                       int64_t samples, int64_t groups, int64_t I, int64_t O, bool accumulate, int device,
