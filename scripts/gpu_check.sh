@@ -39,14 +39,15 @@ fi
 if [ "$PART" != bench ]; then
   stage "cuda tests"
   if [ -n "${TEST_FILTER:-}" ]; then
-    timeout 280 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "$TEST_FILTER" 2>&1 |
+    timeout 280 $PY -m pytest tests/test_cuda.py -v --tb=short -p no:cacheprovider -k "$TEST_FILTER" 2>&1 |
       tee "$OUT/test_cuda.log" | tail -8
   else  # the kernels not yet run on a GPU in a process of their own: a fault there cannot spoil the rest
+    # (-v: every test's verdict is in the log as it comes, even if a timeout ends the run)
     NEW_KERNELS="tensor_cores or implicit or tf32x3"
-    timeout 250 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "not ($NEW_KERNELS)" 2>&1 |
+    timeout 250 $PY -m pytest tests/test_cuda.py -v --tb=short -p no:cacheprovider -k "not ($NEW_KERNELS)" 2>&1 |
       tee "$OUT/test_cuda.log" | tail -8
     stage "cuda tests of the tensor-core kernels (cp.async pipeline, DMMA, implicit patches: first run on a GPU)"
-    timeout 120 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "$NEW_KERNELS" 2>&1 |
+    timeout 120 $PY -m pytest tests/test_cuda.py -v --tb=short -p no:cacheprovider -k "$NEW_KERNELS" 2>&1 |
       tee "$OUT/test_cuda_tensor_cores.log" | tail -8
     # failed: the fused benchmark leaves them out (a faulting kernel would end it, and its other tables)
     [ "${PIPESTATUS[0]}" = 0 ] || export GRADVAR_BENCH_SKIP_TENSOR_CORES=1
