@@ -45,10 +45,10 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
             # the README's recipe for all ranks' samples: summed squares all-reduced; .grad is DDP's
             # mean of the ranks' gradient sums (reduction "sum"), so their sum is .grad * WORLD
             n = 5 * WORLD
-            for p in params:
-                squares = p.sum_grad_squared.clone()
-                dist.all_reduce(squares)
-                global_variance.append(squares / n - (p.grad * WORLD / n) ** 2)
+            squares = [p.sum_grad_squared.clone() for p in params]
+            for s in squares:
+                dist.all_reduce(s)
+            global_variance.append([s / n - (p.grad * WORLD / n) ** 2 for s, p in zip(squares, params)])
             net.zero_grad(set_to_none=True)
         for _ in range(2):  # the statistics-only backward (no .grad, no all-reduce)
             with gv.collect(gv.Variance()) as stats:
@@ -80,5 +80,6 @@ def test_statistics_under_ddp_are_each_ranks_own(tmp_path):
     every = [torch.stack([r[k] for got in ranks for r in got["rows"]]) for k in range(len(ranks[0]["want"]))]
     want = [g.var(0, unbiased=False) for g in every]
     for got in ranks:
-        for k, ours in enumerate(got["global"]):
-            torch.testing.assert_close(ours, want[k % len(want)], rtol=1e-9, atol=1e-12)
+        for step in got["global"]:
+            for ours, theirs in zip(step, want, strict=True):
+                torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
