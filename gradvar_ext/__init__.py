@@ -28,7 +28,7 @@ from .conv_ops import (  # noqa: E402
     conv2d_second_moment,
     conv2d_variance,
 )
-from .frontend import BatchL2Grad, SumGradSquared, Variance, clear, collect, extend  # noqa: E402
+from .frontend import BatchL2Grad, SumGradSquared, Variance, clear, collect, extend, unextend  # noqa: E402
 from .micro_batches import total_variance  # noqa: E402
 from .ops import (  # noqa: E402
     bias_batch_l2,
@@ -51,6 +51,7 @@ __all__ = [
     "clear",
     "collect",
     "extend",
+    "unextend",
     "total_variance",
     "conv1d_batch_l2",
     "conv1d_second_moment",

@@ -78,12 +78,14 @@ _ACTIVE: list[_Collector] = []  # the innermost collect() block records
 
 class _Call:
     """One forward call of an extended layer: holds the layer's input until the first backward
-    through the call takes it. Alive as long as the call's autograd graph (its tensor hook)."""
+    through the call takes it. Alive as long as the call's autograd graph (its tensor hook).
+    ``extended`` turns False when ``unextend`` drops the call (its gradient is then ignored)."""
 
-    __slots__ = ("input", "__weakref__")
+    __slots__ = ("input", "extended", "__weakref__")
 
     def __init__(self, layer_input: Tensor) -> None:
         self.input: Tensor | None = layer_input
+        self.extended = True
 
 
 _CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> WeakSet of its live _Calls
@@ -162,7 +164,8 @@ def extend(module: nn.Module) -> nn.Module:
     """Instrument every Linear, Conv1d and Conv2d layer of ``module``; returns ``module`` itself.
 
     Raises TypeError for a layer with trainable parameters of an unsupported type (freeze it with
-    ``requires_grad_(False)`` to extend the rest). Extending twice is harmless.
+    ``requires_grad_(False)`` to extend the rest). Extending twice is harmless; :func:`unextend`
+    removes the hooks.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"gradvar_ext.extend: expected an nn.Module, got {type(module).__name__}")
@@ -182,6 +185,37 @@ def extend(module: nn.Module) -> nn.Module:
     return module
 
 
+def unextend(module: nn.Module) -> nn.Module:
+    """Undo :func:`extend` for every layer of ``module``; returns ``module`` itself.
+
+    Removes the forward hooks (the model runs as a plain one again: no host cost per call) and
+    deletes the statistics stored on the layers' parameters (as :func:`clear`: no result is left
+    that a later block would not refresh). A forward that ran before, whose backward has not,
+    lets its held input go; that backward gives no statistics. Other hooks are untouched;
+    layers that were never extended are left as they are. Raises RuntimeError inside a
+    ``collect`` block, whose statistics would miss the layers.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"gradvar_ext.unextend: expected an nn.Module, got {type(module).__name__}")
+    if _ACTIVE:
+        raise RuntimeError(
+            "gradvar_ext.unextend: called inside a collect block; its statistics would miss the layers: "
+            "call it after the block exits"
+        )
+    for sub in module.modules():
+        if not isinstance(sub, SUPPORTED):
+            continue
+        for key in [key for key, hook in sub._forward_hooks.items() if hook is _on_forward]:
+            del sub._forward_hooks[key]
+            sub._forward_hooks_with_kwargs.pop(key, None)
+            sub._forward_hooks_always_called.pop(key, None)
+        for call in _CALLS.pop(sub, ()):
+            call.input, call.extended = None, False
+        _EXTENDED.discard(sub)
+    clear(module)
+    return module
+
+
 def _on_forward(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
         return
@@ -194,7 +228,7 @@ def _on_forward(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) ->
 
     def on_grad(grad_output: Tensor) -> None:
         layer_input, call.input = call.input, None  # the first backward through the call takes it
-        if _ACTIVE:
+        if _ACTIVE and call.extended:
             _ACTIVE[-1].deliver(module, call, layer_input, grad_output)
 
     output.register_hook(on_grad)

@@ -56,7 +56,8 @@ def total_variance(
 
     Args:
         model: the model; its supported layers are extended (:func:`gradvar_ext.extend`) if they
-            are not yet, and every trainable parameter must belong to one of them.
+            are not yet (and stay so: :func:`gradvar_ext.unextend` removes the hooks), and every
+            trainable parameter must belong to one of them.
         lossfunc: ``lossfunc(model(x), y)`` -> a scalar, the sum or the mean of the samples'
             losses (``loss_reduction``).
         inputs, targets: the batch, ``[N, ...]`` each.

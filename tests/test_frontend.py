@@ -689,3 +689,51 @@ def test_statistics_of_a_scaled_loss_are_scaled_by_its_square():
         results.append([getattr(p, e.savefield) / scale**2 for p in model.parameters() for e in ALL])
     for unscaled, scaled in zip(*results):
         torch.testing.assert_close(scaled, unscaled, **TOL[torch.float64])
+
+
+def test_unextend_removes_the_hooks_and_the_statistics_of_those_layers_only():
+    """unextend(model[k]): its layers run hook-free and get no statistics (their old ones are
+    deleted); the layers still extended get the per-sample loop's statistics; extend undoes it."""
+    model, x, y, lossfunc = build("digits-cnn", torch.float64)
+    own_hook_calls = []
+    model[0].register_forward_hook(lambda *args: own_hook_calls.append(1))  # a user's hook stays
+    collect_all(model, lossfunc(model(x), y), create_graph=True)
+    assert gv.unextend(model[0]) is model[0]
+    assert not any(hasattr(p, name) for p in model[0].parameters() for name in ("variance", "batch_l2"))
+    assert hasattr(model[4].weight, "variance")  # the rest keep theirs until the next block
+    assert len(model[0]._forward_hooks) == 1 and len(model[4]._forward_hooks) == 1
+    model.zero_grad(set_to_none=True)
+    for backward in BACKWARDS:
+        collect_with(backward, model, x, y, lossfunc)
+        assert not any(hasattr(p, "variance") for p in model[0].parameters())
+        assert_statistics(model[4], per_sample_grads(model, x, y, lossfunc)[2:], torch.float64)
+        model.zero_grad(set_to_none=True)
+    gv.extend(model)
+    collect_all(model, lossfunc(model(x), y))
+    assert_statistics(model, per_sample_grads(model, x, y, lossfunc), torch.float64)
+    assert len(own_hook_calls) > 0 and len(model[0]._forward_hooks) == 2
+
+
+def test_unextend_drops_a_pending_forward_and_its_held_input():
+    model, x, y, lossfunc = build("sequence-linear", torch.float64)
+    inp = x.clone().requires_grad_(True)
+    loss = lossfunc(model(inp), y)
+    (call,) = gv.frontend._CALLS[model]
+    assert call.input is inp
+    gv.unextend(model)
+    assert call.input is None and model not in gv.frontend._EXTENDED
+    with gv.collect(gv.Variance()):
+        loss.backward()  # the dropped call's gradient is ignored: no statistics, no error
+    assert not hasattr(model.weight, "variance") and model.weight.grad is not None
+
+
+def test_unextend_inside_a_block_or_of_a_non_module_is_an_error():
+    model, x, y, lossfunc = build("sequence-linear", torch.float64)
+    with pytest.raises(RuntimeError, match="gradvar_ext.unextend: called inside a collect block"):
+        with gv.collect(gv.Variance()):
+            gv.unextend(model)
+    assert any(hook is gv.frontend._on_forward for hook in model._forward_hooks.values())
+    with pytest.raises(TypeError, match="gradvar_ext.unextend: expected an nn.Module, got str"):
+        gv.unextend("model")
+    plain = nn.Linear(2, 2)
+    assert gv.unextend(plain) is plain and len(plain._forward_hooks) == 0  # never extended: as it was
