@@ -712,6 +712,12 @@ def test_unextend_removes_the_hooks_and_the_statistics_of_those_layers_only():
     collect_all(model, lossfunc(model(x), y))
     assert_statistics(model, per_sample_grads(model, x, y, lossfunc), torch.float64)
     assert len(own_hook_calls) > 0 and len(model[0]._forward_hooks) == 2
+    import copy
+
+    gv.unextend(copy.deepcopy(model))  # a copy's hooks are its own: the model stays extended
+    model.zero_grad(set_to_none=True)
+    collect_all(model, lossfunc(model(x), y))
+    assert_statistics(model, per_sample_grads(model, x, y, lossfunc), torch.float64)
 
 
 def test_unextend_drops_a_pending_forward_and_its_held_input():
