@@ -33,7 +33,7 @@ def loop_total_variance(model, x, y, loss_of_one):
 
 def test_readme_python_examples_run_as_written_and_match_the_per_sample_loop():
     blocks = python_blocks()
-    assert len(blocks) == 4, "a README example was added or removed: check it here too"
+    assert len(blocks) == 6, "a README example was added or removed: check it here too"
     torch.manual_seed(0)
     ns: dict = {}
     exec(compile(blocks[0], "README block 1", "exec"), ns)  # extend + collect + gradient of the variance
@@ -58,8 +58,25 @@ def test_readme_python_examples_run_as_written_and_match_the_per_sample_loop():
     for p, g in zip(params, grads):
         torch.testing.assert_close(p.grad, (factors.view(-1, *[1] * (g.dim() - 1)) * g).sum(0), rtol=1e-4, atol=1e-5)
 
+    # a training step with the variance penalty: .grad before the step is d(loss + w * penalty)
+    full = torch.autograd.grad(summed(model(x), y), list(model.parameters()))
+    _, penalty_grad = loop_total_variance(model, x, y, summed)
+    exec(compile(blocks[3], "README block 4", "exec"), ns)
+    assert ns["penalty_weight"] == 0.1 and all(r.abs().max() > 0 for r in penalty_grad)
+    for p, f, r in zip(model.parameters(), full, penalty_grad):
+        torch.testing.assert_close(p.grad, f + 0.1 * r, rtol=1e-3, atol=1e-5)
+    assert all(not hasattr(p, "variance") for p in model.parameters())
+
+    exec(compile(blocks[4], "README block 5", "exec"), ns)  # the gradient noise scale
+    _, grads = per_sample_grads(model, x, y, summed)
+    n = len(x)
+    trace = sum(g.var(0, unbiased=True).sum() for g in grads)
+    mean_squared = sum(g.mean(0).square().sum() for g in grads)
+    torch.testing.assert_close(ns["trace_sigma"], trace, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ns["noise_scale"], trace / (mean_squared - trace / n), rtol=1e-3, atol=1e-6)
+
     model.zero_grad(set_to_none=True)
-    exec(compile(blocks[3], "README block 4", "exec"), ns)  # total_variance in micro-batches
+    exec(compile(blocks[5], "README block 6", "exec"), ns)  # total_variance in micro-batches
     want_total, want_grad = loop_total_variance(model, x, y, torch.nn.CrossEntropyLoss())
     torch.testing.assert_close(ns["total"], want_total.detach(), rtol=1e-4, atol=1e-6)
     for p, want in zip(model.parameters(), want_grad):
