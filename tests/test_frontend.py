@@ -731,6 +731,11 @@ def test_unextend_drops_a_pending_forward_and_its_held_input():
     with gv.collect(gv.Variance()):
         loss.backward()  # the dropped call's gradient is ignored: no statistics, no error
     assert not hasattr(model.weight, "variance") and model.weight.grad is not None
+    loss = lossfunc(model(x), y)  # unextended: nothing held
+    gv.extend(model)  # extended again before the backward: that forward's statistics are missing
+    with pytest.raises(RuntimeError, match=r"Linear \(4, 6\).*a forward that ran before gradvar_ext.extend"):
+        with gv.collect(gv.Variance()):
+            loss.backward()
 
 
 def test_unextend_inside_a_block_or_of_a_non_module_is_an_error():
