@@ -38,7 +38,8 @@ else
   cp gradvar_ext/_C*.so "$OUT/" 2>/dev/null
 fi
 # pytest-xdist (on the GPU image): the CUDA tests are host-bound (gradcheck's many small launches),
-# so 6 worker processes sharing the GPU take ~1/4 of one process's time (301 tests: ~235 s alone).
+# so 6 worker processes sharing the GPU should take a fraction of one process's time (301 tests,
+# ~235 s alone by the eighth session's rate; not yet timed with workers).
 # `timeout` signals its whole process group: the workers too.
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-6}"
