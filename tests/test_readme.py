@@ -7,6 +7,8 @@ import os
 import re
 
 import torch
+from test_frontend import per_sample_grads  # the per-sample loop, one backward per sample
+from test_micro_batches import loop_total_variance  # the loop's total variance and its gradient
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -14,21 +16,6 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def python_blocks() -> list[str]:
     with open(README, encoding="utf-8") as f:
         return re.findall(r"^```python\n(.*?)^```", f.read(), flags=re.S | re.M)
-
-
-def per_sample_grads(model, x, y, loss_of_one, create_graph=False):
-    params = list(model.parameters())
-    rows = [
-        torch.autograd.grad(loss_of_one(model(x[n : n + 1]), y[n : n + 1]), params, create_graph=create_graph)
-        for n in range(len(x))
-    ]
-    return params, [torch.stack(column) for column in zip(*rows)]
-
-
-def loop_total_variance(model, x, y, loss_of_one):
-    params, grads = per_sample_grads(model, x, y, loss_of_one, create_graph=True)
-    total = sum(g.var(0, unbiased=False).sum() for g in grads)
-    return total, torch.autograd.grad(total, params)
 
 
 def test_readme_python_examples_run_as_written_and_match_the_per_sample_loop():
@@ -39,7 +26,7 @@ def test_readme_python_examples_run_as_written_and_match_the_per_sample_loop():
     exec(compile(blocks[0], "README block 1", "exec"), ns)  # extend + collect + gradient of the variance
     model, x, y = ns["model"], ns["x"], ns["y"]
     summed = torch.nn.CrossEntropyLoss(reduction="sum")
-    want_total, want_grad = loop_total_variance(model, x, y, summed)
+    want_total, want_grad, _ = loop_total_variance(model, x, y, summed)
     torch.testing.assert_close(ns["total_variance"].detach(), want_total.detach(), rtol=1e-4, atol=1e-5)
     for ours, want in zip(ns["grad_of_variance"], want_grad):
         torch.testing.assert_close(ours, want, rtol=1e-3, atol=1e-4)
@@ -51,7 +38,7 @@ def test_readme_python_examples_run_as_written_and_match_the_per_sample_loop():
     assert all(p.grad is None for p in model.parameters())
 
     exec(compile(blocks[2], "README block 3", "exec"), ns)  # DP-SGD clipping
-    params, grads = per_sample_grads(model, x, y, summed)
+    params, grads = list(model.parameters()), per_sample_grads(model, x, y, summed)
     norms = sum(g.flatten(1).square().sum(1) for g in grads).sqrt()
     factors = (1.0 / (norms + 1e-6)).clamp(max=1.0)
     assert (factors < 1).any()  # some samples are clipped: the check can tell
@@ -60,7 +47,7 @@ def test_readme_python_examples_run_as_written_and_match_the_per_sample_loop():
 
     # a training step with the variance penalty: .grad before the step is d(loss + w * penalty)
     full = torch.autograd.grad(summed(model(x), y), list(model.parameters()))
-    _, penalty_grad = loop_total_variance(model, x, y, summed)
+    _, penalty_grad, _ = loop_total_variance(model, x, y, summed)
     exec(compile(blocks[3], "README block 4", "exec"), ns)
     assert ns["penalty_weight"] == 0.1 and all(r.abs().max() > 0 for r in penalty_grad)
     for p, f, r in zip(model.parameters(), full, penalty_grad):
@@ -68,7 +55,7 @@ def test_readme_python_examples_run_as_written_and_match_the_per_sample_loop():
     assert all(not hasattr(p, "variance") for p in model.parameters())
 
     exec(compile(blocks[4], "README block 5", "exec"), ns)  # the gradient noise scale
-    _, grads = per_sample_grads(model, x, y, summed)
+    grads = per_sample_grads(model, x, y, summed)
     n = len(x)
     trace = sum(g.var(0, unbiased=True).sum() for g in grads)
     mean_squared = sum(g.mean(0).square().sum() for g in grads)
@@ -77,7 +64,7 @@ def test_readme_python_examples_run_as_written_and_match_the_per_sample_loop():
 
     model.zero_grad(set_to_none=True)
     exec(compile(blocks[5], "README block 6", "exec"), ns)  # total_variance in micro-batches
-    want_total, want_grad = loop_total_variance(model, x, y, torch.nn.CrossEntropyLoss())
+    want_total, want_grad, _ = loop_total_variance(model, x, y, torch.nn.CrossEntropyLoss())
     torch.testing.assert_close(ns["total"], want_total.detach(), rtol=1e-4, atol=1e-6)
     for p, want in zip(model.parameters(), want_grad):
         torch.testing.assert_close(p.grad, want, rtol=1e-3, atol=1e-6)
