@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_frontend import per_sample_grads  # the per-sample loop, one backward per sample
 from torch import nn
 
 WORLD = 2
@@ -34,8 +35,8 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         x, y = torch.randn(5, 1, 4, 4, dtype=torch.float64, generator=g), torch.randint(0, 3, (5,), generator=g)
         lossfunc = nn.CrossEntropyLoss(reduction="sum")
         params = list(net.parameters())
-        rows = [torch.autograd.grad(lossfunc(net(x[i : i + 1]), y[i : i + 1]), params) for i in range(5)]
-        want = [torch.stack([r[k] for r in rows]).var(0, unbiased=False) for k in range(len(params))]
+        per_sample = per_sample_grads(net, x, y, lossfunc)
+        want = [g.var(0, unbiased=False) for g in per_sample]
         results, global_variance = [], []
         for _ in range(2):  # loss.backward (DDP all-reduces .grad), twice: the reducer's state carries over
             loss = lossfunc(model(x), y)
@@ -57,7 +58,7 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         lossfunc(model(x), y).backward()  # a plain DDP step still works after them
         synced = [p.grad.clone() for p in params]
         torch.save(
-            {"want": want, "rows": rows, "results": results, "global": global_variance, "synced": synced},
+            {"want": want, "per_sample": per_sample, "results": results, "global": global_variance, "synced": synced},
             os.path.join(out_dir, f"{rank}.pt"),
         )
     finally:
@@ -77,7 +78,7 @@ def test_statistics_under_ddp_are_each_ranks_own(tmp_path):
     for a, b in zip(ranks[0]["synced"], ranks[1]["synced"]):
         torch.testing.assert_close(a, b)
     # all ranks' samples: the per-sample gradients of both, and the recipe on each rank (2 steps)
-    every = [torch.stack([r[k] for got in ranks for r in got["rows"]]) for k in range(len(ranks[0]["want"]))]
+    every = [torch.cat(pair) for pair in zip(*(got["per_sample"] for got in ranks))]
     want = [g.var(0, unbiased=False) for g in every]
     for got in ranks:
         for step in got["global"]:
