@@ -172,7 +172,7 @@ def extend(module: nn.Module) -> nn.Module:
     for name, sub in module.named_modules():
         if isinstance(sub, SUPPORTED):
             # the hook itself, not membership, tells an extended layer: a deep copy keeps the hook
-            if not any(hook is _on_forward for hook in sub._forward_hooks.values()):
+            if not _hook_keys(sub):
                 sub.register_forward_hook(_on_forward, with_kwargs=True)
             _EXTENDED.add(sub)
         elif _trainable(sub):
@@ -205,7 +205,7 @@ def unextend(module: nn.Module) -> nn.Module:
     for sub in module.modules():
         if not isinstance(sub, SUPPORTED):
             continue
-        for key in [key for key, hook in sub._forward_hooks.items() if hook is _on_forward]:
+        for key in _hook_keys(sub):
             del sub._forward_hooks[key]
             sub._forward_hooks_with_kwargs.pop(key, None)
             sub._forward_hooks_always_called.pop(key, None)
@@ -214,6 +214,11 @@ def unextend(module: nn.Module) -> nn.Module:
         _EXTENDED.discard(sub)
     clear(module)
     return module
+
+
+def _hook_keys(module: nn.Module) -> list:
+    """The keys of extend's forward hook among the module's (a deep copy keeps them)."""
+    return [key for key, hook in module._forward_hooks.items() if hook is _on_forward]
 
 
 def _on_forward(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
