@@ -308,22 +308,30 @@ def test_fused_cuda_products_gradgradcheck(monkeypatch):
 def test_cuda_default_moment_path_by_positions(dtype, limit, monkeypatch):
     """Unset GRADVAR_EXT_FUSED_CUDA takes the fused kernel for one position per sample while
     N * I * O <= 2**26 and for 1 < T <= `limit` positions, chunked cuBLAS (or two GEMMs) otherwise
-    (csrc/outer_product_stats.cpp): bit for bit the forced path's result."""
+    (csrc/outer_product_stats.cpp): bit for bit the forced path's result. For 1 < T the fused
+    walk runs on tensor cores on sm_80+ (=tensor_cores), except for a cross moment (=1)."""
     torch.manual_seed(20)
+    walk = "tensor_cores" if TENSOR_CORES else "1"
     # (samples, positions, in, out): T = 1 at 2**26 and just above it, then the positions' limit
     shapes = [
         (1024, 1, 256, 256, "1"),
         (1024, 1, 256, 257, "0"),
-        (40, limit, 36, 20, "1"),
+        (40, limit, 36, 20, walk),
         (40, limit + 1, 36, 20, "0"),
+        (40, 2, 36, 20, walk),
     ]
     for n, t, fan_in, fan_out, forced in shapes:
         x = torch.randn(n, t, fan_in, device="cuda", dtype=dtype).squeeze(1)  # T = 1: [N, in]
         g = torch.randn(n, t, fan_out, device="cuda", dtype=dtype).squeeze(1)
         monkeypatch.delenv("GRADVAR_EXT_FUSED_CUDA", raising=False)
         default = call("linear_variance", x, g)
+        names = _cuda_kernels_of(lambda x=x, g=g: call("linear_variance", x, g))
+        assert any("fused_moments_mma_kernel" in n for n in names) == (forced == "tensor_cores"), (t, names)
+        cross = call("linear_cross_moment", x, g, 2 * x, g)
         monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", forced)
         assert torch.equal(default, call("linear_variance", x, g)), (n, t, fan_out, forced)
+        monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "1" if forced == "tensor_cores" else forced)
+        assert torch.equal(cross, call("linear_cross_moment", x, g, 2 * x, g)), (n, t, fan_out, "cross")
 
 
 @pytest.mark.parametrize("op", ["linear_moments", "weighted_gradient_products"])
