@@ -14,8 +14,11 @@
 # those workloads (default: all six); SKIP_JOB_A=1 skips job (a).
 # SKIP_PROFILE=1 skips the profile of job (b) (90 s), SKIP_SWEEP=1 the CNN sweep (~90 s); the sweep runs before job (a), so that a
 # call cut short loses job (a) first. CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
-# On an H100 (eighth session): build 33 s, CUDA tests 190 s (243 tests, one process; 301 now, in
-# TEST_WORKERS=6 pytest-xdist processes when xdist imports: not yet timed), fused benchmark 12 s, sanitizers 44 s,
+# On an H200 (fourteenth session, SKIP_PROFILE=1 SKIP_SWEEP=1 SKIP_JOB_A=1 WORKLOADS="cnn seq": 388 s
+# in all): build 36 s, CUDA tests 135 s (300 tests in 6 pytest-xdist workers; 14 workers were
+# slower: 295 of 325 in 140 s), the tensor-core tests 36 s, example 5 s, fused benchmark ~30 s,
+# sanitizers 41 s, job (b) cnn + seq 103 s. On an H100 (eighth session): build 33 s, CUDA tests
+# 190 s (243 tests, one process), fused benchmark 12 s, sanitizers 44 s,
 # job (b) ~290 s (48 fresh processes), the sweep ~90 s: PART=core ~5 min; for one 10-min call
 # after a Python-only change, KERNEL_CHECKS=0 SKIP_PROFILE=1 SKIP_SWEEP=1 (core, job b; job a if time).
 set -uo pipefail
@@ -37,9 +40,9 @@ else
   timeout 200 $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo BUILD FAILED; tail -30 "$OUT/build.log"; exit 1; }
   cp gradvar_ext/_C*.so "$OUT/" 2>/dev/null
 fi
-# pytest-xdist (on the GPU image): the CUDA tests are host-bound (gradcheck's many small launches),
-# so 6 worker processes sharing the GPU should take a fraction of one process's time (301 tests,
-# ~235 s alone by the eighth session's rate; not yet timed with workers).
+# pytest-xdist (on the GPU image): the CUDA tests are host-bound (gradcheck's many small launches);
+# 6 worker processes sharing the GPU took 135 s on an H200 (one process: ~235 s at the eighth
+# session's rate on an H100).
 # `timeout` signals its whole process group: the workers too.
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-6}"
@@ -48,12 +51,12 @@ if [ "$PART" != bench ]; then
   if [ -n "${TEST_FILTER:-}" ]; then
     timeout 280 $PY -m pytest tests/test_cuda.py $XDIST -v --tb=short -p no:cacheprovider -k "$TEST_FILTER" 2>&1 |
       tee "$OUT/test_cuda.log" | tail -8
-  else  # the kernels not yet run on a GPU in a process of their own: a fault there cannot spoil the rest
+  else  # the tensor-core kernels in a process of their own: a fault there cannot spoil the rest
     # (-v: every test's verdict is in the log as it comes, even if a timeout ends the run)
     NEW_KERNELS="tensor_cores or implicit or tf32x3"
     timeout 250 $PY -m pytest tests/test_cuda.py $XDIST -v --tb=short -p no:cacheprovider -k "not ($NEW_KERNELS)" 2>&1 |
       tee "$OUT/test_cuda.log" | tail -8
-    stage "cuda tests of the tensor-core kernels (cp.async pipeline, DMMA, implicit patches: first run on a GPU)"
+    stage "cuda tests of the tensor-core kernels (cp.async pipeline, DMMA, implicit patches)"
     timeout 120 $PY -m pytest tests/test_cuda.py $XDIST -v --tb=short -p no:cacheprovider -k "$NEW_KERNELS" 2>&1 |
       tee "$OUT/test_cuda_tensor_cores.log" | tail -8
     # failed: the fused benchmark leaves them out (a faulting kernel would end it, and its other tables)

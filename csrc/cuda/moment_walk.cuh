@@ -43,7 +43,7 @@ void with_variant(bool cross, bool with_sum, F&& f) {
 // GRADVAR_EXT_FUSED_CUDA=tensor_cores (or its first name, tf32x3, once float32 only), never with
 // =1 (the CUDA-core kernel); unset, for T > 1 positions without a cross pair. Measured on an H200
 // (benchmarks/RESULTS.md, fourteenth session), GPU time against the CUDA-core walk at T = 8-16:
-// float32 0.74-0.76x, float64 0.51-0.67x. T = 1 and cross moments were not timed there: CUDA cores.
+// float32 0.74-0.76x, float64 0.51-0.68x. T = 1 and cross moments were not timed there: CUDA cores.
 inline bool walk_on_tensor_cores(int64_t T, bool cross) {
   const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
   if (flag == nullptr || *flag == '\0') return T > 1 && !cross;
