@@ -11,7 +11,7 @@
 # TEST_FILTER="..." passes -k to pytest (e.g. only the fused-kernel tests after a kernel change);
 # KERNEL_CHECKS=0 skips the fused-kernel benchmark and compute-sanitizer (when no .cu changed);
 # SANITIZE=0 skips only compute-sanitizer. WORKLOADS="cnn seq" limits the variance benchmarks to
-# those workloads (default: all six); SKIP_JOB_A=1 skips job (a).
+# those workloads (default: all six), METHODS="..." to those methods; SKIP_JOB_A=1 skips job (a).
 # SKIP_PROFILE=1 skips the profile of job (b) (90 s), SKIP_SWEEP=1 the CNN sweep (~90 s); the sweep runs before job (a), so that a
 # call cut short loses job (a) first. CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
 # On an H200 (fourteenth session, SKIP_PROFILE=1 SKIP_SWEEP=1 SKIP_JOB_A=1 WORKLOADS="cnn seq": 388 s
@@ -87,8 +87,9 @@ fi
 stage "variance benchmark"
 # gradvar-fused (GRADVAR_EXT_FUSED_CUDA=1) is the default's kernels on all-Linear models since the
 # one-position default, and forced onto slow shapes elsewhere (bench_fused_cuda.py times those):
-# the micro-batched total_variance takes its place (GPU memory at N = 64 was not measured yet).
-METHODS="floor gradvar gradvar+grad gradvar-micro loop torch.func backpack opacus"
+# the micro-batched total_variance takes its place (CNN, N = 64, on an H200: 100.6 MB, the least).
+# METHODS="..." replaces the list (e.g. gradvar gradvar-micro-32 gradvar-micro-48 torch.func).
+METHODS=${METHODS:-floor gradvar gradvar+grad gradvar-micro loop torch.func backpack opacus}
 timeout 320 $PY benchmarks/bench_variance.py --device cuda --quick ${WORKLOADS:+--workloads $WORKLOADS} --methods $METHODS \
   --json "$OUT/bench_cuda.json" 2>&1 |
   tee "$OUT/bench_variance.log" | tail -50
