@@ -22,14 +22,23 @@ namespace {
 // hold all its per-sample gradients, as much as the methods that materialise them (the sequence
 // layer's job (b) on an H100: 25.0 MB against torch.func's 24.8; 21 MB with the half, the same
 // peak as with the CPU's 4 MiB, measured on the CPU with its budget raised to 32 MiB).
+// On a GPU a chunk also holds at least 8 samples where one forms more than 4 MiB (up to 128 MiB,
+// and still at most half the batch): batched GEMMs of fewer, large products underfill the device.
+// Measured on an H200 (benchmarks/RESULTS.md, fourteenth session), chunked / bmm throughput:
+// float64 64x128x1024->1024 (8 MiB a sample) 0.47-0.48 with 4 samples a chunk (32 MiB), 0.53-0.54
+// with 8, 0.57-0.58 with 16; float32 32x256x768->768 0.42 with 3 samples, 0.85-0.86 with 6 or 13.
 // GRADVAR_EXT_CHUNK_MIB=n sets every chunk's budget to n MiB instead (the grouped conv path's
 // included): a knob for tuning and for tight memory (more samples per chunk: fewer launches,
 // more scratch).
 constexpr int64_t kMinChunkBytes = int64_t(4) << 20;
+constexpr int64_t kGpuChunkBytes = int64_t(32) << 20, kGpuMostChunkBytes = int64_t(128) << 20;
+constexpr int64_t kGpuFewestChunkSamples = 8;
 
-int64_t chunk_bytes(const at::TensorOptions& options, int64_t batch_bytes) {
-  const int64_t most = options.device().is_cpu() ? kMinChunkBytes : int64_t(32) << 20;
-  return std::clamp<int64_t>(batch_bytes / 2, kMinChunkBytes, most);
+int64_t chunk_bytes(const at::TensorOptions& options, int64_t sample_bytes, int64_t samples) {
+  const int64_t half_batch = sample_bytes * samples / 2;
+  if (options.device().is_cpu()) return kMinChunkBytes;
+  const int64_t several_samples = std::min({kGpuFewestChunkSamples * sample_bytes, kGpuMostChunkBytes, half_batch});
+  return std::max(std::clamp<int64_t>(half_batch, kMinChunkBytes, kGpuChunkBytes), several_samples);
 }
 
 int64_t forced_chunk_bytes() {  // GRADVAR_EXT_CHUNK_MIB in bytes, 0 when unset
@@ -48,7 +57,7 @@ int64_t chunk_samples(int64_t elems_per_sample, const at::TensorOptions& options
   const int64_t element_size = static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
   const int64_t bytes = std::max<int64_t>(1, elems_per_sample * element_size);
   const int64_t forced = forced_chunk_bytes();
-  const int64_t budget_bytes = forced > 0 ? forced : budget > 0 ? budget : chunk_bytes(options, bytes * samples);
+  const int64_t budget_bytes = forced > 0 ? forced : budget > 0 ? budget : chunk_bytes(options, bytes, samples);
   return std::clamp<int64_t>(budget_bytes / bytes, 1, std::max<int64_t>(1, std::min(samples, max_chunk)));
 }
 
