@@ -335,7 +335,7 @@ def test_cuda_default_moment_path_by_positions(dtype, limit, monkeypatch):
         monkeypatch.delenv("GRADVAR_EXT_FUSED_CUDA", raising=False)
         default = call("linear_variance", x, g)
         names = _cuda_kernels_of(lambda x=x, g=g: call("linear_variance", x, g))
-        assert any("fused_moments_mma_kernel" in n for n in names) == (forced == "tensor_cores"), (t, names)
+        assert any("fused_moments_mma_kernel" in k for k in names) == (forced == "tensor_cores"), (t, names)
         cross = call("linear_cross_moment", x, g, 2 * x, g)
         monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", forced)
         assert torch.equal(default, call("linear_variance", x, g)), (n, t, fan_out, forced)
