@@ -8,9 +8,10 @@ after warm-up):
   bmm      torch.bmm(G^T, X): the per-sample gradients [N, out, in] (cuBLAS; O(N out in) memory;
            for Conv2d from patches unfolded beforehand, outside the timing)
   chunked  linear_variance / conv2d_variance with GRADVAR_EXT_FUSED_CUDA=0 (chunked bmm + accumulate)
-  fused    the same on the default path, the fused kernel (one pass, O(out in) memory)
+  fused    GRADVAR_EXT_FUSED_CUDA=1, the fused kernel on CUDA cores (one pass, O(out in) memory)
   tensor   the same on tensor cores, GRADVAR_EXT_FUSED_CUDA=tensor_cores (sm_80+): 3xTF32 for
-           float32, DMMA (FP64 tensor cores, as cuBLAS's DGEMM) for float64
+           float32, DMMA (FP64 tensor cores, as cuBLAS's DGEMM) for float64; unset, the default
+           on sm_80+ for 1 < T <= 32 (float32) / 16 (float64)
   grouped  Conv2d only: GRADVAR_EXT_CONV_ALGORITHM=grouped, cuDNN's weight gradient of one grouped
            convolution per chunk forms the per-sample gradients (no unfolded patches), then the
            chunked accumulate; the candidate for the conv shapes, where unfolding costs as much
@@ -147,7 +148,7 @@ def main() -> None:
                 os.environ.pop("GRADVAR_EXT_CONV_ALGORITHM", None)
                 calls[name] = (ms, total, kernel)
                 if name == "default":
-                    continue  # the same as chunked or fused: only its ratio is printed
+                    continue  # the same as chunked, fused or tensor: only its ratio is printed
                 cells.append(f"{ms:.3f} ms ({total:.3f} on GPU, kernel {kernel:.3f}), {mb:.0f} MB")
                 if name in ("fused", "tensor", "implicit") and "fused_moments" not in kernel_name:
                     cells[-1] += f" [top kernel: {kernel_name[:40]}]"

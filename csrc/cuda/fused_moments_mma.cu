@@ -1,6 +1,7 @@
 // Fused per-sample moments on tensor cores (sm_80+): the walk of fused_moments.cu with warp MMAs,
-// 3xTF32 for float32 and DMMA for float64 (GRADVAR_EXT_FUSED_CUDA=tensor_cores), and the conv
-// moments reading patches straight from the image (GRADVAR_EXT_CONV_ALGORITHM=implicit).
+// 3xTF32 for float32 and DMMA for float64 (the default walk for T > 1 without a cross pair;
+// GRADVAR_EXT_FUSED_CUDA=tensor_cores for every shape), and the conv moments reading patches
+// straight from the image (GRADVAR_EXT_CONV_ALGORITHM=implicit).
 //   moment[g, o, i] (+)= sum_s g_s[o, i] * h_s[o, i],  sum[g, o, i] (+)= sum_s g_s[o, i]
 // with g_s = G_s^T X_s (h_s from a second pair, or g_s), X_s unfolded patches when implicit.
 // Memory: as the CUDA-core walk, partials [splits, groups, O, I] (<= 64 MiB) at most.
