@@ -9,8 +9,9 @@ import glob
 import os
 import shutil
 
-# Hopper and Ampere by default; TORCH_CUDA_ARCH_LIST overrides.
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# Ampere and Hopper machine code, and Hopper PTX that the driver compiles for newer GPUs on first
+# use (without it their first CUDA op fails: no kernel image); TORCH_CUDA_ARCH_LIST overrides.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def prepare_cuda_environment() -> None:
