@@ -113,9 +113,14 @@ GradientChunks outer_products(const Factors& X, const Factors& G, at::Tensor* x_
 }  // namespace
 
 #ifdef GRADVAR_WITH_CUDA
-bool use_fused_cuda(const Factors& X, const Factors& G) {
+// GRADVAR_EXT_FUSED_CUDA, or nullptr when it is unset or empty (the defaults below).
+static const char* fused_cuda_flag() {
   const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
-  if (flag != nullptr && std::strcmp(flag, "") != 0) return std::strcmp(flag, "0") != 0;
+  return flag != nullptr && *flag != '\0' ? flag : nullptr;
+}
+
+bool use_fused_cuda(const Factors& X, const Factors& G) {
+  if (const char* flag = fused_cuda_flag()) return std::strcmp(flag, "0") != 0;
   // T = 1: the one-pass kernel (both GEMMs, no squared copies) while the product is small,
   // N * groups * I * O <= 2^26, where a step is bound by launches rather than by the GEMM.
   // Measured on an H100 (benchmarks/RESULTS.md, eighth session), per call: 0.10 vs 0.14 ms at
@@ -128,6 +133,15 @@ bool use_fused_cuda(const Factors& X, const Factors& G) {
   // at T = 64 (faster in another run), 1.4-2.0x slower at T >= 128; float64 1.4-4x faster at
   // T = 8-16, 2.3x slower at T = 64 (cuBLAS runs DGEMM on tensor cores; the kernel does not).
   return X.positions <= (X.options.dtype() == at::kDouble ? 16 : 32);
+}
+
+// Tensor cores by default for T > 1 positions without a cross pair. Measured on an H200
+// (benchmarks/RESULTS.md, fourteenth session), GPU time against the CUDA-core walk at T = 8-16:
+// float32 0.74-0.76x, float64 0.51-0.68x. T = 1 and cross moments were not timed there: CUDA cores.
+bool fused_cuda_on_tensor_cores(int64_t positions, bool cross) {
+  const char* flag = fused_cuda_flag();
+  if (flag == nullptr) return positions > 1 && !cross;
+  return std::strcmp(flag, "tensor_cores") == 0 || std::strcmp(flag, "tf32x3") == 0;
 }
 
 // Whether the environment variable `name` is set to "1": the fused squared norms and products

@@ -121,6 +121,9 @@ void col2im_cpu(const at::Tensor& cols, at::Tensor& image, at::IntArrayRef kerne
 // float32, DMMA for float64); GRADVAR_EXT_FUSED_CUDA=1 always, on CUDA cores, =0 never,
 // =tensor_cores (or tf32x3) always, on tensor cores (sm_80+).
 bool use_fused_cuda(const Factors& X, const Factors& G);
+// Whether that fused walk (on sm_80+) runs on tensor cores: =tensor_cores (or its first name,
+// tf32x3, once float32 only) always, =1 never (CUDA cores); unset, for T > 1 without a cross pair.
+bool fused_cuda_on_tensor_cores(int64_t positions, bool cross);
 // moment = sum_s g_s * h_s, sum = sum_s g_s over one chunk (+= when accumulate: a later chunk;
 // else moment and sum need no zeroing); X, G (Xb, Gb): [S * groups, T, F].
 void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X, const at::Tensor& G,

@@ -14,7 +14,7 @@
 // each sample's partials summed (opt-in, GRADVAR_EXT_FUSED_CUDA=1: slower than cuBLAS on an H100).
 // On sm_80+ the same walk on tensor cores, 3xTF32 for float32 and DMMA for float64
 // (fused_moments_mma.cu): by default for T > 1 without a cross pair, GRADVAR_EXT_FUSED_CUDA=tensor_cores
-// always (walk_on_tensor_cores).
+// always (fused_cuda_on_tensor_cores).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -317,7 +317,7 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
     run_moments_walk(kernel, threads, /*smem_bytes=*/0, side, moment, sum, samples, groups, I, O, accumulate, device,
                      facts, start);
   };
-  if (facts.major >= 8 && walk_on_tensor_cores(T, cross)) {  // 3xTF32 for float32, DMMA for float64
+  if (facts.major >= 8 && fused_cuda_on_tensor_cores(T, cross)) {  // 3xTF32 for float32, DMMA for float64
     return walk::fused_moments_mma_cuda(moment, sum, x, g, xb, gb, cross, samples, groups, T, I, O, accumulate,
                                         X.scalar_type(), device, facts);
   }

@@ -11,8 +11,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <type_traits>
@@ -37,17 +35,6 @@ void with_variant(bool cross, bool with_sum, F&& f) {
   } else {
     f(std::false_type{}, std::false_type{});
   }
-}
-
-// Whether the moments' walk (on sm_80+) runs on tensor cores: always with
-// GRADVAR_EXT_FUSED_CUDA=tensor_cores (or its first name, tf32x3, once float32 only), never with
-// =1 (the CUDA-core kernel); unset, for T > 1 positions without a cross pair. Measured on an H200
-// (benchmarks/RESULTS.md, fourteenth session), GPU time against the CUDA-core walk at T = 8-16:
-// float32 0.74-0.76x, float64 0.51-0.68x. T = 1 and cross moments were not timed there: CUDA cores.
-inline bool walk_on_tensor_cores(int64_t T, bool cross) {
-  const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
-  if (flag == nullptr || *flag == '\0') return T > 1 && !cross;
-  return std::strcmp(flag, "tensor_cores") == 0 || std::strcmp(flag, "tf32x3") == 0;
 }
 
 inline Operand operand(const at::Tensor& t) { return Operand{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
