@@ -35,8 +35,8 @@ constexpr int64_t kGpuChunkBytes = int64_t(32) << 20, kGpuMostChunkBytes = int64
 constexpr int64_t kGpuFewestChunkSamples = 8;
 
 int64_t chunk_bytes(const at::TensorOptions& options, int64_t sample_bytes, int64_t samples) {
-  const int64_t half_batch = sample_bytes * samples / 2;
   if (options.device().is_cpu()) return kMinChunkBytes;
+  const int64_t half_batch = sample_bytes * samples / 2;
   const int64_t several_samples = std::min({kGpuFewestChunkSamples * sample_bytes, kGpuMostChunkBytes, half_batch});
   return std::max(std::clamp<int64_t>(half_batch, kMinChunkBytes, kGpuChunkBytes), several_samples);
 }
