@@ -1,6 +1,6 @@
 """The fused CUDA moment kernel against cuBLAS computing the plain per-sample gradients.
 
-    python benchmarks/bench_fused_cuda.py
+    python benchmarks/bench_fused_cuda.py [--sections ratios breakdown budgets products opt-in]
 
 For Linear shapes [N, T, in] -> [N, T, out] (and two Conv2d layers of the benchmark CNN, 3x3,
 padding 1, T = H * W positions of C * 9 patch features) it times, with CUDA events (median of 20
@@ -34,6 +34,7 @@ sets it when their tests failed: a faulting kernel would end this process, and i
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import statistics
@@ -112,10 +113,30 @@ def ratio(bmm_gpu: float, call: tuple | None) -> str:
     return "-" if call is None else f"{bmm_gpu / call[1]:.2f}"
 
 
+SECTIONS = ("ratios", "breakdown", "budgets", "products", "opt-in")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="tables to print")
+    sections = parser.parse_args().sections
     torch.backends.cuda.matmul.allow_tf32 = False
     skip_tensor_cores = os.environ.get("GRADVAR_BENCH_SKIP_TENSOR_CORES") == "1"
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, gradvar backend {gradvar_ext.backend()}")
+    if "ratios" in sections:
+        ratios_table(skip_tensor_cores)
+    for name, table in (
+        ("breakdown", conv_breakdown),
+        ("budgets", chunk_budgets),
+        ("products", products),
+        ("opt-in", opt_in_paths),
+    ):
+        if name in sections:
+            table()
+
+
+def ratios_table(skip_tensor_cores: bool) -> None:
+    """The main table: every path against bmm, per shape and dtype."""
     rows = []
     for dtype in (torch.float32, torch.float64):
         for label, (n, t, i, o), bmm, statistic in cases(dtype):
@@ -167,9 +188,46 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    chunk_budgets()
-    products()
-    opt_in_paths()
+
+
+def conv_breakdown(top: int = 8) -> None:
+    """Where conv2d_variance's GPU time goes, kernel by kernel, for the conv shapes: the default
+    (slabs of output rows, all samples in a chunk), chunks of samples with all rows
+    (GRADVAR_EXT_CONV_SLABS=0: the default before the fifteenth session) and the grouped path.
+    The "all" row gives bmm's GPU time on pre-unfolded patches over the path's (the target's ratio)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    paths = (
+        ("default", {}),
+        ("samples only", {"GRADVAR_EXT_CONV_SLABS": "0"}),
+        ("grouped", {"GRADVAR_EXT_CONV_ALGORITHM": "grouped"}),
+    )
+    print("\n| dtype | conv | path | kernel | launches a call | GPU us a call |\n|---|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.float64):
+        for n, c, o, hw in CONV_SHAPES:
+            x = torch.randn(n, c, hw, hw, device="cuda", dtype=dtype)
+            g = torch.randn(n, o, hw, hw, device="cuda", dtype=dtype)
+            cols = torch.nn.functional.unfold(x, 3, padding=1)
+            bmm_gpu, _, _ = gpu_time(lambda cols=cols, g=g: torch.bmm(g.flatten(2), cols.transpose(1, 2)))
+            call = functools.partial(gradvar_ext.conv2d_variance, x, g, 3, padding=1)
+            for path, env in paths:
+                os.environ.update(env)
+                timed(call, reps=3)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        call()
+                    torch.cuda.synchronize()
+                for name in env:
+                    os.environ.pop(name)
+                events = sorted(prof.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0.0))
+                total = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 5
+                label = f"| {str(dtype)[6:]} | {c}->{o} {hw}x{hw} | {path}"
+                launches = sum(e.count for e in events if getattr(e, "self_device_time_total", 0.0) > 0) / 5
+                print(f"{label} | all (bmm / this: {bmm_gpu * 1e3 / total:.2f}) | {launches:.0f} | {total:.1f} |")
+                for e in events[:top]:
+                    if getattr(e, "self_device_time_total", 0.0) > 0:
+                        name = e.key.replace("|", "/")[:70]
+                        print(f"{label} | {name} | {e.count / 5:.0f} | {e.self_device_time_total / 5:.1f} |")
 
 
 BUDGET_SHAPES = [

@@ -10,8 +10,11 @@
 # benchmarks only (no build when a carried gradvar_ext/_C.so loads). Default: both.
 # TEST_FILTER="..." passes -k to pytest (e.g. only the fused-kernel tests after a kernel change);
 # KERNEL_CHECKS=0 skips the fused-kernel benchmark and compute-sanitizer (when no .cu changed);
+# BENCH_SECTIONS="ratios breakdown" limits that benchmark to those tables;
 # SANITIZE=0 skips only compute-sanitizer. WORKLOADS="cnn seq" limits the variance benchmarks to
 # those workloads (default: all six), METHODS="..." to those methods; SKIP_JOB_A=1 skips job (a).
+# NCU=1 adds Nsight Compute on the tensor-core kernel (scripts/ncu_case.py) after the fused benchmark;
+# NCU_CASES="implicit gemm" picks its cases; PROFILE_WORKLOADS="cnn" limits the profile; SKIP_JOB_B=1 ends after the profile.
 # SKIP_PROFILE=1 skips the profile of job (b) (90 s), SKIP_SWEEP=1 the CNN sweep (~90 s); the sweep runs before job (a), so that a
 # call cut short loses job (a) first. CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
 # On an H200 (fourteenth session, SKIP_PROFILE=1 SKIP_SWEEP=1 SKIP_JOB_A=1 WORKLOADS="cnn seq": 388 s
@@ -69,7 +72,7 @@ if [ "$PART" != bench ]; then
 fi
 if [ "$PART" != bench ] && [ "${KERNEL_CHECKS:-1}" = 1 ]; then
   stage "fused kernel benchmark"
-  timeout 180 $PY benchmarks/bench_fused_cuda.py 2>&1 | tee "$OUT/bench_fused.log" | tail -24
+  timeout 180 $PY benchmarks/bench_fused_cuda.py ${BENCH_SECTIONS:+--sections $BENCH_SECTIONS} 2>&1 | tee "$OUT/bench_fused.log" | tail -24
   if [ "${SANITIZE:-1}" = 1 ]; then
     stage "compute-sanitizer"
     for tool in memcheck racecheck; do
@@ -78,12 +81,24 @@ if [ "$PART" != bench ] && [ "${KERNEL_CHECKS:-1}" = 1 ]; then
     done
   fi
 fi
+if [ "${NCU:-0}" = 1 ]; then  # Nsight Compute: why the tensor-core kernel runs below cuBLAS's rate
+  stage "nsight compute: the tensor-core moments kernel (implicit patches, the walk) and cuBLAS's GEMM"
+  for case in ${NCU_CASES:-implicit walk gemm}; do
+    kernel=fused_moments_mma; [ $case = gemm ] && kernel='gemm|xmma|cutlass'
+    timeout 90 ncu --kernel-name "regex:$kernel" --launch-count 1 --clock-control none --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section WarpStateStats \
+      --section Occupancy --section LaunchStats $PY scripts/ncu_case.py $case > "$OUT/ncu_$case.log" 2>&1
+    echo "ncu $case exit $?"; grep -E "Duration|SM Busy|Memory Throughput|Registers Per|Achieved Occ" "$OUT/ncu_$case.log"
+  done
+fi
 [ "$PART" = core ] && { stage done; exit 0; }
 if [ "${SKIP_PROFILE:-0}" != 1 ]; then
   stage "where job (b) spends its time: kernels launched, costliest ops (gradvar vs torch.func)"
-  timeout 90 $PY benchmarks/profile_job.py --device cuda > "$OUT/profile_job_b.log" 2>&1
+  timeout 90 $PY benchmarks/profile_job.py --device cuda --workloads ${PROFILE_WORKLOADS:-mlp cnn seq} \
+    > "$OUT/profile_job_b.log" 2>&1
   grep -E "^## " "$OUT/profile_job_b.log"
 fi
+[ "${SKIP_JOB_B:-0}" = 1 ] && { stage done; exit 0; }
 stage "variance benchmark"
 # gradvar-fused (GRADVAR_EXT_FUSED_CUDA=1) is the default's kernels on all-Linear models since the
 # one-position default, and forced onto slow shapes elsewhere (bench_fused_cuda.py times those):
