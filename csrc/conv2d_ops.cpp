@@ -89,6 +89,31 @@ at::Tensor unfold_strided(const at::Tensor& images, const ConvGeometry& c) {
       .reshape({n * c.groups, c.positions(), c.patch()});
 }
 
+// Patches of output rows [first_row, first_row + rows) of images [n, C_in, H, W], positions fastest:
+// [n * groups, C_in/groups * kh * kw, rows * W_out] copied from strided views of the input rows
+// those outputs read (zero-padded for them alone), returned transposed to [n * groups, rows * W_out,
+// C_in/groups * kh * kw]. Positions fastest, the copy reads and writes along image rows (coalesced
+// on a GPU), and bmm takes the transposed view as it is.
+at::Tensor unfold_rows(const at::Tensor& images, const ConvGeometry& c, int64_t first_row, int64_t rows) {
+  const int64_t n = images.size(0), per_group = c.in_channels / c.groups;
+  const int64_t span_h = c.dilation[0] * (c.kernel[0] - 1) + 1, span_w = c.dilation[1] * (c.kernel[1] - 1) + 1;
+  const int64_t top = first_row * c.stride[0] - c.padding[0];  // padded-image rows [top, bottom) in input rows
+  const int64_t bottom = top + (rows - 1) * c.stride[0] + span_h;
+  const int64_t lo = std::clamp<int64_t>(top, 0, c.height), hi = std::clamp<int64_t>(bottom, lo, c.height);
+  at::Tensor piece = images.narrow(2, lo, hi - lo);
+  if (lo - top != 0 || bottom - hi != 0 || c.padding[1] != 0) {
+    piece = at::constant_pad_nd(piece, {c.padding[1], c.padding[1], lo - top, bottom - hi}, 0);
+  }
+  const auto taps = piece.unfold(2, span_h, c.stride[0])
+                        .unfold(3, span_w, c.stride[1])  // [n, C, rows, W_out, span_h, span_w]
+                        .slice(4, 0, span_h, c.dilation[0])
+                        .slice(5, 0, span_w, c.dilation[1]);  // [n, C, rows, W_out, kh, kw]
+  return taps.unflatten(1, {c.groups, per_group})
+      .permute({0, 1, 2, 5, 6, 3, 4})  // [n, groups, C/groups, kh, kw, rows, W_out]
+      .reshape({n * c.groups, c.patch(), rows * c.out_width})
+      .transpose(1, 2);
+}
+
 // The inverse, fold (col2im): columns [n, C * kh * kw, L] summed into images [n, C, H, W] (out,
 // overwritten) by kh * kw strided-view additions into the zero-padded images, one per kernel tap,
 // then the crop: where at::col2im on CUDA launches one kernel per sample.
@@ -146,6 +171,12 @@ Factors patch_factors(const char* op, const at::Tensor& image, const ConvGeometr
                     im2col_cpu(part, cols, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
                     return cols.view({n, g, f, L}).transpose(2, 3).reshape({n * g, L, f});
                   }};
+  if (!c.unfold_is_view()) {
+    factors.slab = [img, c](int64_t start, int64_t n, int64_t first_row, int64_t rows) {
+      return unfold_rows(img.narrow(0, start, n), c, first_row, rows);
+    };
+    factors.slab_width = c.out_width;
+  }
   if (img.is_cuda() && conv_algorithm(op) == "implicit") {
     factors.patches = std::make_shared<const PatchSource>(
         PatchSource{img, c.in_channels / g, c.kernel[0], c.kernel[1], c.stride[0], c.stride[1], c.padding[0],

@@ -110,6 +110,74 @@ GradientChunks outer_products(const Factors& X, const Factors& G, at::Tensor* x_
       }};
 }
 
+// Per-sample gradients from conv patches a slab of output rows at a time (Factors::slab), where
+// the patches outweigh the gradients: a chunk's g_n = sum over slabs of G_n,s^T X_n,s (bmm, then
+// baddbmm into the same [n * groups, O, I]), so a chunk holds many samples and one slab of their
+// patches. Chunking samples alone, a 32 MiB chunk held 27 of 64 samples of the benchmark CNN's
+// 32 -> 64 channel conv (1.2 MB of patches each, 74 KB of gradient): three batched GEMMs of one
+// wave or less each on an H100, 135 us against cuBLAS's 89 us for all 64 at once, and 84 us of
+// unfolding copies read across channels (benchmarks/RESULTS.md, fifteenth session).
+// Plan: samples per chunk such that their gradients take at most half the budget, then as many
+// rows per slab as the rest holds. Used on CUDA for the moments of one pair (not cross moments)
+// where a sample's patches are at least twice its gradient; GRADVAR_EXT_CONV_SLABS=k (k >= 1)
+// forces slabs of at most k rows on any device (the CPU tests run it), =0 turns them off.
+struct SlabPlan {
+  int64_t samples = 0, rows = 0, budget = 0;  // samples 0: no slabs
+};
+
+int64_t forced_slab_rows() {  // GRADVAR_EXT_CONV_SLABS: -1 unset, 0 off, k > 0 forced
+  const char* flag = std::getenv("GRADVAR_EXT_CONV_SLABS");
+  if (flag == nullptr || *flag == '\0') return -1;
+  char* end = nullptr;
+  const long long rows = std::strtoll(flag, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && rows >= 0, "gradvar: GRADVAR_EXT_CONV_SLABS must be 0 (off) or a number of rows "
+                    "per slab, got '", flag, "'");
+  return static_cast<int64_t>(rows);
+}
+
+SlabPlan slab_plan(const Factors& X, const Factors& G) {
+  const int64_t forced_rows = forced_slab_rows();
+  const bool forced = forced_rows > 0;
+  if (!X.slab || X.slab_width <= 0 || G.materialises || forced_rows == 0) return {};
+  if (!forced && !X.options.device().is_cuda()) return {};
+  const int64_t element_size = static_cast<int64_t>(c10::elementSize(X.options.dtype().toScalarType()));
+  const int64_t gradient = X.groups * G.features * X.features * element_size;  // one sample's
+  const int64_t row = X.groups * X.slab_width * X.features * element_size;     // one sample's row of patches
+  const int64_t rows_total = X.positions / X.slab_width;
+  if (!forced && rows_total * row < 2 * gradient) return {};
+  const int64_t forced_budget = forced_chunk_bytes();
+  const int64_t budget = forced_budget > 0 ? forced_budget : kGpuChunkBytes;
+  const int64_t samples = std::clamp<int64_t>(budget / 2 / gradient, 1, X.samples);
+  const int64_t rows = std::clamp<int64_t>((budget - samples * gradient) / (samples * row), 1, rows_total);
+  return {samples, forced ? std::min(forced_rows, rows_total) : rows, budget};
+}
+
+GradientChunks outer_products_by_rows(const Factors& X, const Factors& G, const SlabPlan& plan) {
+  const int64_t groups = X.groups, O = G.features, I = X.features, width = X.slab_width;
+  const int64_t rows_total = X.positions / width, rows = plan.rows;
+  auto buf = std::make_shared<at::Tensor>();
+  return GradientChunks{X.samples, groups, O, I, X.options, groups * (O * I + rows * width * I), plan.samples,
+                        [X, G, groups, O, I, width, rows_total, rows, buf](int64_t start, int64_t n) {
+                          if (!buf->defined() || buf->size(0) < n * groups) {
+                            *buf = at::empty({n * groups, O, I}, X.options);
+                          }
+                          auto g = buf->narrow(0, 0, n * groups);
+                          const auto Gt = G.chunk(start, n).transpose(1, 2);  // [n * groups, O, T]
+                          for (int64_t first = 0; first < rows_total; first += rows) {
+                            const int64_t count = std::min(rows, rows_total - first);
+                            const auto Xs = X.slab(start, n, first, count);
+                            const auto Gs = Gt.narrow(2, first * width, count * width);
+                            if (first == 0) {
+                              at::bmm_out(g, Gs, Xs);
+                            } else {
+                              g.baddbmm_(Gs, Xs);
+                            }
+                          }
+                          return g;
+                        },
+                        plan.budget};
+}
+
 }  // namespace
 
 #ifdef GRADVAR_WITH_CUDA
@@ -207,7 +275,11 @@ std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const
     return {moment, sum};
   }
 #endif
-  if (same) return reduce_gradients(outer_products(X, G), nullptr, with_sum);
+  if (same) {
+    const SlabPlan plan = slab_plan(X, G);
+    return reduce_gradients(plan.samples > 0 ? outer_products_by_rows(X, G, plan) : outer_products(X, G), nullptr,
+                            with_sum);
+  }
   const auto gb = outer_products(*Xb, *Gb);
   return reduce_gradients(outer_products(X, G), &gb, with_sum);
 }

@@ -32,6 +32,12 @@ struct Factors {
   bool materialises;  // chunk() allocates (unfolding): counted against the memory budget
   std::function<at::Tensor(int64_t start, int64_t n)> chunk;
   std::shared_ptr<const PatchSource> patches = nullptr;  // set: the same factor, unfolded implicitly
+  // Set for conv patches: slab(start, n, first_row, rows) -> [n * groups, rows * slab_width, features],
+  // the chunk's positions [first_row * slab_width, +rows * slab_width) only (whole rows of output
+  // pixels, slab_width = W_out), formed positions-fastest; the moments' core may form per-sample
+  // gradients slab by slab (outer_product_stats.cpp, slab_plan) instead of unfolding all positions.
+  std::function<at::Tensor(int64_t start, int64_t n, int64_t first_row, int64_t rows)> slab = nullptr;
+  int64_t slab_width = 0;
 };
 
 // The per-sample gradients themselves, a chunk of samples at a time: chunk(start, n) ->

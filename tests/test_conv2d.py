@@ -72,6 +72,41 @@ def test_conv_matches_reference_over_several_chunks(op, case, conv_algorithm):
     assert_matches(call(op, *args), reference.OPS[op](*args), torch.float64)
 
 
+def _ops_run(fn) -> list[str]:
+    """Names of the ATen ops that fn() ran (the CPU profiler's events, in order)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events()]
+
+
+@pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the slabs are the compiled kernels'")
+@pytest.mark.parametrize("op", ["conv2d_second_moment", "conv2d_variance", "conv2d_moments"])
+def test_moments_by_slabs_of_rows_over_several_chunks(op, monkeypatch):
+    """GRADVAR_EXT_CONV_SLABS=3 under a 1 MiB budget: 50 samples of 64 -> 64 channels at 16x16
+    (a 295 KB gradient each: half the budget holds one) in 50 chunks, each formed over 6 slabs of
+    3, 3, 3, 3, 3 and 1 output rows (one bmm, then 5 accumulating baddbmm): the reference's numbers."""
+    monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
+    monkeypatch.setenv("GRADVAR_EXT_CONV_SLABS", "3")
+    monkeypatch.setenv("GRADVAR_EXT_CHUNK_MIB", "1")
+    torch.manual_seed(5)
+    args = MULTI_CHUNK_CONV_CASES[0].args(op, torch.float64)
+    out = []
+    names = _ops_run(lambda: out.append(call(op, *args)))
+    assert names.count("aten::baddbmm_") == 50 * 5
+    assert_matches(out[0], reference.OPS[op](*args), torch.float64)
+
+
+@pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the slabs are the compiled kernels'")
+def test_unknown_slab_rows_are_named(monkeypatch):
+    monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
+    monkeypatch.setenv("GRADVAR_EXT_CONV_SLABS", "two")
+    x, go, *conv = ConvCase(2, 8, 4, (6, 6), padding=(1, 1)).args("conv2d_variance", torch.float32)
+    with pytest.raises(
+        ValueError, match="GRADVAR_EXT_CONV_SLABS must be 0 \\(off\\) or a number of rows per slab, got 'two'"
+    ):
+        call("conv2d_variance", x, go, *conv)
+
+
 @pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
 @pytest.mark.parametrize("op", CONV_OPS)
 def test_conv_gradcheck_gradgradcheck_opcheck(op, case, conv_algorithm):

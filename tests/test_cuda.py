@@ -125,6 +125,30 @@ def test_cuda_conv_matches_reference(op, dtype, conv_algorithm):
     assert_conv_cases_match_reference(op, dtype, cases)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ("conv2d_second_moment", "conv2d_variance", "conv2d_moments"))
+def test_cuda_conv_moments_by_slabs_of_rows_by_default(op, dtype, monkeypatch):
+    """On CUDA the moments of patches that outweigh their gradients go a slab of output rows at a
+    time, all 50 samples in one chunk (float32: slabs of 14 rows, float64: 5, of 16): one bmm,
+    then accumulating baddbmm; GRADVAR_EXT_CONV_SLABS=0 chunks samples with all rows (no baddbmm).
+    Both match the reference."""
+    for name in ("GRADVAR_EXT_CONV_ALGORITHM", "GRADVAR_EXT_FUSED_CUDA", "GRADVAR_EXT_CHUNK_MIB"):
+        monkeypatch.delenv(name, raising=False)
+    torch.manual_seed(23)
+    case = MULTI_CHUNK_CONV_CASES[0]  # 64 -> 64 channels, 16 x 16 outputs: 256 positions
+    args = case.args(op, dtype, device="cuda")
+    cpu64 = [a.cpu().double() if isinstance(a, torch.Tensor) else a for a in args]
+    scale = (gradvar_ext.reference.conv2d_second_moment(*cpu64) / case.n).max().item()
+    want = gradvar_ext.reference.OPS[op](*cpu64)
+    for slabs, accumulations in (("", 1 if dtype == torch.float32 else 3), ("0", 0)):
+        monkeypatch.setenv("GRADVAR_EXT_CONV_SLABS", slabs)
+        out = []
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out.append(call(op, *args))
+        assert [e.name for e in prof.events()].count("aten::baddbmm_") == accumulations, slabs
+        assert_matches(out[0], want, dtype, scale if op == "conv2d_variance" else None)
+
+
 @pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
 @pytest.mark.parametrize("op", CONV_OPS)
 def test_cuda_conv_gradcheck_gradgradcheck_opcheck(op, case, conv_algorithm):
