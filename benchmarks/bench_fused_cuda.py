@@ -11,7 +11,7 @@ after warm-up):
   fused    GRADVAR_EXT_FUSED_CUDA=1, the fused kernel on CUDA cores (one pass, O(out in) memory)
   tensor   the same on tensor cores, GRADVAR_EXT_FUSED_CUDA=tensor_cores (sm_80+): 3xTF32 for
            float32, DMMA (FP64 tensor cores, as cuBLAS's DGEMM) for float64; unset, the default
-           on sm_80+ for 1 < T <= 32 (float32) / 16 (float64)
+           on sm_80+ for 1 < T <= 32
   grouped  Conv2d only: GRADVAR_EXT_CONV_ALGORITHM=grouped, cuDNN's weight gradient of one grouped
            convolution per chunk forms the per-sample gradients (no unfolded patches), then the
            chunked accumulate; the candidate for the conv shapes, where unfolding costs as much
@@ -43,8 +43,8 @@ import torch
 
 import gradvar_ext
 
-# T = 32 (128x32x512->512) brackets the float64 default's limit (16): on an H200 the tensor-core
-# walk took 0.51-0.68x the CUDA-core walk's time at T = 8-16 and was level with chunked at T = 64.
+# T = 32 (128x32x512->512) decided float64's limit: on an H100 (fifteenth session) its tensor-core
+# walk took 0.150 ms there against chunked cuBLAS's 0.316 (so the limit is 32, as float32's).
 SHAPES = [(256, 16, 256, 256), (128, 32, 512, 512), (128, 64, 512, 512), (64, 128, 1024, 1024), (1024, 8, 128, 128)]
 SHAPES += [(32, 256, 768, 768)]
 CONV_SHAPES = [(64, 32, 64, 32), (64, 64, 64, 16)]  # N, C_in, C_out, H = W

@@ -112,15 +112,21 @@ GradientChunks outer_products(const Factors& X, const Factors& G, at::Tensor* x_
 
 // Per-sample gradients from conv patches a slab of output rows at a time (Factors::slab), where
 // the patches outweigh the gradients: a chunk's g_n = sum over slabs of G_n,s^T X_n,s (bmm, then
-// baddbmm into the same [n * groups, O, I]), so a chunk holds many samples and one slab of their
-// patches. Chunking samples alone, a 32 MiB chunk held 27 of 64 samples of the benchmark CNN's
-// 32 -> 64 channel conv (1.2 MB of patches each, 74 KB of gradient): three batched GEMMs of one
-// wave or less each on an H100, 135 us against cuBLAS's 89 us for all 64 at once, and 84 us of
-// unfolding copies read across channels (benchmarks/RESULTS.md, fifteenth session).
+// baddbmm into the same [n * groups, O, I]), so that one chunk holds the whole batch and one slab
+// of its patches. Chunking samples alone, a 32 MiB chunk held 27 of the benchmark CNN's 64
+// samples at its 32 -> 64 channel conv (1.2 MB of patches each, 74 KB of gradient): three
+// batched GEMMs of a wave or less, 135 us against 98 us in slabs (cuBLAS on all 64 at once from
+// patches unfolded beforehand: 89 us); GPU time of the whole call 0.36 -> 0.45-0.46 of that
+// bmm's throughput on an H100 (benchmarks/RESULTS.md, fifteenth session). But short slabs lose:
+// each baddbmm reads and writes the accumulated [n, O, I] (2 O I per sample) besides its K
+// positions of factors (K (O + I)), and slabs of K = 64-224 ran 1.05-1.5x slower than chunks of
+// samples (64 -> 64 channels at 16x16, float32 and float64; float64 32 -> 64: K = 160, level).
 // Plan: samples per chunk such that their gradients take at most half the budget, then as many
-// rows per slab as the rest holds. Used on CUDA for the moments of one pair (not cross moments)
-// where a sample's patches are at least twice its gradient; GRADVAR_EXT_CONV_SLABS=k (k >= 1)
-// forces slabs of at most k rows on any device (the CPU tests run it), =0 turns them off.
+// rows per slab as the rest holds; used on CUDA, for the moments of one pair (not cross moments),
+// where a sample's patches are at least twice its gradient, the chunk holds the whole batch and
+// a slab's positions K >= 6 O I / (O + I) (factor traffic >= 3x the accumulator's).
+// GRADVAR_EXT_CONV_SLABS=k (k >= 1) forces slabs of at most k rows on any device (the CPU tests
+// run it), =0 turns them off.
 struct SlabPlan {
   int64_t samples = 0, rows = 0, budget = 0;  // samples 0: no slabs
 };
@@ -149,7 +155,10 @@ SlabPlan slab_plan(const Factors& X, const Factors& G) {
   const int64_t budget = forced_budget > 0 ? forced_budget : kGpuChunkBytes;
   const int64_t samples = std::clamp<int64_t>(budget / 2 / gradient, 1, X.samples);
   const int64_t rows = std::clamp<int64_t>((budget - samples * gradient) / (samples * row), 1, rows_total);
-  return {samples, forced ? std::min(forced_rows, rows_total) : rows, budget};
+  if (forced) return {samples, std::min(forced_rows, rows_total), budget};
+  const int64_t O = G.features, I = X.features, K = rows * X.slab_width;
+  if (samples < X.samples || K * (O + I) < 6 * O * I) return {};
+  return {samples, rows, budget};
 }
 
 GradientChunks outer_products_by_rows(const Factors& X, const Factors& G, const SlabPlan& plan) {
@@ -199,8 +208,10 @@ bool use_fused_cuda(const Factors& X, const Factors& G) {
   // fused kernel's slower GEMM, i.e. few positions per sample. Measured on an H200
   // (benchmarks/RESULTS.md), GPU time: float32 fused 1.2-2.7x faster at T = 8-16, 1.3x slower
   // at T = 64 (faster in another run), 1.4-2.0x slower at T >= 128; float64 1.4-4x faster at
-  // T = 8-16, 2.3x slower at T = 64 (cuBLAS runs DGEMM on tensor cores; the kernel does not).
-  return X.positions <= (X.options.dtype() == at::kDouble ? 16 : 32);
+  // T = 8-16, 2.3x slower at T = 64 on CUDA cores. On an H100 (fifteenth session) the float64
+  // walk on tensor cores (DMMA, the default on sm_80+) took 0.150 ms at 128 x 32 x 512 -> 512
+  // against chunked cuBLAS's 0.316 (CUDA cores: 0.315, level), so float64's limit is 32 too.
+  return X.positions <= 32;
 }
 
 // Tensor cores by default for T > 1 positions without a cross pair. Measured on an H200
