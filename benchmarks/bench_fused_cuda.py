@@ -192,14 +192,17 @@ def ratios_table(skip_tensor_cores: bool) -> None:
 
 def conv_breakdown(top: int = 8) -> None:
     """Where conv2d_variance's GPU time goes, kernel by kernel, for the conv shapes: the default
-    (slabs of output rows, all samples in a chunk), chunks of samples with all rows
-    (GRADVAR_EXT_CONV_SLABS=0: the default before the fifteenth session) and the grouped path.
+    (slabs of output rows, all samples in a chunk, where they pay), chunks of samples with all rows
+    (GRADVAR_EXT_CONV_SLABS=0: the default before the fifteenth session), both with our unfold
+    kernel (GRADVAR_EXT_UNFOLD=im2col, opt-in) instead of padding + strided copies, and grouped.
     The "all" row gives bmm's GPU time on pre-unfolded patches over the path's (the target's ratio)."""
     from torch.profiler import ProfilerActivity, profile
 
     paths = (
         ("default", {}),
         ("samples only", {"GRADVAR_EXT_CONV_SLABS": "0"}),
+        ("im2col kernel", {"GRADVAR_EXT_UNFOLD": "im2col"}),
+        ("im2col kernel, samples only", {"GRADVAR_EXT_UNFOLD": "im2col", "GRADVAR_EXT_CONV_SLABS": "0"}),
         ("grouped", {"GRADVAR_EXT_CONV_ALGORITHM": "grouped"}),
     )
     print("\n| dtype | conv | path | kernel | launches a call | GPU us a call |\n|---|---|---|---|---|---|")

@@ -135,15 +135,38 @@ void fold_strided(const at::Tensor& cols, at::Tensor& out, const ConvGeometry& c
   }
 }
 
-// How a chunk's patches are unfolded (and products folded back): our parallel im2col / col2im
-// kernels on CPU, strided views elsewhere; GRADVAR_EXT_UNFOLD=strided forces the views on CPU too
-// (the tests run both), =im2col is the default (the kernels are CPU code: other devices keep the views).
+// How a chunk's patches are unfolded (and products folded back): our im2col / col2im kernels, or
+// strided views of the image. CPU: the kernels (cpu/unfold_kernels.cpp) unless
+// GRADVAR_EXT_UNFOLD=strided (the tests run both). CUDA: the views unless GRADVAR_EXT_UNFOLD=im2col
+// (cuda/unfold_kernels.cu: opt-in until it has run on a GPU). Other devices: the views.
 bool unfold_with_im2col(const at::Tensor& images) {
   const char* flag = std::getenv("GRADVAR_EXT_UNFOLD");
   const std::string choice = flag != nullptr ? flag : "";
   GRADVAR_CHECK(choice.empty() || choice == "im2col" || choice == "strided", "conv2d",
                 "GRADVAR_EXT_UNFOLD must be im2col or strided, got '", choice, "'");
+#ifdef GRADVAR_WITH_CUDA
+  if (images.is_cuda()) return choice == "im2col";
+#endif
   return images.is_cpu() && choice != "strided";
+}
+
+// cols [n, C_in * kh * kw, rows * W_out] = the columns of output rows [first_row, +rows) of
+// images [n, C_in, H, W] (contiguous), by the device's im2col kernel.
+void im2col_rows(const at::Tensor& images, at::Tensor& cols, const ConvGeometry& c, int64_t first_row, int64_t rows) {
+#ifdef GRADVAR_WITH_CUDA
+  if (images.is_cuda()) {
+    return im2col_rows_cuda(images, cols, c.kernel, c.stride, c.padding, c.dilation, c.out_width, first_row, rows);
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(first_row == 0 && rows == c.out_height, "gradvar: the CPU im2col unfolds all rows");
+  im2col_cpu(images, cols, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
+}
+
+void col2im(const at::Tensor& cols, at::Tensor& images, const ConvGeometry& c) {
+#ifdef GRADVAR_WITH_CUDA
+  if (images.is_cuda()) return col2im_cuda(cols, images, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
+#endif
+  col2im_cpu(cols, images, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
 }
 
 // GRADVAR_EXT_CONV_ALGORITHM (see use_grouped): auto (default), unfold, grouped or implicit.
@@ -168,12 +191,17 @@ Factors patch_factors(const char* op, const at::Tensor& image, const ConvGeometr
                     if (c.unfold_is_view()) return part.view({n, g, f, L}).transpose(2, 3).reshape({n * g, L, f});
                     if (!unfold_with_im2col(part)) return unfold_strided(part, c);
                     at::Tensor cols = at::empty({n, g * f, L}, part.options());
-                    im2col_cpu(part, cols, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
+                    im2col_rows(part, cols, c, 0, c.out_height);
+                    if (part.is_cuda()) return cols.view({n * g, f, L}).transpose(1, 2);  // bmm reads it as is
                     return cols.view({n, g, f, L}).transpose(2, 3).reshape({n * g, L, f});
                   }};
   if (!c.unfold_is_view()) {
     factors.slab = [img, c](int64_t start, int64_t n, int64_t first_row, int64_t rows) {
-      return unfold_rows(img.narrow(0, start, n), c, first_row, rows);
+      const auto part = img.narrow(0, start, n);
+      if (part.is_cpu() || !unfold_with_im2col(part)) return unfold_rows(part, c, first_row, rows);
+      at::Tensor cols = at::empty({n, c.in_channels * c.kernel[0] * c.kernel[1], rows * c.out_width}, part.options());
+      im2col_rows(part, cols, c, first_row, rows);
+      return cols.view({n * c.groups, c.patch(), rows * c.out_width}).transpose(1, 2);
     };
     factors.slab_width = c.out_width;
   }
@@ -378,7 +406,7 @@ Sink fold_into(at::Tensor& out, const ConvGeometry& c) {
     if (c.unfold_is_view()) {
       dst.copy_(cols.view(dst.sizes()));
     } else if (unfold_with_im2col(dst)) {
-      col2im_cpu(cols, dst, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
+      col2im(cols, dst, c);
     } else if (dst.is_cpu() || n >= c.kernel[0] * c.kernel[1]) {
       fold_strided(cols, dst, c);  // kh * kw + 2 kernels
     } else {  // fewer samples than kernel taps: at::col2im's n + 1 launches are fewer

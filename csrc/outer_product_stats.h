@@ -156,6 +156,14 @@ int64_t fused_products_max_positions();
 // be undefined); any strides; T <= fused_products_max_positions().
 void fused_weighted_product_cuda(at::Tensor& out, const at::Tensor& Z, const at::Tensor& A, const at::Tensor& B,
                                  const at::Tensor& W, const at::Tensor& C);
+// cols [N, C*kh*kw, rows*out_width] = the columns of output rows [first_row, first_row + rows) of
+// unfold(image [N, C, H, W]), as im2col_cpu's; image = fold(cols [N, C*kh*kw, out_height*out_width]),
+// overwritten, as col2im_cpu's (cuda/unfold_kernels.cu; contiguous; GRADVAR_EXT_UNFOLD=im2col).
+void im2col_rows_cuda(const at::Tensor& image, at::Tensor& cols, at::IntArrayRef kernel, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_width, int64_t first_row,
+                      int64_t rows);
+void col2im_cuda(const at::Tensor& cols, at::Tensor& image, at::IntArrayRef kernel, at::IntArrayRef stride,
+                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_height, int64_t out_width);
 void accumulate_products_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& g, const at::Tensor& gb);
 void rowwise_dot_cuda(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 #endif

@@ -1,5 +1,6 @@
 """A small run of every CUDA kernel, default and fused paths (CUDA cores, tensor cores; the fused
-products with either fused moments; the fused squared norms with "1"), for compute-sanitizer."""
+products with either fused moments; the fused squared norms with "1"; the unfold / fold kernels of
+GRADVAR_EXT_UNFOLD=im2col), for compute-sanitizer."""
 
 import os
 
@@ -42,5 +43,13 @@ for fused in ("0", "1", "tensor_cores"):
             gi = torch.randn(3, 66, 5, 7, device="cuda", dtype=dtype)
             gv.conv2d_variance(xi, gi, kernel_size=(3, 3), stride=(2, 1), padding=(1, 1))
             del os.environ["GRADVAR_EXT_CONV_ALGORITHM"]
+        if fused == "0":
+            # our unfold / fold kernels (opt-in), all rows and slabs of 2 rows, forward and backward
+            os.environ["GRADVAR_EXT_UNFOLD"] = "im2col"
+            for slabs in ("0", "2"):
+                os.environ["GRADVAR_EXT_CONV_SLABS"] = slabs
+                total = gv.conv2d_variance(xc, gc, **conv).sum() + gv.conv2d_batch_l2(xc, gc, **conv).sum()
+                torch.autograd.grad(total, (xc, gc))
+            del os.environ["GRADVAR_EXT_UNFOLD"], os.environ["GRADVAR_EXT_CONV_SLABS"]
 torch.cuda.synchronize()
 print("sanitize case done")

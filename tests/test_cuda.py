@@ -150,6 +150,43 @@ def test_cuda_conv_moments_by_slabs_of_rows(op, dtype, monkeypatch):
         assert_matches(out[0], want, dtype, scale if op == "conv2d_variance" else None)
 
 
+@pytest.fixture
+def cuda_im2col(monkeypatch):
+    """GRADVAR_EXT_UNFOLD=im2col on CUDA: our unfold / fold kernels (cuda/unfold_kernels.cu, opt-in)
+    instead of strided views; the chunked moments (not the fused walk), so that every op unfolds."""
+    monkeypatch.setenv("GRADVAR_EXT_UNFOLD", "im2col")
+    monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
+    monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "0")
+
+
+@pytest.mark.parametrize("slabs", ["0", "2"], ids=["chunks", "slabs"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", CONV_OPS)
+def test_cuda_im2col_kernels_match_reference(op, dtype, slabs, cuda_im2col, monkeypatch):
+    """Every conv op with the columns unfolded (all rows, or slabs of 2 rows for the moments) and
+    the backward's products folded back by our kernels: every stride, padding, dilation and group."""
+    monkeypatch.setenv("GRADVAR_EXT_CONV_SLABS", slabs)
+    torch.manual_seed(29)
+    cases = CONV_CASES + [ConvCase(**{**c.__dict__, "to_input": False}) for c in CONV_CASES] + MULTI_CHUNK_CONV_CASES
+    assert_conv_cases_match_reference(op, dtype, cases)
+
+
+@pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
+@pytest.mark.parametrize("op", CONV_OPS)
+def test_cuda_im2col_kernels_gradcheck_gradgradcheck_opcheck(op, case, cuda_im2col):
+    check_gradients_and_opcheck(op, case, "cuda")
+
+
+def test_cuda_im2col_kernels_run(cuda_im2col):
+    """The variance and its gradient launch the unfold kernel and the fold kernel."""
+    x, go, *conv = ConvCase(3, 4, 6, (9, 8), kernel=(3, 2), stride=(2, 1), padding=(1, 0), groups=2).args(
+        "conv2d_variance", torch.float32, "cuda", requires_grad=True
+    )
+    names = _cuda_kernels_of(lambda: torch.autograd.grad(call("conv2d_variance", x, go, *conv).sum(), (x, go)))
+    assert any("im2col_rows_kernel" in n for n in names), names
+    assert any("col2im_kernel" in n for n in names), names
+
+
 @pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
 @pytest.mark.parametrize("op", CONV_OPS)
 def test_cuda_conv_gradcheck_gradgradcheck_opcheck(op, case, conv_algorithm):

@@ -1,0 +1,116 @@
+// CUDA unfolding for the Conv2d front door, opt-in (GRADVAR_EXT_UNFOLD=im2col on CUDA; not yet
+// run on a GPU). Layouts as at::im2col / at::col2im and cpu/unfold_kernels.cpp: image
+// [N, C, H, W] contiguous, columns [N, C*kh*kw, rows*W_out] contiguous, row r = (c*kh + i)*kw + j
+// holding image[c][y*sh - ph + i*dh][x*sw - pw + j*dw] at column (y - first_row)*W_out + x.
+// Why: on an H100 the default's unfolding (zero padding, then one generic strided copy of a
+// 7-d view) took 75-84 us of a 194-243 us conv2d_variance (benchmarks/RESULTS.md, fifteenth
+// session), and the backward's fold took kh*kw strided additions per chunk (85 launches in the
+// CNN's job (b)): each is one launch here, reading the image in place (no padded copy).
+// Lean includes on purpose: no ATen/ATen.h, no CUDAContext.h.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+#include "../outer_product_stats.h"
+
+namespace gradvar {
+namespace {
+
+struct Geometry {
+  int64_t C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, Wo;
+};
+
+Geometry geometry(const at::Tensor& image, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                  at::IntArrayRef dilation, int64_t out_width) {
+  return {image.size(1), image.size(2), image.size(3), kernel[0], kernel[1], stride[0], stride[1],
+          padding[0],    padding[1],    dilation[0],   dilation[1], out_width};
+}
+
+constexpr int kThreads = 256;
+
+// cols[r, p] for one columns row r = (n*C + c)*kh*kw + i*kw + j per blockIdx.y (grid-strided
+// over rows past 65535), the row's rows*W_out positions p over blockIdx.x and the threads: one
+// division per element (p -> y, x), writes coalesced, reads coalesced along x for stride 1.
+// Memory: the columns only. Formula: 0 where the tap falls in the padding.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    im2col_rows_kernel(const scalar_t* __restrict__ image, scalar_t* __restrict__ cols, Geometry g, int64_t rows_total,
+                       int64_t first_row, int64_t positions) {
+  const int64_t kk = g.kh * g.kw;
+  for (int64_t r = blockIdx.y; r < rows_total; r += gridDim.y) {
+    const int64_t plane = r / kk, i = (r % kk) / g.kw, j = r % g.kw;  // plane = n * C + c
+    const scalar_t* src = image + plane * g.H * g.W;
+    scalar_t* dst = cols + r * positions;
+    for (int64_t p = blockIdx.x * int64_t(kThreads) + threadIdx.x; p < positions; p += int64_t(gridDim.x) * kThreads) {
+      const int64_t y = first_row + p / g.Wo, x = p % g.Wo;
+      const int64_t yin = y * g.sh - g.ph + i * g.dh, xin = x * g.sw - g.pw + j * g.dw;
+      dst[p] = (yin >= 0 && yin < g.H && xin >= 0 && xin < g.W) ? src[yin * g.W + xin] : scalar_t(0);
+    }
+  }
+}
+
+// image[plane, yin, xin] = sum over the taps (i, j) whose output pixel (y, x) reads it of
+// cols[plane*kh*kw + i*kw + j, y*W_out + x]: one thread per image pixel, gathering in a fixed
+// order (no atomics: deterministic), overwriting the image. Memory: none beyond its arguments.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    col2im_kernel(const scalar_t* __restrict__ cols, scalar_t* __restrict__ image, Geometry g, int64_t pixels,
+                  int64_t Ho, int64_t L) {
+  const int64_t kk = g.kh * g.kw;
+  for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < pixels; e += int64_t(gridDim.x) * kThreads) {
+    const int64_t plane = e / (g.H * g.W), yin = (e / g.W) % g.H, xin = e % g.W;
+    const scalar_t* src = cols + plane * kk * L;
+    scalar_t acc = 0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t ys = yin + g.ph - i * g.dh;  // = y * sh
+      if (ys < 0 || ys % g.sh != 0 || ys / g.sh >= Ho) continue;
+      const int64_t y = ys / g.sh;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t xs = xin + g.pw - j * g.dw;  // = x * sw
+        if (xs < 0 || xs % g.sw != 0 || xs / g.sw >= g.Wo) continue;
+        acc += src[(i * g.kw + j) * L + y * g.Wo + xs / g.sw];
+      }
+    }
+    image[e] = acc;
+  }
+}
+
+}  // namespace
+
+void im2col_rows_cuda(const at::Tensor& image, at::Tensor& cols, at::IntArrayRef kernel, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_width, int64_t first_row,
+                      int64_t rows) {
+  const c10::cuda::CUDAGuard guard(image.device());
+  const Geometry g = geometry(image, kernel, stride, padding, dilation, out_width);
+  const int64_t rows_total = image.size(0) * g.C * g.kh * g.kw, positions = rows * out_width;
+  if (rows_total == 0 || positions == 0) return;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((positions + kThreads - 1) / kThreads, 1024)),
+                  static_cast<unsigned>(std::min<int64_t>(rows_total, 65535)));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "im2col_rows_cuda", [&] {
+    im2col_rows_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        image.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), g, rows_total, first_row, positions);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void col2im_cuda(const at::Tensor& cols, at::Tensor& image, at::IntArrayRef kernel, at::IntArrayRef stride,
+                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_height, int64_t out_width) {
+  const c10::cuda::CUDAGuard guard(image.device());
+  const Geometry g = geometry(image, kernel, stride, padding, dilation, out_width);
+  const int64_t pixels = image.numel();
+  if (pixels == 0) return;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((pixels + kThreads - 1) / kThreads, 65535));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(cols.scalar_type(), "col2im_cuda", [&] {
+    col2im_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        cols.const_data_ptr<scalar_t>(), image.mutable_data_ptr<scalar_t>(), g, pixels, out_height, cols.size(2));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace gradvar
