@@ -7,6 +7,7 @@ Methods: floor (a plain forward + backward, for scale), gradvar (this library's 
 extend + collect, statistics-only backward: collect.backward, no .grad), gradvar+grad (the same
 with loss.backward(): the parameters' .grad as well), gradvar-fused (CUDA only: the fused moment
 kernel forced on, GRADVAR_EXT_FUSED_CUDA=1, where the default picks chunked cuBLAS bmm),
+gradvar-im2col (CUDA only, asked for by name: our unfold / fold kernels, GRADVAR_EXT_UNFOLD=im2col),
 gradvar-micro (gradvar_ext.total_variance in micro-batches of 16: memory bounded by 16 samples;
 gradvar-micro-K: micro-batches of K, e.g. gradvar-micro-64 on a GPU, where 16 is launch-bound), loop
 (per-sample autograd loop: the ground truth every other method is checked against), torch.func
@@ -191,6 +192,7 @@ METHODS = {
     "gradvar": run_gradvar,
     "gradvar+grad": functools.partial(run_gradvar, with_grad=True),
     "gradvar-fused": run_gradvar,
+    "gradvar-im2col": run_gradvar,
     "gradvar-micro": run_gradvar_micro,
     "loop": run_loop,
     "torch.func": run_torch_func,
@@ -241,6 +243,8 @@ def worker(method: str, workload: str, device: str, repeats: int, out_path: str,
     allocation events (an untimed run: profiling slows it)."""
     if method == "gradvar-fused":
         os.environ["GRADVAR_EXT_FUSED_CUDA"] = "1"
+    if method == "gradvar-im2col":
+        os.environ["GRADVAR_EXT_UNFOLD"] = "im2col"
     # True float32 everywhere: cuDNN convolutions default to TF32, whose ~1e-3 rounding would fail
     # every method's comparison with the per-sample loop on the CNN (seen on an H200).
     torch.backends.cudnn.allow_tf32 = False
@@ -343,7 +347,9 @@ def main() -> int:
         "median of the rounds' medians (a machine whose speed drifts biases one pass per method)",
     )
     args = parser.parse_args()
-    methods = args.methods or [m for m in METHODS if m != "gradvar-fused" or args.device == "cuda"]
+    methods = args.methods or [
+        m for m in METHODS if m != "gradvar-im2col" and (m != "gradvar-fused" or args.device == "cuda")
+    ]
     for method in methods:
         try:
             method_function(method)
