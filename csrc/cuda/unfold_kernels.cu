@@ -34,45 +34,55 @@ constexpr int kThreads = 256;
 
 // cols[r, p] for one columns row r = (n*C + c)*kh*kw + i*kw + j per blockIdx.y (grid-strided
 // over rows past 65535), the row's rows*W_out positions p over blockIdx.x and the threads: one
-// division per element (p -> y, x), writes coalesced, reads coalesced along x for stride 1.
-// Memory: the columns only. Formula: 0 where the tap falls in the padding.
+// 32-bit division per element (p -> y, x; a plane's sizes are < 2^31), writes coalesced, reads
+// coalesced along x for stride 1. Memory: the columns only. 0 where the tap falls in the padding.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     im2col_rows_kernel(const scalar_t* __restrict__ image, scalar_t* __restrict__ cols, Geometry g, int64_t rows_total,
                        int64_t first_row, int64_t positions) {
-  const int64_t kk = g.kh * g.kw;
+  const int kk = static_cast<int>(g.kh * g.kw), kw = static_cast<int>(g.kw), H = static_cast<int>(g.H);
+  const int W = static_cast<int>(g.W), Wo = static_cast<int>(g.Wo), count = static_cast<int>(positions);
   for (int64_t r = blockIdx.y; r < rows_total; r += gridDim.y) {
-    const int64_t plane = r / kk, i = (r % kk) / g.kw, j = r % g.kw;  // plane = n * C + c
+    const int64_t plane = r / kk;  // n * C + c
+    const int tap = static_cast<int>(r - plane * kk), i = tap / kw, j = tap - i * kw;
+    const int y0 = static_cast<int>(first_row * g.sh - g.ph) + i * static_cast<int>(g.dh);  // input row of p's y = 0
+    const int x0 = j * static_cast<int>(g.dw) - static_cast<int>(g.pw);
     const scalar_t* src = image + plane * g.H * g.W;
     scalar_t* dst = cols + r * positions;
-    for (int64_t p = blockIdx.x * int64_t(kThreads) + threadIdx.x; p < positions; p += int64_t(gridDim.x) * kThreads) {
-      const int64_t y = first_row + p / g.Wo, x = p % g.Wo;
-      const int64_t yin = y * g.sh - g.ph + i * g.dh, xin = x * g.sw - g.pw + j * g.dw;
-      dst[p] = (yin >= 0 && yin < g.H && xin >= 0 && xin < g.W) ? src[yin * g.W + xin] : scalar_t(0);
+    for (int p = blockIdx.x * kThreads + threadIdx.x; p < count; p += gridDim.x * kThreads) {
+      const int y = p / Wo, x = p - y * Wo;
+      const int yin = y0 + y * static_cast<int>(g.sh), xin = x0 + x * static_cast<int>(g.sw);
+      dst[p] = (yin >= 0 && yin < H && xin >= 0 && xin < W) ? src[yin * W + xin] : scalar_t(0);
     }
   }
 }
 
 // image[plane, yin, xin] = sum over the taps (i, j) whose output pixel (y, x) reads it of
 // cols[plane*kh*kw + i*kw + j, y*W_out + x]: one thread per image pixel, gathering in a fixed
-// order (no atomics: deterministic), overwriting the image. Memory: none beyond its arguments.
+// order (no atomics: deterministic), overwriting the image; 32-bit arithmetic inside a plane.
+// Memory: none beyond its arguments.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     col2im_kernel(const scalar_t* __restrict__ cols, scalar_t* __restrict__ image, Geometry g, int64_t pixels,
                   int64_t Ho, int64_t L) {
-  const int64_t kk = g.kh * g.kw;
+  const int kh = static_cast<int>(g.kh), kw = static_cast<int>(g.kw);
+  const int W = static_cast<int>(g.W), Wo = static_cast<int>(g.Wo), Hout = static_cast<int>(Ho);
+  const int sh = static_cast<int>(g.sh), sw = static_cast<int>(g.sw), dh = static_cast<int>(g.dh);
+  const int dw = static_cast<int>(g.dw), ph = static_cast<int>(g.ph), pw = static_cast<int>(g.pw);
+  const int64_t plane_pixels = g.H * g.W;
   for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < pixels; e += int64_t(gridDim.x) * kThreads) {
-    const int64_t plane = e / (g.H * g.W), yin = (e / g.W) % g.H, xin = e % g.W;
-    const scalar_t* src = cols + plane * kk * L;
+    const int64_t plane = e / plane_pixels;
+    const int rem = static_cast<int>(e - plane * plane_pixels), yin = rem / W, xin = rem - yin * W;
+    const scalar_t* src = cols + plane * kh * kw * L;
     scalar_t acc = 0;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t ys = yin + g.ph - i * g.dh;  // = y * sh
-      if (ys < 0 || ys % g.sh != 0 || ys / g.sh >= Ho) continue;
-      const int64_t y = ys / g.sh;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t xs = xin + g.pw - j * g.dw;  // = x * sw
-        if (xs < 0 || xs % g.sw != 0 || xs / g.sw >= g.Wo) continue;
-        acc += src[(i * g.kw + j) * L + y * g.Wo + xs / g.sw];
+    for (int i = 0; i < kh; ++i) {
+      const int ys = yin + ph - i * dh;  // = y * sh
+      if (ys < 0 || ys % sh != 0 || ys / sh >= Hout) continue;
+      const int y = ys / sh;
+      for (int j = 0; j < kw; ++j) {
+        const int xs = xin + pw - j * dw;  // = x * sw
+        if (xs < 0 || xs % sw != 0 || xs / sw >= Wo) continue;
+        acc += src[(i * kw + j) * L + y * Wo + xs / sw];
       }
     }
     image[e] = acc;
