@@ -99,10 +99,15 @@ at::Tensor unfold_rows(const at::Tensor& images, const ConvGeometry& c, int64_t 
   const int64_t span_h = c.dilation[0] * (c.kernel[0] - 1) + 1, span_w = c.dilation[1] * (c.kernel[1] - 1) + 1;
   const int64_t top = first_row * c.stride[0] - c.padding[0];  // padded-image rows [top, bottom) in input rows
   const int64_t bottom = top + (rows - 1) * c.stride[0] + span_h;
-  const int64_t lo = std::clamp<int64_t>(top, 0, c.height), hi = std::clamp<int64_t>(bottom, lo, c.height);
-  at::Tensor piece = images.narrow(2, lo, hi - lo);
-  if (lo - top != 0 || bottom - hi != 0 || c.padding[1] != 0) {
-    piece = at::constant_pad_nd(piece, {c.padding[1], c.padding[1], lo - top, bottom - hi}, 0);
+  const int64_t lo = std::max<int64_t>(top, 0), hi = std::min<int64_t>(bottom, c.height);  // rows inside the image
+  at::Tensor piece;
+  if (hi <= lo) {  // the slab's taps all fall in the padding
+    piece = at::zeros({n, c.in_channels, bottom - top, c.width + 2 * c.padding[1]}, images.options());
+  } else {
+    piece = images.narrow(2, lo, hi - lo);
+    if (lo - top != 0 || bottom - hi != 0 || c.padding[1] != 0) {
+      piece = at::constant_pad_nd(piece, {c.padding[1], c.padding[1], lo - top, bottom - hi}, 0);
+    }
   }
   const auto taps = piece.unfold(2, span_h, c.stride[0])
                         .unfold(3, span_w, c.stride[1])  // [n, C, rows, W_out, span_h, span_w]

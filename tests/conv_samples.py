@@ -85,6 +85,7 @@ CONV_CASES = [
     ConvCase(3, 2, 2, (8, 7), stride=(2, 3)),  # stride
     ConvCase(2, 2, 3, (7, 9), kernel=(2, 2), stride=(3, 4)),  # stride > kernel
     ConvCase(3, 2, 3, (5, 6), padding=(1, 2)),  # padding
+    ConvCase(3, 2, 3, (5, 6), kernel=(2, 2), padding=(4, 2)),  # padding past the kernel: rows of zeros only
     ConvCase(2, 2, 2, (9, 8), dilation=(2, 3)),  # dilation
     ConvCase(3, 4, 6, (6, 5), groups=2),  # groups
     ConvCase(3, 4, 8, (5, 5), groups=4),  # depthwise (groups = C_in), channel multiplier 2
