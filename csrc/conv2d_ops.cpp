@@ -169,7 +169,9 @@ void im2col_rows(const at::Tensor& images, at::Tensor& cols, const ConvGeometry&
 
 void col2im(const at::Tensor& cols, at::Tensor& images, const ConvGeometry& c) {
 #ifdef GRADVAR_WITH_CUDA
-  if (images.is_cuda()) return col2im_cuda(cols, images, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
+  if (images.is_cuda()) {
+    return col2im_cuda(cols, images, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
+  }
 #endif
   col2im_cpu(cols, images, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
 }

@@ -123,8 +123,9 @@ void col2im_cpu(const at::Tensor& cols, at::Tensor& image, at::IntArrayRef kerne
 // Whether the moments of CUDA factors use the fused kernel (cuda/fused_moments.cu) rather than
 // chunked bmm + accumulate (T > 1) or two GEMMs (T = 1): by default for 1 < T <= 32 positions
 // (float64's limit was 16 before the fifteenth session's H100 run), and for T = 1 while
-// N * groups * I * O <= 2^26 (one pass for both GEMMs), where it is faster (for T > 1 on sm_80+ on tensor cores unless a cross moment: 3xTF32 for
-// float32, DMMA for float64); GRADVAR_EXT_FUSED_CUDA=1 always, on CUDA cores, =0 never,
+// N * groups * I * O <= 2^26 (one pass for both GEMMs), where it is faster (for T > 1 on sm_80+
+// on tensor cores unless a cross moment: 3xTF32 for float32, DMMA for float64);
+// GRADVAR_EXT_FUSED_CUDA=1 always, on CUDA cores, =0 never,
 // =tensor_cores (or tf32x3) always, on tensor cores (sm_80+).
 bool use_fused_cuda(const Factors& X, const Factors& G);
 // Whether that fused walk (on sm_80+) runs on tensor cores: =tensor_cores (or its first name,
