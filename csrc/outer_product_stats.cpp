@@ -126,18 +126,21 @@ GradientChunks outer_products(const Factors& X, const Factors& G, at::Tensor* x_
 // where a sample's patches are at least twice its gradient, the chunk holds the whole batch and
 // a slab's positions K >= 6 O I / (O + I) (factor traffic >= 3x the accumulator's).
 // GRADVAR_EXT_CONV_SLABS=k (k >= 1) forces slabs of at most k rows on any device (the CPU tests
-// run it), =0 turns them off.
+// run it), =0 turns them off, =auto applies CUDA's rule on any device (the CPU tests check it).
 struct SlabPlan {
   int64_t samples = 0, rows = 0, budget = 0;  // samples 0: no slabs
 };
 
-int64_t forced_slab_rows() {  // GRADVAR_EXT_CONV_SLABS: -1 unset, 0 off, k > 0 forced
+constexpr int64_t kSlabsUnset = -1, kSlabsAuto = -2;
+
+int64_t forced_slab_rows() {  // GRADVAR_EXT_CONV_SLABS: kSlabsUnset, kSlabsAuto, 0 off, k > 0 forced
   const char* flag = std::getenv("GRADVAR_EXT_CONV_SLABS");
-  if (flag == nullptr || *flag == '\0') return -1;
+  if (flag == nullptr || *flag == '\0') return kSlabsUnset;
+  if (std::strcmp(flag, "auto") == 0) return kSlabsAuto;
   char* end = nullptr;
   const long long rows = std::strtoll(flag, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && rows >= 0, "gradvar: GRADVAR_EXT_CONV_SLABS must be 0 (off) or a number of rows "
-                    "per slab, got '", flag, "'");
+  TORCH_CHECK_VALUE(*end == '\0' && rows >= 0, "gradvar: GRADVAR_EXT_CONV_SLABS must be 0 (off), auto or a number "
+                    "of rows per slab, got '", flag, "'");
   return static_cast<int64_t>(rows);
 }
 
@@ -145,7 +148,7 @@ SlabPlan slab_plan(const Factors& X, const Factors& G) {
   const int64_t forced_rows = forced_slab_rows();
   const bool forced = forced_rows > 0;
   if (!X.slab || X.slab_width <= 0 || G.materialises || forced_rows == 0) return {};
-  if (!forced && !X.options.device().is_cuda()) return {};
+  if (!forced && forced_rows != kSlabsAuto && !X.options.device().is_cuda()) return {};
   const int64_t element_size = static_cast<int64_t>(c10::elementSize(X.options.dtype().toScalarType()));
   const int64_t gradient = X.groups * G.features * X.features * element_size;  // one sample's
   const int64_t row = X.groups * X.slab_width * X.features * element_size;     // one sample's row of patches

@@ -97,12 +97,45 @@ def test_moments_by_slabs_of_rows_over_several_chunks(op, monkeypatch):
 
 
 @pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the slabs are the compiled kernels'")
+@pytest.mark.parametrize(
+    ("case", "dtype", "accumulations"),
+    [
+        # 75 MB of patches, 74 KB of gradient a sample: slabs of 12 rows (K = 384 >= 6 O I / (O + I) = 314)
+        (ConvCase(64, 32, 64, (32, 32), padding=(1, 1)), torch.float32, 2),
+        # float64: slabs of 5 rows (K = 160 < 314): chunks of samples instead
+        (ConvCase(64, 32, 64, (32, 32), padding=(1, 1)), torch.float64, 0),
+        # 64 -> 64 at 16x16: 14-row slabs (K = 224 < 6 O I / (O + I) = 346): chunks of samples
+        (ConvCase(64, 64, 64, (16, 16), padding=(1, 1)), torch.float32, 0),
+        # 3 -> 32 at 32x32 (the benchmark CNN's first conv): all 32 rows in one slab, no baddbmm
+        (ConvCase(64, 3, 32, (32, 32), padding=(1, 1)), torch.float32, 0),
+    ],
+    ids=["32to64-f32-slabs", "32to64-f64-samples", "64to64-f32-samples", "3to32-one-slab"],
+)
+def test_cuda_slab_rule_applied_on_cpu(case, dtype, accumulations, monkeypatch):
+    """GRADVAR_EXT_CONV_SLABS=auto applies CUDA's default rule on the CPU: slabs only where the
+    whole batch fits one chunk and each slab's K positions satisfy K (O + I) >= 6 O I (on an H100
+    the shorter slabs of the last three rows' shapes ran slower than chunks of samples)."""
+    monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
+    monkeypatch.setenv("GRADVAR_EXT_CONV_SLABS", "auto")
+    monkeypatch.delenv("GRADVAR_EXT_CHUNK_MIB", raising=False)
+    torch.manual_seed(6)
+    x, go, *conv = case.args("conv2d_second_moment", dtype)
+    out = []
+    names = _ops_run(lambda: out.append(call("conv2d_second_moment", x, go, *conv)))
+    assert names.count("aten::baddbmm_") == accumulations
+    if accumulations or case.c_in == 3:  # slabs: the whole batch in one chunk, one bmm to start it
+        assert names.count("aten::bmm") == 1
+    want = reference.conv2d_second_moment(x.double(), go.double(), *conv)
+    assert_matches(out[0], want, dtype)
+
+
+@pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the slabs are the compiled kernels'")
 def test_unknown_slab_rows_are_named(monkeypatch):
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
     monkeypatch.setenv("GRADVAR_EXT_CONV_SLABS", "two")
     x, go, *conv = ConvCase(2, 8, 4, (6, 6), padding=(1, 1)).args("conv2d_variance", torch.float32)
     with pytest.raises(
-        ValueError, match="GRADVAR_EXT_CONV_SLABS must be 0 \\(off\\) or a number of rows per slab, got 'two'"
+        ValueError, match="GRADVAR_EXT_CONV_SLABS must be 0 \\(off\\), auto or a number of rows per slab, got 'two'"
     ):
         call("conv2d_variance", x, go, *conv)
 
