@@ -167,6 +167,15 @@ void im2col_rows(const at::Tensor& images, at::Tensor& cols, const ConvGeometry&
   im2col_cpu(images, cols, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
 }
 
+// The same columns as [n * groups, rows * W_out, C_in/groups * kh * kw]: a transposed view, as
+// bmm takes it.
+at::Tensor im2col_columns(const at::Tensor& images, const ConvGeometry& c, int64_t first_row, int64_t rows) {
+  const int64_t n = images.size(0);
+  at::Tensor cols = at::empty({n, c.groups * c.patch(), rows * c.out_width}, images.options());
+  im2col_rows(images, cols, c, first_row, rows);
+  return cols.view({n * c.groups, c.patch(), rows * c.out_width}).transpose(1, 2);
+}
+
 void col2im(const at::Tensor& cols, at::Tensor& images, const ConvGeometry& c) {
 #ifdef GRADVAR_WITH_CUDA
   if (images.is_cuda()) {
@@ -197,18 +206,13 @@ Factors patch_factors(const char* op, const at::Tensor& image, const ConvGeometr
                     const auto part = img.narrow(0, start, n);
                     if (c.unfold_is_view()) return part.view({n, g, f, L}).transpose(2, 3).reshape({n * g, L, f});
                     if (!unfold_with_im2col(part)) return unfold_strided(part, c);
-                    at::Tensor cols = at::empty({n, g * f, L}, part.options());
-                    im2col_rows(part, cols, c, 0, c.out_height);
-                    if (part.is_cuda()) return cols.view({n * g, f, L}).transpose(1, 2);  // bmm reads it as is
-                    return cols.view({n, g, f, L}).transpose(2, 3).reshape({n * g, L, f});
+                    return im2col_columns(part, c, 0, c.out_height);
                   }};
   if (!c.unfold_is_view()) {
     factors.slab = [img, c](int64_t start, int64_t n, int64_t first_row, int64_t rows) {
       const auto part = img.narrow(0, start, n);
       if (part.is_cpu() || !unfold_with_im2col(part)) return unfold_rows(part, c, first_row, rows);
-      at::Tensor cols = at::empty({n, c.in_channels * c.kernel[0] * c.kernel[1], rows * c.out_width}, part.options());
-      im2col_rows(part, cols, c, first_row, rows);
-      return cols.view({n * c.groups, c.patch(), rows * c.out_width}).transpose(1, 2);
+      return im2col_columns(part, c, first_row, rows);
     };
     factors.slab_width = c.out_width;
   }

@@ -92,7 +92,13 @@ void rowwise_dot(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   out.copy_((a * b).sum(1));
 }
 
-// G_n^T X_n for a chunk, into a buffer kept across chunks (the first chunk is the largest).
+// A chunk's [count, O, I] gradients in a buffer kept across chunks (the first chunk is the largest).
+at::Tensor gradient_buffer(at::Tensor& buf, int64_t count, int64_t O, int64_t I, const at::TensorOptions& options) {
+  if (!buf.defined() || buf.size(0) < count) buf = at::empty({count, O, I}, options);
+  return buf.narrow(0, 0, count);
+}
+
+// G_n^T X_n for a chunk, into gradient_buffer.
 // x_chunk / g_chunk, when given, receive the factors' chunks (for callers that reuse them).
 GradientChunks outer_products(const Factors& X, const Factors& G, at::Tensor* x_chunk, at::Tensor* g_chunk) {
   const int64_t groups = X.groups, O = G.features, I = X.features;
@@ -100,8 +106,7 @@ GradientChunks outer_products(const Factors& X, const Factors& G, at::Tensor* x_
   return GradientChunks{
       X.samples, groups, O, I, X.options, groups * O * I + formed(X) + formed(G), X.samples,
       [X, G, groups, O, I, buf, x_chunk, g_chunk](int64_t start, int64_t n) {
-        if (!buf->defined() || buf->size(0) < n * groups) *buf = at::empty({n * groups, O, I}, X.options);
-        auto g = buf->narrow(0, 0, n * groups);
+        auto g = gradient_buffer(*buf, n * groups, O, I, X.options);
         const auto Xc = X.chunk(start, n), Gc = G.chunk(start, n);
         at::bmm_out(g, Gc.transpose(1, 2), Xc);
         if (x_chunk != nullptr) *x_chunk = Xc;
@@ -170,10 +175,7 @@ GradientChunks outer_products_by_rows(const Factors& X, const Factors& G, const 
   auto buf = std::make_shared<at::Tensor>();
   return GradientChunks{X.samples, groups, O, I, X.options, groups * (O * I + rows * width * I), plan.samples,
                         [X, G, groups, O, I, width, rows_total, rows, buf](int64_t start, int64_t n) {
-                          if (!buf->defined() || buf->size(0) < n * groups) {
-                            *buf = at::empty({n * groups, O, I}, X.options);
-                          }
-                          auto g = buf->narrow(0, 0, n * groups);
+                          auto g = gradient_buffer(*buf, n * groups, O, I, X.options);
                           const auto Gt = G.chunk(start, n).transpose(1, 2);  // [n * groups, O, T]
                           for (int64_t first = 0; first < rows_total; first += rows) {
                             const int64_t count = std::min(rows, rows_total - first);
