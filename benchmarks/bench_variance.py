@@ -200,6 +200,8 @@ METHODS = {
     "opacus": run_opacus,
 }
 OPTIONAL = {"backpack": "backpack", "opacus": "opacus"}  # method -> package it needs
+# method -> the environment its worker runs under (the opt-in CUDA paths)
+METHOD_ENV = {"gradvar-fused": {"GRADVAR_EXT_FUSED_CUDA": "1"}, "gradvar-im2col": {"GRADVAR_EXT_UNFOLD": "im2col"}}
 
 
 def method_function(method: str):
@@ -241,10 +243,7 @@ def worker(method: str, workload: str, device: str, repeats: int, out_path: str,
     most 100, so sub-millisecond timings are not noise), then measures the peak extra memory of
     one more run: CUDA from the caching allocator's peak statistics, CPU from the profiler's
     allocation events (an untimed run: profiling slows it)."""
-    if method == "gradvar-fused":
-        os.environ["GRADVAR_EXT_FUSED_CUDA"] = "1"
-    if method == "gradvar-im2col":
-        os.environ["GRADVAR_EXT_UNFOLD"] = "im2col"
+    os.environ.update(METHOD_ENV.get(method, {}))
     # True float32 everywhere: cuDNN convolutions default to TF32, whose ~1e-3 rounding would fail
     # every method's comparison with the per-sample loop on the CNN (seen on an H200).
     torch.backends.cudnn.allow_tf32 = False

@@ -66,8 +66,7 @@ def cuda_kernels(prof) -> Counter:
 def profile_one(workload: str, method: str, device: str, job: str, top: int) -> None:
     model, x, y, lossfunc = bv.make_workload(workload, device)
     fn = bv.method_function(method)
-    env = {"gradvar-fused": {"GRADVAR_EXT_FUSED_CUDA": "1"}, "gradvar-im2col": {"GRADVAR_EXT_UNFOLD": "im2col"}}
-    env = env.get(method, {})
+    env = bv.METHOD_ENV.get(method, {})
     os.environ.update(env)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(3):
