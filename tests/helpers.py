@@ -62,3 +62,10 @@ def check_variance_and_its_gradients(ours_fn, ref_fn, inputs, second_order: bool
         probes = [torch.randn_like(t) for t in g_ref]
         for a, b in zip(torch.autograd.grad(g_ours, inputs, probes), torch.autograd.grad(g_ref, inputs, probes)):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def ops_run(fn) -> list[str]:
+    """Names of the ATen ops that fn() ran (the CPU profiler's events, in order)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events()]

@@ -19,7 +19,7 @@ from torch import nn
 import gradvar_ext
 from gradvar_ext import conv_ops, reference
 
-from helpers import assert_matches, call, check_variance_and_its_gradients
+from helpers import assert_matches, call, check_variance_and_its_gradients, ops_run
 
 DTYPES = (torch.float64, torch.float32)
 
@@ -72,13 +72,6 @@ def test_conv_matches_reference_over_several_chunks(op, case, conv_algorithm):
     assert_matches(call(op, *args), reference.OPS[op](*args), torch.float64)
 
 
-def _ops_run(fn) -> list[str]:
-    """Names of the ATen ops that fn() ran (the CPU profiler's events, in order)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return [e.name for e in prof.events()]
-
-
 @pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the slabs are the compiled kernels'")
 @pytest.mark.parametrize("op", ["conv2d_second_moment", "conv2d_variance", "conv2d_moments"])
 def test_moments_by_slabs_of_rows_over_several_chunks(op, monkeypatch):
@@ -91,7 +84,7 @@ def test_moments_by_slabs_of_rows_over_several_chunks(op, monkeypatch):
     torch.manual_seed(5)
     args = MULTI_CHUNK_CONV_CASES[0].args(op, torch.float64)
     out = []
-    names = _ops_run(lambda: out.append(call(op, *args)))
+    names = ops_run(lambda: out.append(call(op, *args)))
     assert names.count("aten::baddbmm_") == 50 * 5
     assert_matches(out[0], reference.OPS[op](*args), torch.float64)
 
@@ -121,7 +114,7 @@ def test_cuda_slab_rule_applied_on_cpu(case, dtype, accumulations, monkeypatch):
     torch.manual_seed(6)
     x, go, *conv = case.args("conv2d_second_moment", dtype)
     out = []
-    names = _ops_run(lambda: out.append(call("conv2d_second_moment", x, go, *conv)))
+    names = ops_run(lambda: out.append(call("conv2d_second_moment", x, go, *conv)))
     assert names.count("aten::baddbmm_") == accumulations
     if accumulations or case.c_in == 3:  # slabs: the whole batch in one chunk, one bmm to start it
         assert names.count("aten::bmm") == 1

@@ -15,7 +15,7 @@ from conv_samples import (
 
 import gradvar_ext
 
-from helpers import assert_matches, call, expected, scale_for
+from helpers import assert_matches, call, expected, ops_run, scale_for
 from samples import ALL_CASES, GRAD_CASES, MULTI_CHUNK_CASES, OPS, Case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -144,9 +144,8 @@ def test_cuda_conv_moments_by_slabs_of_rows(op, dtype, monkeypatch):
     for slabs, accumulations in (("", 2 if dtype == torch.float32 else 0), ("5", 6), ("0", 0)):
         monkeypatch.setenv("GRADVAR_EXT_CONV_SLABS", slabs)
         out = []
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            out.append(call(op, *args))
-        assert [e.name for e in prof.events()].count("aten::baddbmm_") == accumulations, slabs
+        names = ops_run(lambda out=out: out.append(call(op, *args)))
+        assert names.count("aten::baddbmm_") == accumulations, slabs
         assert_matches(out[0], want, dtype, scale if op == "conv2d_variance" else None)
 
 
