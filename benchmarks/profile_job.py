@@ -33,7 +33,7 @@ NOT_KERNELS = {
         "transpose permute expand expand_as narrow slice select squeeze unsqueeze squeeze_ unsqueeze_ "
         "unflatten flatten detach alias lift_fresh resolve_conj resolve_neg result_type is_nonzero item "
         "_local_scalar_dense split chunk unbind contiguous set_ _has_compatible_shallow_copy_type resize_ "
-        "as_strided_ to"
+        "as_strided_ to unfold"
     ).split()  # `to` alone is a no-op; a real conversion counts as the copy inside it
 }
 

@@ -22,17 +22,18 @@ namespace {
 // hold all its per-sample gradients, as much as the methods that materialise them (the sequence
 // layer's job (b) on an H100: 25.0 MB against torch.func's 24.8; 21 MB with the half, the same
 // peak as with the CPU's 4 MiB, measured on the CPU with its budget raised to 32 MiB).
-// On a GPU a chunk also holds at least 8 samples where one forms more than 4 MiB (up to 128 MiB,
+// On a GPU a chunk also holds at least 16 samples where one forms more than 2 MiB (up to 128 MiB,
 // and still at most half the batch): batched GEMMs of fewer, large products underfill the device.
-// Measured on an H200 (benchmarks/RESULTS.md, fourteenth session), chunked / bmm throughput:
-// float64 64x128x1024->1024 (8 MiB a sample) 0.47-0.48 with 4 samples a chunk (32 MiB), 0.53-0.54
-// with 8, 0.57-0.58 with 16; float32 32x256x768->768 0.42 with 3 samples, 0.85-0.86 with 6 or 13.
+// Chunked / bmm throughput in GPU time (benchmarks/RESULTS.md, fourteenth and fifteenth sessions),
+// float64 64x128x1024->1024 (8 MiB a sample): H200 0.47-0.48 with 4 samples a chunk (32 MiB),
+// 0.53-0.54 with 8, 0.57-0.58 with 16; H100 0.44 / 0.49 / 0.54 (16 samples: 144 MB peak, 80 with
+// 8); float32 32x256x768->768 0.42 with 3 samples, 0.85-0.86 with 6 or 13.
 // GRADVAR_EXT_CHUNK_MIB=n sets every chunk's budget to n MiB instead (the grouped conv path's
 // included): a knob for tuning and for tight memory (more samples per chunk: fewer launches,
 // more scratch).
 constexpr int64_t kMinChunkBytes = int64_t(4) << 20;
 constexpr int64_t kGpuChunkBytes = int64_t(32) << 20, kGpuMostChunkBytes = int64_t(128) << 20;
-constexpr int64_t kGpuFewestChunkSamples = 8;
+constexpr int64_t kGpuFewestChunkSamples = 16;
 
 int64_t chunk_bytes(const at::TensorOptions& options, int64_t sample_bytes, int64_t samples) {
   if (options.device().is_cpu()) return kMinChunkBytes;

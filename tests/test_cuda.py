@@ -428,24 +428,27 @@ def test_cuda_chunk_scratch_is_at_most_half_the_per_sample_gradients(op, monkeyp
     assert scratch_mb <= per_sample_grads_mb / 2 + 0.5, (scratch_mb, out[0].shape)
 
 
-def test_cuda_chunk_holds_eight_samples_of_large_gradients(monkeypatch):
-    """Where one sample forms more than 4 MiB, a GPU chunk holds 8 samples (up to 128 MiB, at most
-    half the batch) rather than the 32 MiB budget's 4: [24, 4, 1024] -> 1024 in float64 is 8 MiB a
-    sample, so the chunked moments' scratch is 64 MiB (csrc/outer_product_stats.cpp chunk_bytes)."""
+def test_cuda_chunk_holds_sixteen_samples_of_large_gradients(monkeypatch):
+    """Where one sample forms more than 2 MiB, a GPU chunk holds 16 samples (up to 128 MiB, at most
+    half the batch) rather than the 32 MiB budget's 4: [32, 4, 1024] -> 1024 in float64 is 8 MiB a
+    sample, so the chunked moments' scratch is 128 MiB (csrc/outer_product_stats.cpp chunk_bytes);
+    with a batch of 24, half the batch: 12 samples, 96 MiB."""
     monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "0")
     monkeypatch.delenv("GRADVAR_EXT_CHUNK_MIB", raising=False)
-    n, t, features = 24, 4, 1024
-    x = torch.randn(n, t, features, device="cuda", dtype=torch.float64)
-    g = torch.randn(n, t, features, device="cuda", dtype=torch.float64)
+    t, features = 4, 1024
     results_mb = 2 * features * features * 8 / 2**20  # moment and sum
-    torch.ops.gradvar.linear_moments(x, g)  # warm-up: cuBLAS workspace
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    torch.ops.gradvar.linear_moments(x, g)
-    torch.cuda.synchronize()
-    scratch_mb = (torch.cuda.max_memory_allocated() - base) / 2**20 - results_mb
-    assert 7 * 8 <= scratch_mb <= 8 * 8 + 1, scratch_mb
+    for n, samples in ((32, 16), (24, 12)):
+        x = torch.randn(n, t, features, device="cuda", dtype=torch.float64)
+        g = torch.randn(n, t, features, device="cuda", dtype=torch.float64)
+        torch.ops.gradvar.linear_moments(x, g)  # warm-up: cuBLAS workspace
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.ops.gradvar.linear_moments(x, g)
+        torch.cuda.synchronize()
+        scratch_mb = (torch.cuda.max_memory_allocated() - base) / 2**20 - results_mb
+        assert (samples - 1) * 8 <= scratch_mb <= samples * 8 + 1, (n, scratch_mb)
+        del x, g
 
 
 # ---------------------------------------------------------------- the front end on CUDA
