@@ -158,6 +158,7 @@ bool unfold_with_im2col(const at::Tensor& images) {
 // cols [n, C_in * kh * kw, rows * W_out] = the columns of output rows [first_row, +rows) of
 // images [n, C_in, H, W] (contiguous), by the device's im2col kernel.
 void im2col_rows(const at::Tensor& images, at::Tensor& cols, const ConvGeometry& c, int64_t first_row, int64_t rows) {
+  TORCH_INTERNAL_ASSERT(images.is_contiguous() && cols.is_contiguous(), "gradvar: im2col takes dense tensors");
 #ifdef GRADVAR_WITH_CUDA
   if (images.is_cuda()) {
     return im2col_rows_cuda(images, cols, c.kernel, c.stride, c.padding, c.dilation, c.out_width, first_row, rows);
@@ -177,6 +178,7 @@ at::Tensor im2col_columns(const at::Tensor& images, const ConvGeometry& c, int64
 }
 
 void col2im(const at::Tensor& cols, at::Tensor& images, const ConvGeometry& c) {
+  TORCH_INTERNAL_ASSERT(images.is_contiguous() && cols.is_contiguous(), "gradvar: col2im takes dense tensors");
 #ifdef GRADVAR_WITH_CUDA
   if (images.is_cuda()) {
     return col2im_cuda(cols, images, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
