@@ -30,26 +30,29 @@ namespace {
 // 8); float32 32x256x768->768 0.42 with 3 samples, 0.85-0.86 with 6 or 13.
 // GRADVAR_EXT_CHUNK_MIB=n sets every chunk's budget to n MiB instead (the grouped conv path's
 // included): a knob for tuning and for tight memory (more samples per chunk: fewer launches,
-// more scratch).
+// more scratch); =gpu applies the GPU's rule below on any device to chunks without a budget of
+// their own (the CPU's grouped conv path keeps its 16 MiB): the CPU tests check the rule.
 constexpr int64_t kMinChunkBytes = int64_t(4) << 20;
 constexpr int64_t kGpuChunkBytes = int64_t(32) << 20, kGpuMostChunkBytes = int64_t(128) << 20;
 constexpr int64_t kGpuFewestChunkSamples = 16;
+constexpr int64_t kGpuChunkRule = -1;  // forced_chunk_bytes() for GRADVAR_EXT_CHUNK_MIB=gpu
 
-int64_t chunk_bytes(const at::TensorOptions& options, int64_t sample_bytes, int64_t samples) {
-  if (options.device().is_cpu()) return kMinChunkBytes;
+int64_t chunk_bytes(const at::TensorOptions& options, int64_t sample_bytes, int64_t samples, bool gpu_rule) {
+  if (options.device().is_cpu() && !gpu_rule) return kMinChunkBytes;
   const int64_t half_batch = sample_bytes * samples / 2;
   const int64_t several_samples = std::min({kGpuFewestChunkSamples * sample_bytes, kGpuMostChunkBytes, half_batch});
   return std::max(std::clamp<int64_t>(half_batch, kMinChunkBytes, kGpuChunkBytes), several_samples);
 }
 
-int64_t forced_chunk_bytes() {  // GRADVAR_EXT_CHUNK_MIB in bytes, 0 when unset
+int64_t forced_chunk_bytes() {  // GRADVAR_EXT_CHUNK_MIB in bytes, 0 when unset, kGpuChunkRule for "gpu"
   const char* flag = std::getenv("GRADVAR_EXT_CHUNK_MIB");
   if (flag == nullptr || *flag == '\0') return 0;
+  if (std::strcmp(flag, "gpu") == 0) return kGpuChunkRule;
   char* end = nullptr;
   const long long mib = std::strtoll(flag, &end, 10);
   TORCH_CHECK_VALUE(*end == '\0' && mib > 0 && mib <= (1LL << 20),
-                    "gradvar: GRADVAR_EXT_CHUNK_MIB must be a whole number of MiB from 1 to 1048576, got '", flag,
-                    "'");
+                    "gradvar: GRADVAR_EXT_CHUNK_MIB must be a whole number of MiB from 1 to 1048576 or gpu, got '",
+                    flag, "'");
   return static_cast<int64_t>(mib) << 20;
 }
 
@@ -58,7 +61,8 @@ int64_t chunk_samples(int64_t elems_per_sample, const at::TensorOptions& options
   const int64_t element_size = static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
   const int64_t bytes = std::max<int64_t>(1, elems_per_sample * element_size);
   const int64_t forced = forced_chunk_bytes();
-  const int64_t budget_bytes = forced > 0 ? forced : budget > 0 ? budget : chunk_bytes(options, bytes, samples);
+  const int64_t budget_bytes =
+      forced > 0 ? forced : budget > 0 ? budget : chunk_bytes(options, bytes, samples, forced == kGpuChunkRule);
   return std::clamp<int64_t>(budget_bytes / bytes, 1, std::max<int64_t>(1, std::min(samples, max_chunk)));
 }
 

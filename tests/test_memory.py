@@ -111,6 +111,37 @@ def test_chunk_budget_knob_bounds_the_scratch(op, monkeypatch):
     assert peaks[8] > 2 * peaks[1], peaks  # the knob does take more samples per chunk
 
 
+@pytest.mark.parametrize(
+    "n, t, features, dtype, scratch_mib",
+    [
+        (32, 4, 1024, "float64", 16 * 8),  # 8 MiB a sample: 16 samples a chunk (128 MiB, the cap)
+        (24, 4, 1024, "float64", 12 * 8),  # ... but at most half the batch
+        (64, 16, 256, "float32", 8),  # 0.25 MiB a sample: half the batch, 8 MiB (within 4-32 MiB)
+        (16, 16, 256, "float32", 4),  # half the batch is 2 MiB: the 4 MiB floor (all 16 samples)
+    ],
+)
+def test_gpu_chunk_rule_on_the_cpu(n, t, features, dtype, scratch_mib, monkeypatch):
+    """GRADVAR_EXT_CHUNK_MIB=gpu: the GPU's chunk rule (csrc/outer_product_stats.cpp chunk_bytes)
+    on the CPU: chunks of at least 16 samples where one forms more than 2 MiB (up to 128 MiB, at
+    most half the batch), else half the batch within 4-32 MiB. The chunked moments' scratch is the
+    chunk's per-sample gradients; same values as the CPU's 4 MiB chunks."""
+    import torch
+
+    import gradvar_ext
+
+    torch.manual_seed(0)
+    x = torch.randn(n, t, features, dtype=getattr(torch, dtype))
+    go = torch.randn(n, t, features, dtype=getattr(torch, dtype))
+    run = lambda: gradvar_ext.linear_moments(x, go)  # noqa: E731
+    default = run()
+    monkeypatch.setenv("GRADVAR_EXT_CHUNK_MIB", "gpu")
+    torch.testing.assert_close(run(), default)
+    results_mib = 2 * features * features * x.element_size() / 2**20  # moment and sum
+    scratch = _profiled_peak_mb(run) - results_mib
+    per_sample = features * features * x.element_size() / 2**20
+    assert scratch_mib - per_sample <= scratch <= scratch_mib + 0.5, (scratch, scratch_mib)
+
+
 def test_bad_chunk_budget_is_named(monkeypatch):
     import torch
 
@@ -118,6 +149,6 @@ def test_bad_chunk_budget_is_named(monkeypatch):
 
     monkeypatch.setenv("GRADVAR_EXT_CHUNK_MIB", "lots")
     with pytest.raises(
-        ValueError, match="GRADVAR_EXT_CHUNK_MIB must be a whole number of MiB from 1 to 1048576, got 'lots'"
+        ValueError, match="GRADVAR_EXT_CHUNK_MIB must be a whole number of MiB from 1 to 1048576 or gpu, got 'lots'"
     ):
         gradvar_ext.linear_variance(torch.randn(4, 3, 5), torch.randn(4, 3, 2))
