@@ -53,6 +53,8 @@ def measure(kind: str, n: int, part: str) -> dict:
     # chunk's scratch from a heap it does not return, so RSS would count freed memory (seen: +46 MB).
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if "ASAN_OPTIONS" in env:  # scripts/sanitize_cpu.sh: ASan's quarantine keeps freed scratch resident
+        env["ASAN_OPTIONS"] += ":quarantine_size_mb=0"  # (RSS +150 MB at N = 512), so here none
     if kind.startswith("conv2d-"):  # conv2d-unfold / conv2d-grouped: each way of forming g_n
         env["GRADVAR_EXT_CONV_ALGORITHM"] = kind.split("-")[1]
     proc = subprocess.run(
