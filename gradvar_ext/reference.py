@@ -96,10 +96,12 @@ def bias_second_moment(grad_output: torch.Tensor) -> torch.Tensor:
 
 def bias_variance(grad_output: torch.Tensor) -> torch.Tensor:
     per_sample = per_sample_bias_gradients(grad_output)
-    if per_sample.is_cuda:  # one kernel
+    if per_sample.is_cuda or per_sample.shape[1] <= 32:  # one op
         return per_sample.var(dim=0, unbiased=False)
-    # on the CPU torch.var over dim 0 is ~6x slower than its two passes in plain ops (214 vs
-    # 39 us for [128, 512], 2 cores); exactly 0 for one sample, as torch.var
+    # on the CPU torch.var over dim 0 slows with the columns: ~6x slower than its two passes in
+    # plain ops for [128, 512] (214 vs 39 us, 2 cores), level at 64 columns; with up to 32 its one
+    # op is the cheaper (host-bound tiny layers: [3, 1] 27 vs 44 us, [32, 10] 28 vs 46, forward
+    # and backward with a graph, 1 thread). Exactly 0 for one sample, as torch.var.
     return (per_sample - per_sample.mean(0)).square().mean(0)
 
 

@@ -104,6 +104,20 @@ def test_bias_gradcheck_and_gradgradcheck(name, case):
     )
 
 
+@pytest.mark.parametrize("out", [8, 32, 33, 40])
+def test_bias_variance_both_formulas(out):
+    """reference.bias_variance takes torch.var for up to 32 columns (or on CUDA) and two passes in
+    plain ops above (faster there on the CPU): both are the variance of the per-sample bias
+    gradients (sums over the middle dims), differentiable twice."""
+    torch.manual_seed(7)
+    g = torch.randn(5, 2, out, dtype=torch.float64, requires_grad=True)
+    want = g.detach().sum(1).var(0, unbiased=False)
+    torch.testing.assert_close(gradvar_ext.bias_variance(g), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gradvar_ext.bias_variance(g.float()), want.float())
+    assert torch.autograd.gradcheck(gradvar_ext.bias_variance, (g,))
+    assert torch.autograd.gradgradcheck(gradvar_ext.bias_variance, (g,))
+
+
 # ---------------------------------------------------------------- variance properties
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("middle", MIDDLES, ids=str)
