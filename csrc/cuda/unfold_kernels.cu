@@ -1,7 +1,7 @@
 // CUDA unfolding for the Conv2d front door, opt-in (GRADVAR_EXT_UNFOLD=im2col on CUDA; not yet
-// run on a GPU). Layouts as at::im2col / at::col2im and cpu/unfold_kernels.cpp: image
-// [N, C, H, W] contiguous, columns [N, C*kh*kw, rows*W_out] contiguous, row r = (c*kh + i)*kw + j
-// holding image[c][y*sh - ph + i*dh][x*sw - pw + j*dw] at column (y - first_row)*W_out + x.
+// run on a GPU): the host side. The kernels and their layouts (at::im2col's / at::col2im's, as in
+// cpu/unfold_kernels.cpp) are in unfold_kernels.cuh, which the tests also compile for the CPU and
+// run thread by thread (tests/cuda_emulation.cpp).
 // Why: on an H100 the default's unfolding (zero padding, then one generic strided copy of a
 // 7-d view) took 75-84 us of a 194-243 us conv2d_variance (benchmarks/RESULTS.md, fifteenth
 // session), and the backward's fold took kh*kw strided additions per chunk (85 launches in the
@@ -13,80 +13,16 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
-
 #include "../outer_product_stats.h"
+#include "unfold_kernels.cuh"
 
 namespace gradvar {
 namespace {
 
-struct Geometry {
-  int64_t C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, Wo;
-};
-
-Geometry geometry(const at::Tensor& image, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                  at::IntArrayRef dilation, int64_t out_width) {
+unfold::Geometry geometry(const at::Tensor& image, at::IntArrayRef kernel, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_width) {
   return {image.size(1), image.size(2), image.size(3), kernel[0], kernel[1], stride[0], stride[1],
           padding[0],    padding[1],    dilation[0],   dilation[1], out_width};
-}
-
-constexpr int kThreads = 256;
-
-// cols[r, p] for one columns row r = (n*C + c)*kh*kw + i*kw + j per blockIdx.y (grid-strided
-// over rows past 65535), the row's rows*W_out positions p over blockIdx.x and the threads: one
-// 32-bit division per element (p -> y, x; a plane's sizes are < 2^31), writes coalesced, reads
-// coalesced along x for stride 1. Memory: the columns only. 0 where the tap falls in the padding.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    im2col_rows_kernel(const scalar_t* __restrict__ image, scalar_t* __restrict__ cols, Geometry g, int64_t rows_total,
-                       int64_t first_row, int64_t positions) {
-  const int kk = static_cast<int>(g.kh * g.kw), kw = static_cast<int>(g.kw), H = static_cast<int>(g.H);
-  const int W = static_cast<int>(g.W), Wo = static_cast<int>(g.Wo), count = static_cast<int>(positions);
-  for (int64_t r = blockIdx.y; r < rows_total; r += gridDim.y) {
-    const int64_t plane = r / kk;  // n * C + c
-    const int tap = static_cast<int>(r - plane * kk), i = tap / kw, j = tap - i * kw;
-    const int y0 = static_cast<int>(first_row * g.sh - g.ph) + i * static_cast<int>(g.dh);  // input row of p's y = 0
-    const int x0 = j * static_cast<int>(g.dw) - static_cast<int>(g.pw);
-    const scalar_t* src = image + plane * g.H * g.W;
-    scalar_t* dst = cols + r * positions;
-    for (int p = blockIdx.x * kThreads + threadIdx.x; p < count; p += gridDim.x * kThreads) {
-      const int y = p / Wo, x = p - y * Wo;
-      const int yin = y0 + y * static_cast<int>(g.sh), xin = x0 + x * static_cast<int>(g.sw);
-      dst[p] = (yin >= 0 && yin < H && xin >= 0 && xin < W) ? src[yin * W + xin] : scalar_t(0);
-    }
-  }
-}
-
-// image[plane, yin, xin] = sum over the taps (i, j) whose output pixel (y, x) reads it of
-// cols[plane*kh*kw + i*kw + j, y*W_out + x]: one thread per image pixel, gathering in a fixed
-// order (no atomics: deterministic), overwriting the image; 32-bit arithmetic inside a plane.
-// Memory: none beyond its arguments.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    col2im_kernel(const scalar_t* __restrict__ cols, scalar_t* __restrict__ image, Geometry g, int64_t pixels,
-                  int64_t Ho, int64_t L) {
-  const int kh = static_cast<int>(g.kh), kw = static_cast<int>(g.kw);
-  const int W = static_cast<int>(g.W), Wo = static_cast<int>(g.Wo), Hout = static_cast<int>(Ho);
-  const int sh = static_cast<int>(g.sh), sw = static_cast<int>(g.sw), dh = static_cast<int>(g.dh);
-  const int dw = static_cast<int>(g.dw), ph = static_cast<int>(g.ph), pw = static_cast<int>(g.pw);
-  const int64_t plane_pixels = g.H * g.W;
-  for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < pixels; e += int64_t(gridDim.x) * kThreads) {
-    const int64_t plane = e / plane_pixels;
-    const int rem = static_cast<int>(e - plane * plane_pixels), yin = rem / W, xin = rem - yin * W;
-    const scalar_t* src = cols + plane * kh * kw * L;
-    scalar_t acc = 0;
-    for (int i = 0; i < kh; ++i) {
-      const int ys = yin + ph - i * dh;  // = y * sh
-      if (ys < 0 || ys % sh != 0 || ys / sh >= Hout) continue;
-      const int y = ys / sh;
-      for (int j = 0; j < kw; ++j) {
-        const int xs = xin + pw - j * dw;  // = x * sw
-        if (xs < 0 || xs % sw != 0 || xs / sw >= Wo) continue;
-        acc += src[(i * kw + j) * L + y * Wo + xs / sw];
-      }
-    }
-    image[e] = acc;
-  }
 }
 
 }  // namespace
@@ -95,14 +31,13 @@ void im2col_rows_cuda(const at::Tensor& image, at::Tensor& cols, at::IntArrayRef
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_width, int64_t first_row,
                       int64_t rows) {
   const c10::cuda::CUDAGuard guard(image.device());
-  const Geometry g = geometry(image, kernel, stride, padding, dilation, out_width);
+  const unfold::Geometry g = geometry(image, kernel, stride, padding, dilation, out_width);
   const int64_t rows_total = image.size(0) * g.C * g.kh * g.kw, positions = rows * out_width;
   if (rows_total == 0 || positions == 0) return;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((positions + kThreads - 1) / kThreads, 1024)),
-                  static_cast<unsigned>(std::min<int64_t>(rows_total, 65535)));
+  const dim3 grid = unfold::im2col_grid(rows_total, positions);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "im2col_rows_cuda", [&] {
-    im2col_rows_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+    unfold::im2col_rows_kernel<scalar_t><<<grid, unfold::kThreads, 0, stream>>>(
         image.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), g, rows_total, first_row, positions);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -111,13 +46,13 @@ void im2col_rows_cuda(const at::Tensor& image, at::Tensor& cols, at::IntArrayRef
 void col2im_cuda(const at::Tensor& cols, at::Tensor& image, at::IntArrayRef kernel, at::IntArrayRef stride,
                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_height, int64_t out_width) {
   const c10::cuda::CUDAGuard guard(image.device());
-  const Geometry g = geometry(image, kernel, stride, padding, dilation, out_width);
+  const unfold::Geometry g = geometry(image, kernel, stride, padding, dilation, out_width);
   const int64_t pixels = image.numel();
   if (pixels == 0) return;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((pixels + kThreads - 1) / kThreads, 65535));
+  const unsigned blocks = unfold::col2im_blocks(pixels);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(cols.scalar_type(), "col2im_cuda", [&] {
-    col2im_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    unfold::col2im_kernel<scalar_t><<<blocks, unfold::kThreads, 0, stream>>>(
         cols.const_data_ptr<scalar_t>(), image.mutable_data_ptr<scalar_t>(), g, pixels, out_height, cols.size(2));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
