@@ -269,7 +269,7 @@ class collect:
 
     def __enter__(self) -> collect:
         extended = self._collector.extended = list(_EXTENDED)
-        clear(*extended)
+        _clear_parameters(p for m in extended for p in m._parameters.values() if p is not None)  # layers: no children
         self._collector.grads_at_entry = {p: _grad_state(p) for m in extended for p in _trainable(m)}
         _ACTIVE.append(self._collector)
         return self
@@ -427,9 +427,14 @@ def clear(*modules: nn.Module) -> None:
     After ``backward(create_graph=True)`` the results hold the graph, which holds the parameters:
     clearing (or starting a new ``collect``) breaks that cycle.
     """
-    fields = [cls.savefield for cls in (Variance, SumGradSquared, BatchL2Grad, _Moments)]
-    for module in modules:
-        for p in module.parameters():
-            for name in fields:
-                if hasattr(p, name):
-                    delattr(p, name)
+    _clear_parameters(p for module in modules for p in module.parameters())
+
+
+_SAVEFIELDS = tuple(cls.savefield for cls in (Variance, SumGradSquared, BatchL2Grad, _Moments))
+
+
+def _clear_parameters(params) -> None:
+    for p in params:
+        for name in _SAVEFIELDS:
+            if hasattr(p, name):
+                delattr(p, name)
