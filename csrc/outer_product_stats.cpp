@@ -395,12 +395,16 @@ void apply_weighted_gradients(const GradientChunks& g, const at::Tensor& W, cons
   int64_t per_sample = g.scratch_per_sample;
   for (const auto& consumer : consumers) per_sample += consumer.scratch_per_sample;
   const int64_t chunk = chunk_samples(per_sample, g.options, g.samples, g.max_chunk, g.budget_bytes);
+  const at::Tensor minus_center = center.defined() ? center.neg() : at::Tensor();
   for (int64_t start = 0; start < g.samples; start += chunk) {
     const int64_t n = std::min(chunk, g.samples - start);
     const auto h = g.chunk(start, n);
     auto by_sample = h.view({n, g.groups, g.rows, g.cols});
-    by_sample.mul_(W);
-    if (center.defined()) by_sample.sub_(center);
+    if (center.defined()) {
+      at::addcmul_out(by_sample, minus_center, by_sample, W);  // h = W * g - center: one pass (a launch a chunk)
+    } else {
+      by_sample.mul_(W);
+    }
     for (const auto& consumer : consumers) consumer.take(start, n, h);
   }
 }
