@@ -46,8 +46,7 @@ def _suffix(dtype) -> str:
 
 
 def emulated_im2col_rows(kernels, case, image, first_row, rows, grid_cap):
-    n = image.shape[0]
-    out_h, out_w = case.out_hw
+    n, out_w = image.shape[0], case.out_hw[1]
     kk = case.kernel[0] * case.kernel[1]
     cols = torch.full((n, case.c_in * kk, rows * out_w), float("nan"), dtype=image.dtype)  # unwritten: NaN
     getattr(kernels, f"im2col_rows_{_suffix(image.dtype)}")(
