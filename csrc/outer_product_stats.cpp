@@ -297,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const
   }
 #endif
   if (same) {
-    const SlabPlan plan = X.slab ? slab_plan(X, G) : SlabPlan{};  // conv patches only
+    const SlabPlan plan = slab_plan(X, G);  // none but for conv patches (Factors::slab)
     return reduce_gradients(plan.samples > 0 ? outer_products_by_rows(X, G, plan) : outer_products(X, G), nullptr,
                             with_sum);
   }
