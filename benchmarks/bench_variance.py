@@ -8,6 +8,8 @@ extend + collect, statistics-only backward: collect.backward, no .grad), gradvar
 with loss.backward(): the parameters' .grad as well), gradvar-fused (CUDA only: the fused moment
 kernel forced on, GRADVAR_EXT_FUSED_CUDA=1, where the default picks chunked cuBLAS bmm),
 gradvar-im2col (CUDA only, asked for by name: our unfold / fold kernels, GRADVAR_EXT_UNFOLD=im2col),
+gradvar-pytorch-conv (asked for by name: gradvar with PyTorch's own backward node for the conv
+layers, GRADVAR_EXT_CONV_BACKWARD=pytorch, the A/B of gradvar_ext/conv_backward.py),
 gradvar-micro (gradvar_ext.total_variance in micro-batches of 16: memory bounded by 16 samples;
 gradvar-micro-K: micro-batches of K, e.g. gradvar-micro-64 on a GPU, where 16 is launch-bound), loop
 (per-sample autograd loop: the ground truth every other method is checked against), torch.func
@@ -193,6 +195,7 @@ METHODS = {
     "gradvar+grad": functools.partial(run_gradvar, with_grad=True),
     "gradvar-fused": run_gradvar,
     "gradvar-im2col": run_gradvar,
+    "gradvar-pytorch-conv": run_gradvar,
     "gradvar-micro": run_gradvar_micro,
     "loop": run_loop,
     "torch.func": run_torch_func,
@@ -201,7 +204,11 @@ METHODS = {
 }
 OPTIONAL = {"backpack": "backpack", "opacus": "opacus"}  # method -> package it needs
 # method -> the environment its worker runs under (the opt-in CUDA paths)
-METHOD_ENV = {"gradvar-fused": {"GRADVAR_EXT_FUSED_CUDA": "1"}, "gradvar-im2col": {"GRADVAR_EXT_UNFOLD": "im2col"}}
+METHOD_ENV = {
+    "gradvar-fused": {"GRADVAR_EXT_FUSED_CUDA": "1"},
+    "gradvar-im2col": {"GRADVAR_EXT_UNFOLD": "im2col"},
+    "gradvar-pytorch-conv": {"GRADVAR_EXT_CONV_BACKWARD": "pytorch"},
+}
 
 
 def method_function(method: str):
@@ -347,7 +354,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     methods = args.methods or [
-        m for m in METHODS if m != "gradvar-im2col" and (m != "gradvar-fused" or args.device == "cuda")
+        m
+        for m in METHODS
+        if m not in ("gradvar-im2col", "gradvar-pytorch-conv") and (m != "gradvar-fused" or args.device == "cuda")
     ]
     for method in methods:
         try:

@@ -33,6 +33,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from . import conv_backward
 from .layer_statistics import describe, layer_data, statistics
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -225,7 +226,9 @@ def _on_forward(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) ->
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
         return
     _EXTENDED.add(module)  # a no-op but for a deep copy of an extended layer: known from now on (clear, checks)
-    call = _Call(args[0] if args else kwargs["input"])  # layer(x) or layer(input=x)
+    layer_input = args[0] if args else kwargs["input"]  # layer(x) or layer(input=x)
+    output = conv_backward.reroute(module, layer_input, output)  # convolutions: a leaner double backward
+    call = _Call(layer_input)
     calls = _CALLS.get(module)
     if calls is None:
         calls = _CALLS[module] = weakref.WeakSet()

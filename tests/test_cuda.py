@@ -12,6 +12,9 @@ from conv_samples import (
     ConvCase,
     check_gradients_and_opcheck,
 )
+from test_conv_backward import IDS as CONV_LAYER_IDS
+from test_conv_backward import LAYERS as CONV_LAYERS
+from test_conv_backward import check_second_order
 
 import gradvar_ext
 
@@ -450,6 +453,13 @@ def test_cuda_chunk_holds_sixteen_samples_of_large_gradients(monkeypatch):
 
 
 # ---------------------------------------------------------------- the front end on CUDA
+@pytest.mark.parametrize("make_layer,shape", CONV_LAYERS, ids=CONV_LAYER_IDS)
+def test_cuda_conv_backward_node_matches_pytorch_to_the_second_order(make_layer, shape):
+    """gradvar_ext/conv_backward.py's node on cuDNN: the same first and second-order gradients as
+    PyTorch's own (tests/test_conv_backward.py)."""
+    check_second_order(make_layer, shape, "cuda")
+
+
 @pytest.mark.parametrize("backward", ["loss.backward", "collect.backward"])
 def test_cuda_front_end_matches_per_sample_loop(backward):
     from test_frontend import assert_statistics, build, collect_with, per_sample_grads

@@ -1,0 +1,167 @@
+"""An extended convolution's backward as a node of ours, whose own backward (create_graph) is lean.
+
+Why: PyTorch records the backward of ``nn.Conv1d`` / ``nn.Conv2d`` as one ``convolution_backward``.
+Differentiated (the gradient of the variance), ``_convolution_double_backward`` forms the
+derivative of the input gradient w.r.t. the weight as a convolution of the batch-transposed
+tensors with an output-sized kernel, on contiguous copies of both: on the benchmark CNN (2 CPU
+cores, N = 64) 25.6 ms for the 32 -> 64 layer at 32x32, where a weight gradient takes ~6 ms, and
+the step's peak memory (benchmarks/RESULTS.md).
+
+How: the forward hook of an extended layer passes its output through :class:`_ConvolutionBackward`,
+an identity that marks the output dirty (the same tensor object; its history gets this node, and
+PyTorch's node is left without gradient). Its backward gives the input
+``conv_transpose(grad, weight)`` (differentiable by the transposed convolution's backward: one
+backend call for both of its gradients), the weight ``convolution_backward``'s weight part, the
+bias ``grad.sum``, each only where this backward pass executes the input's node (as PyTorch's
+nodes skip gradients nobody asked for: ``collect.backward`` asks for no weight gradient).
+
+Where: the output of an extended layer that is PyTorch's convolution of exactly the layer's input
+(which requires grad: else there is no input gradient to differentiate), weight and bias
+(``_convolution_of``), outside torch.func transforms and torch.compile tracing.
+``GRADVAR_EXT_CONV_BACKWARD=pytorch`` keeps PyTorch's node (read at each forward).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _enabled() -> bool:
+    choice = os.environ.get("GRADVAR_EXT_CONV_BACKWARD", "gradvar")
+    if choice not in ("gradvar", "pytorch"):
+        raise ValueError(f"gradvar_ext: GRADVAR_EXT_CONV_BACKWARD must be 'gradvar' or 'pytorch', got {choice!r}")
+    return choice == "gradvar"
+
+
+def _convolution_of(output: Tensor, layer_input: Tensor, module: nn.Module) -> tuple | None:
+    """(stride, padding, dilation, groups) where ``output`` is PyTorch's convolution of exactly
+    ``layer_input`` with the layer's weight and bias, and nothing waits on its gradient yet; else
+    None (an input padded first, as padding_mode != "zeros" and asymmetric 'same' do, a cast under
+    autocast, a hook that changed the output or put a tensor hook on it: PyTorch's node stays)."""
+    node = output.grad_fn
+    if type(node).__name__ != "ConvolutionBackward0" or node._saved_transposed:
+        return None
+    if output._backward_hooks or output.retains_grad:  # they stay with PyTorch's node: it must get the gradient
+        return None
+    if node._saved_input is not layer_input or node._saved_weight is not module.weight:
+        return None
+    bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+    if getattr(node.next_functions[2][0], "variable", None) is not bias:  # its AccumulateGrad, or none
+        return None
+    return (tuple(node._saved_stride), tuple(node._saved_padding), tuple(node._saved_dilation), node._saved_groups)
+
+
+def reroute(module: nn.Module, layer_input, output: Tensor) -> Tensor:
+    """In the forward hook: ``output`` with the backward of :class:`_ConvolutionBackward` where it
+    applies (the same tensor object either way)."""
+    if (
+        type(output.grad_fn).__name__ != "ConvolutionBackward0"  # a Linear layer's, first: host-bound models
+        or type(layer_input) is not Tensor
+        or not layer_input.requires_grad
+        or torch.compiler.is_compiling()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or not _enabled()
+    ):
+        return output
+    conv = _convolution_of(output, layer_input, module)
+    if conv is None:
+        return output
+    return _ConvolutionBackward.apply(output, layer_input, module.weight, module.bias, conv)
+
+
+def _number_edges(ctx, *inputs) -> None:
+    """The node's gradient edges are its tensor inputs' (a None bias has none): their positions."""
+    ctx.edge_of = {i: k for k, i in enumerate(i for i, value in enumerate(inputs) if isinstance(value, Tensor))}
+
+
+def _executes(ctx, index: int) -> bool:
+    """Whether this backward pass needs the gradient of the node's input ``index`` (a leaf's, under
+    ``autograd.grad``, which PyTorch cannot tell: taken as needed)."""
+    if not ctx.needs_input_grad[index]:
+        return False
+    node = ctx.next_functions[ctx.edge_of[index]][0]
+    if node is None:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # "A leaf node was passed to _will_engine_execute_node ... autograd.grad()"
+        return True
+
+
+class _ConvolutionBackward(torch.autograd.Function):
+    """Identity on the layer's output; backward: the layer's gradients, PyTorch's node left without."""
+
+    @staticmethod
+    def forward(ctx, output, layer_input, weight, bias, conv):
+        ctx.mark_dirty(output)
+        ctx.save_for_backward(layer_input, weight)
+        ctx.conv = conv
+        _number_edges(ctx, output, layer_input, weight, bias)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        layer_input, weight = ctx.saved_tensors
+        grad_input = grad_weight = grad_bias = None
+        if _executes(ctx, 1):
+            grad_input = _InputGradient.apply(grad, weight, layer_input.shape, ctx.conv)
+        if _executes(ctx, 2):
+            grad_weight = _weight_gradient(layer_input, grad, weight, ctx.conv)
+        if _executes(ctx, 3):
+            grad_bias = grad.sum([0, *range(2, grad.dim())])
+        return None, grad_input, grad_weight, grad_bias, None
+
+
+def _weight_gradient(layer_input: Tensor, grad: Tensor, weight: Tensor, conv: tuple) -> Tensor:
+    """sum_n over positions of grad x unfold(layer_input): the backend's weight gradient."""
+    stride, padding, dilation, groups = conv
+    return torch.ops.aten.convolution_backward(
+        grad,
+        layer_input,
+        weight,
+        None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0] * len(stride),
+        groups,
+        [False, True, False],
+    )[1]
+
+
+class _InputGradient(torch.autograd.Function):
+    """conv_transpose(grad, weight): the input gradient. Its backward takes the two backend calls
+    it needs, for upstream gradient u shaped like the input: d/d grad = conv(u, weight), d/d weight
+    = the weight gradient of a convolution of u with output gradient grad."""
+
+    @staticmethod
+    def forward(ctx, grad, weight, input_shape, conv):
+        ctx.save_for_backward(grad, weight)
+        ctx.conv = conv
+        _number_edges(ctx, grad, weight)
+        stride, padding, dilation, groups = conv
+        output_padding = tuple(  # input rows / columns that no output position reached
+            size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+            for size, out, s, p, d, k in zip(
+                input_shape[2:], grad.shape[2:], stride, padding, dilation, weight.shape[2:]
+            )
+        )
+        transposed = F.conv_transpose2d if weight.dim() == 4 else F.conv_transpose1d
+        return transposed(grad, weight, None, stride, padding, output_padding, groups, dilation)
+
+    @staticmethod
+    def backward(ctx, upstream):
+        grad, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        grad_grad = grad_weight = None
+        if _executes(ctx, 0):
+            forward = F.conv2d if weight.dim() == 4 else F.conv1d
+            grad_grad = forward(upstream, weight, None, stride, padding, dilation, groups)
+        if _executes(ctx, 1):
+            grad_weight = _weight_gradient(upstream, grad, weight, ctx.conv)
+        return grad_grad, grad_weight, None, None

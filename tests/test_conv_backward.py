@@ -1,0 +1,215 @@
+"""Extended convolutions' own backward node (gradvar_ext/conv_backward.py): the same gradients as
+PyTorch's to every order, where it applies and only there, and no gradient nobody asked for."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gradvar_ext as gv
+from gradvar_ext import conv_backward
+
+SAME_EVEN = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+
+# (layer, input shape): strides, paddings ('same' / 'valid' included), dilation, groups, no bias, Conv1d
+LAYERS = [
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (5, 3, 7, 6)),
+    (lambda: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(0, 1), dilation=(1, 2), groups=2), (3, 4, 9, 8)),
+    (lambda: nn.Conv2d(3, 5, 3, stride=2, bias=False), (4, 3, 8, 8)),  # rows no output position reads
+    (lambda: nn.Conv2d(2, 3, 3, padding="same", dilation=2), (3, 2, 6, 5)),
+    (lambda: nn.Conv2d(2, 3, 2, padding="valid"), (3, 2, 5, 5)),
+    (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4), (2, 4, 5, 5)),  # depthwise
+    (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=2, dilation=2), (4, 3, 11)),
+]
+IDS = ["plain", "strided-dilated-grouped", "stride2-no-bias", "same", "valid", "depthwise", "conv1d"]
+
+
+def two_models(make_layer, shape, device="cpu"):
+    """(extended, plain) float64 copies: a tanh in front (the conv's input requires grad), the
+    conv, a linear head."""
+    torch.manual_seed(0)
+    layer = make_layer()
+    with torch.no_grad():
+        features = layer(torch.zeros(shape)).flatten(1).shape[1]
+    plain = nn.Sequential(nn.Tanh(), layer, nn.Tanh(), nn.Flatten(), nn.Linear(features, 2))
+    plain = plain.to(device, torch.float64)
+    return gv.extend(copy.deepcopy(plain)), plain
+
+
+def first_and_second_order(model, x, y):
+    """Gradients w.r.t. the input and every parameter, and the gradient of their squared norm."""
+    x = x.clone().requires_grad_(True)
+    params = list(model.parameters())
+    loss = nn.functional.mse_loss(model(x * 1.5), y, reduction="sum")
+    grads = torch.autograd.grad(loss, [x, *params], create_graph=True)
+    penalty = sum(g.square().sum() for g in grads)
+    return grads, torch.autograd.grad(penalty, [x, *params])
+
+
+def check_second_order(make_layer, shape, device="cpu"):
+    torch.manual_seed(1)
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    y = torch.randn(shape[0], 2, dtype=torch.float64, device=device)
+    model, plain = two_models(make_layer, shape, device)
+    assert conv_node(model, x.clone().requires_grad_(True)) == "_ConvolutionBackwardBackward"
+    assert conv_node(plain, x.clone().requires_grad_(True)) == "ConvolutionBackward0"
+    ours, theirs = first_and_second_order(model, x, y), first_and_second_order(plain, x, y)
+    for a, b in zip(ours[0] + ours[1], theirs[0] + theirs[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("make_layer,shape", LAYERS, ids=IDS)
+def test_gradients_to_the_second_order_match_pytorch(make_layer, shape):
+    check_second_order(make_layer, shape)
+
+
+def conv_node(model, x):
+    """The type name of the node behind the conv layer's output (the layer at index 1)."""
+    seen = []
+    handle = model[1].register_forward_hook(lambda m, a, out: seen.append(type(out.grad_fn).__name__))
+    model(x)
+    handle.remove()
+    return seen[0]
+
+
+@SAME_EVEN
+def test_the_node_applies_where_it_should():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    for make_layer, applies in [
+        (lambda: nn.Conv2d(3, 4, 3, padding=1), True),
+        (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), False),  # input padded first
+        (lambda: nn.Conv2d(3, 4, 4, padding="same"), False),  # asymmetric: padded first
+    ]:
+        model = gv.extend(nn.Sequential(nn.Tanh(), make_layer()))
+        want = "_ConvolutionBackwardBackward" if applies else "ConvolutionBackward0"
+        # the forward hook below runs after extend's: it sees the final output
+        assert conv_node(model, x.requires_grad_(True)) == want
+    model = gv.extend(nn.Sequential(nn.Identity(), nn.Conv2d(3, 4, 3)))
+    assert conv_node(model, torch.randn(2, 3, 6, 6)) == "ConvolutionBackward0"  # no input gradient to route
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    model = gv.extend(nn.Sequential(nn.Tanh(), nn.Conv2d(3, 4, 3)))
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    monkeypatch.setenv("GRADVAR_EXT_CONV_BACKWARD", "pytorch")
+    assert conv_node(model, x) == "ConvolutionBackward0"
+    monkeypatch.setenv("GRADVAR_EXT_CONV_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="GRADVAR_EXT_CONV_BACKWARD must be 'gradvar' or 'pytorch', got 'fast'"):
+        model(x)
+
+
+def test_an_earlier_hook_that_changes_the_output_keeps_pytorchs_node():
+    """A forward hook registered before extend that rescales the output: the node would miss the
+    scale, so it must not apply; the gradients stay right."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3).double()
+    layer.register_forward_hook(lambda m, a, out: out * 2)
+    model = gv.extend(nn.Sequential(nn.Tanh(), layer))
+    plain = nn.Sequential(nn.Tanh(), copy.deepcopy(layer))
+    gv.unextend(plain)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert conv_node(model, x) == "MulBackward0"
+    x1 = x.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    g1 = torch.autograd.grad(model(x1).square().sum(), [x1, layer.weight])
+    g2 = torch.autograd.grad(plain(x2).square().sum(), [x2, plain[1].weight])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_in_place_ops_after_the_layer_work():
+    """The output is the layer's own tensor (not a view): ReLU(inplace=True) after it works."""
+    torch.manual_seed(0)
+    model = gv.extend(nn.Sequential(nn.Tanh(), nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True)).double())
+    plain = gv.unextend(copy.deepcopy(model))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    assert conv_node(model, x.clone().requires_grad_(True)) == "_ConvolutionBackwardBackward"
+    results = []
+    for m in (model, plain):
+        xi = x.clone().requires_grad_(True)
+        results.append(torch.autograd.grad(m(xi * 1.0).square().sum(), [xi, *m.parameters()]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_tensor_hook_an_earlier_forward_hook_put_on_the_output_gets_its_gradient():
+    """Tensor hooks (and retain_grad) stay with PyTorch's node: where one is on the output before
+    extend's hook runs, the node does not apply, and the hook receives the gradient."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3).double()
+    received = []
+    layer.register_forward_hook(lambda m, a, out: out.register_hook(received.append) and None)
+    model = gv.extend(nn.Sequential(nn.Tanh(), layer))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert conv_node(model, x) == "ConvolutionBackward0"
+    out = model(x)
+    torch.autograd.grad(out.sum(), [x])
+    torch.testing.assert_close(received[-1], torch.ones_like(out))
+
+
+def test_statistics_only_backward_forms_no_weight_gradient(monkeypatch):
+    """collect.backward asks autograd for the layer outputs' gradients only: the node skips the
+    weight and bias gradients (PyTorch's nodes do the same), and the results match the loop's."""
+    calls = []
+    original = conv_backward._weight_gradient
+    monkeypatch.setattr(conv_backward, "_weight_gradient", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    model = gv.extend(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Conv2d(3, 3, 3), nn.Flatten(), nn.Linear(12, 2)))
+    model = model.double()
+    x, y = torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    lossfunc = nn.MSELoss(reduction="sum")
+    with gv.collect(gv.Variance()) as stats:
+        stats.backward(lossfunc(model(x), y), create_graph=True)
+    assert calls == []
+    total = sum(p.variance.sum() for p in model.parameters())
+    grads = torch.autograd.grad(total, list(model.parameters()))
+    gv.clear(model)
+    # the per-sample loop on the plain model, its gradient of the total variance
+    plain = gv.unextend(copy.deepcopy(model))
+    params = list(plain.parameters())
+    rows = [
+        torch.autograd.grad(lossfunc(plain(x[i : i + 1]), y[i : i + 1]), params, create_graph=True) for i in range(4)
+    ]
+    want = sum(torch.stack([r[k] for r in rows]).var(0, unbiased=False).sum() for k in range(len(params)))
+    torch.testing.assert_close(total.detach(), want.detach(), rtol=1e-10, atol=0)
+    for a, b in zip(grads, torch.autograd.grad(want, params)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_gradcheck_and_gradgradcheck_through_an_extended_layer():
+    torch.manual_seed(0)
+    layer = gv.extend(nn.Conv2d(2, 3, 3, stride=2, padding=1).double())
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    b = layer.bias.detach().clone().requires_grad_(True)
+
+    def f(x, w, b):
+        out = torch.func.functional_call(layer, {"weight": w, "bias": b}, (x * 1.0,))
+        assert type(out.grad_fn).__name__ == "_ConvolutionBackwardBackward"
+        return out
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def test_torch_func_transforms_keep_pytorchs_node():
+    """Under torch.func the node (a plain autograd.Function) does not apply; vmap(grad) of an
+    extended model gives PyTorch's per-sample gradients."""
+    torch.manual_seed(0)
+    model = gv.extend(nn.Sequential(nn.Tanh(), nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 1)).double())
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi):
+        return torch.func.functional_call(model, p, (xi.unsqueeze(0),)).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    plain = gv.unextend(copy.deepcopy(model))
+    for i in range(3):
+        want = torch.autograd.grad(plain(x[i : i + 1]).sum(), list(plain.parameters()))
+        for name, w in zip(params, want):
+            torch.testing.assert_close(per_sample[name][i], w)
