@@ -19,7 +19,8 @@ as soon as every pending forward call of a layer has its gradient, the ``gradvar
 them into the layer's statistics and let them go (a layer used several times in one forward
 waits for all its calls), so a backward holds no batch of layer inputs and output gradients to
 its end. The statistics are set on the parameters when the block exits. Nothing is stored on
-the modules.
+the modules. The same forward hook gives an extended convolution's output a backward node of
+ours (``conv_backward.py``: same gradients, a leaner double backward).
 """
 
 from __future__ import annotations
