@@ -213,3 +213,23 @@ def test_torch_func_transforms_keep_pytorchs_node():
         want = torch.autograd.grad(plain(x[i : i + 1]).sum(), list(plain.parameters()))
         for name, w in zip(params, want):
             torch.testing.assert_close(per_sample[name][i], w)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_recomputes_through_the_node(use_reentrant):
+    """torch.utils.checkpoint reruns the forward (and extend's hook, so the node) in the backward:
+    the gradients are PyTorch's."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Tanh(), nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3)).double()
+    plain = copy.deepcopy(body)
+    gv.extend(body)
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    results = []
+    for m in (body, plain):
+        xi = x.clone().requires_grad_(True)
+        checkpoint(m, xi * 1.0, use_reentrant=use_reentrant).square().sum().backward()  # reentrant: no .grad()
+        results.append([xi.grad, *(p.grad for p in m.parameters())])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
