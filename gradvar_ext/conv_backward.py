@@ -4,16 +4,19 @@ Why: PyTorch records the backward of ``nn.Conv1d`` / ``nn.Conv2d`` as one ``conv
 Differentiated (the gradient of the variance), ``_convolution_double_backward`` forms the
 derivative of the input gradient w.r.t. the weight as a convolution of the batch-transposed
 tensors with an output-sized kernel, on contiguous copies of both: on the benchmark CNN (2 CPU
-cores, N = 64) 25.6 ms for the 32 -> 64 layer at 32x32, where a weight gradient takes ~6 ms, and
+cores, N = 64) 25.6 ms for the 32 -> 64 layer at 32x32, where its weight gradient takes ~7 ms, and
 the step's peak memory (benchmarks/RESULTS.md).
 
 How: the forward hook of an extended layer passes its output through :class:`_ConvolutionBackward`,
 an identity that marks the output dirty (the same tensor object; its history gets this node, and
-PyTorch's node is left without gradient). Its backward gives the input
-``conv_transpose(grad, weight)`` (differentiable by the transposed convolution's backward: one
-backend call for both of its gradients), the weight ``convolution_backward``'s weight part, the
-bias ``grad.sum``, each only where this backward pass executes the input's node (as PyTorch's
-nodes skip gradients nobody asked for: ``collect.backward`` asks for no weight gradient).
+PyTorch's node is left without gradient). Its backward gives the input ``conv_transpose(grad,
+weight)`` through a second node, :class:`_InputGradient`, whose own backward is two plain
+backend calls (a convolution for ``grad``'s part, a weight gradient for the weight's: 6 + 7 ms
+for that layer, where PyTorch's backward of ``conv_transpose2d`` took 27); the weight gets its
+``convolution_backward`` (weight part only) and the bias ``grad.sum``, each only where this
+backward pass executes the input's node, as PyTorch's nodes skip gradients nobody asked for
+(``collect.backward`` asks for no weight gradient). The benchmark CNN's job (b): 165 ms and
+118 MB peak against 191 ms and 141 MB with PyTorch's node.
 
 Where: the output of an extended layer that is PyTorch's convolution of exactly the layer's input
 (which requires grad: else there is no input gradient to differentiate), weight and bias
