@@ -20,7 +20,7 @@ backward pass executes the input's node, as PyTorch's nodes skip gradients nobod
 
 Where: the output of an extended layer that is PyTorch's convolution of exactly the layer's input
 (which requires grad: else there is no input gradient to differentiate), weight and bias
-(``_convolution_of``), outside torch.func transforms and torch.compile tracing.
+(``_convolution_of``), outside torch.func transforms, torch.compile and torch.jit tracing.
 ``GRADVAR_EXT_CONV_BACKWARD=pytorch`` keeps PyTorch's node (read at each forward).
 """
 
@@ -66,6 +66,7 @@ def reroute(module: nn.Module, layer_input, output: Tensor) -> Tensor:
         or type(layer_input) is not Tensor
         or not layer_input.requires_grad
         or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()  # a traced model must not call Python functions (torch.jit.save)
         or torch._C._functorch.peek_interpreter_stack() is not None
         or not _enabled()
     ):

@@ -233,3 +233,15 @@ def test_activation_checkpointing_recomputes_through_the_node(use_reentrant):
         results.append([xi.grad, *(p.grad for p in m.parameters())])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+def test_a_traced_extended_model_saves():
+    """torch.jit.trace records no Python node (a traced module with one cannot be saved)."""
+    import io
+
+    model = gv.extend(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Conv2d(3, 2, 3)))
+    x = torch.randn(2, 2, 8, 8)
+    traced = torch.jit.trace(model, x, check_trace=False)
+    torch.jit.save(traced, io.BytesIO())
+    torch.testing.assert_close(traced(x), model(x))
