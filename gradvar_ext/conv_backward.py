@@ -7,10 +7,10 @@ tensors with an output-sized kernel, on contiguous copies of both: on the benchm
 cores, N = 64) 25.6 ms for the 32 -> 64 layer at 32x32, where its weight gradient takes ~7 ms, and
 the step's peak memory (benchmarks/RESULTS.md).
 
-How: the forward hook of an extended layer passes its output through :class:`_ConvolutionBackward`,
-an identity that marks the output dirty (the same tensor object; its history gets this node, and
-PyTorch's node is left without gradient). Its backward gives the input ``conv_transpose(grad,
-weight)`` through a second node, :class:`_InputGradient`, whose own backward is two plain
+How: the forward hook of an extended layer returns, in place of the conv's output, an alias of
+it (same storage) made by :class:`_ConvolutionBackward`, a node of (input, weight, bias)
+(PyTorch's node drops out of the graph that follows). Its backward gives the input
+``conv_transpose(grad, weight)`` through a second node, :class:`_InputGradient`, whose own backward is two plain
 backend calls (a convolution for ``grad``'s part, a weight gradient for the weight's: 6 + 7 ms
 for that layer, where PyTorch's backward of ``conv_transpose2d`` took 27); the weight gets its
 ``convolution_backward`` (weight part only) and the bias ``grad.sum``, each only where this
@@ -59,8 +59,8 @@ def _convolution_of(output: Tensor, layer_input: Tensor, module: nn.Module) -> t
 
 
 def reroute(module: nn.Module, layer_input, output: Tensor) -> Tensor:
-    """In the forward hook: ``output`` with the backward of :class:`_ConvolutionBackward` where it
-    applies (the same tensor object either way)."""
+    """In the forward hook: the layer's output to return, an alias of ``output`` with the backward
+    of :class:`_ConvolutionBackward` where it applies, else ``output`` itself."""
     if (
         type(output.grad_fn).__name__ != "ConvolutionBackward0"  # a Linear layer's, first: host-bound models
         or type(layer_input) is not Tensor
@@ -74,7 +74,7 @@ def reroute(module: nn.Module, layer_input, output: Tensor) -> Tensor:
     conv = _convolution_of(output, layer_input, module)
     if conv is None:
         return output
-    return _ConvolutionBackward.apply(output, layer_input, module.weight, module.bias, conv)
+    return _ConvolutionBackward.apply([output], layer_input, module.weight, module.bias, conv)
 
 
 def _number_edges(ctx, *inputs) -> None:
@@ -97,15 +97,16 @@ def _executes(ctx, index: int) -> bool:
 
 
 class _ConvolutionBackward(torch.autograd.Function):
-    """Identity on the layer's output; backward: the layer's gradients, PyTorch's node left without."""
+    """The layer's output again (an alias: same storage, no copy) as a node of (input, weight,
+    bias); backward: their gradients. The output comes boxed in a list, so that it is no input
+    of the node: PyTorch's node is not in this graph."""
 
     @staticmethod
-    def forward(ctx, output, layer_input, weight, bias, conv):
-        ctx.mark_dirty(output)
+    def forward(ctx, boxed_output, layer_input, weight, bias, conv):
         ctx.save_for_backward(layer_input, weight)
         ctx.conv = conv
-        _number_edges(ctx, output, layer_input, weight, bias)
-        return output
+        _number_edges(ctx, boxed_output, layer_input, weight, bias)
+        return boxed_output[0].detach()  # not a view: in-place ops on it are allowed
 
     @staticmethod
     def backward(ctx, grad):

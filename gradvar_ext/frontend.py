@@ -223,9 +223,11 @@ def _hook_keys(module: nn.Module) -> list:
     return [key for key, hook in module._forward_hooks.items() if hook is _on_forward]
 
 
-def _on_forward(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+def _on_forward(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
+    """The forward hook: holds the call's input for its backward; returns the output the layer
+    returns instead (an extended convolution's alias with our backward node), or None."""
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
-        return
+        return None
     _EXTENDED.add(module)  # a no-op but for a deep copy of an extended layer: known from now on (clear, checks)
     layer_input = args[0] if args else kwargs["input"]  # layer(x) or layer(input=x)
     output = conv_backward.reroute(module, layer_input, output)  # convolutions: a leaner double backward
@@ -244,6 +246,7 @@ def _on_forward(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) ->
     if _ACTIVE:  # a forward inside a collect block: collect.backward may ask for this output's gradient
         _ACTIVE[-1].outputs.append(torch.autograd.graph.get_gradient_edge(output))
         _ACTIVE[-1].called.add(module)
+    return output
 
 
 class collect:

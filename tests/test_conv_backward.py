@@ -122,7 +122,7 @@ def test_an_earlier_hook_that_changes_the_output_keeps_pytorchs_node():
 
 
 def test_in_place_ops_after_the_layer_work():
-    """The output is the layer's own tensor (not a view): ReLU(inplace=True) after it works."""
+    """The layer returns an alias of its output that is no view: ReLU(inplace=True) after it works."""
     torch.manual_seed(0)
     model = gv.extend(nn.Sequential(nn.Tanh(), nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True)).double())
     plain = gv.unextend(copy.deepcopy(model))
@@ -132,6 +132,28 @@ def test_in_place_ops_after_the_layer_work():
     for m in (model, plain):
         xi = x.clone().requires_grad_(True)
         results.append(torch.autograd.grad(m(xi * 1.0).square().sum(), [xi, *m.parameters()]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_an_earlier_forward_hook_that_used_the_output_keeps_working():
+    """A forward hook registered before extend that computes with the output (saving it for its
+    backward): its graph keeps PyTorch's node, the layer's caller gets ours; the gradients through
+    both add up to PyTorch's."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3).double()
+    side = []
+    layer.register_forward_hook(lambda m, a, out: side.append((out * out).sum()) and None)
+    model = gv.extend(nn.Sequential(nn.Tanh(), layer))
+    plain = gv.unextend(copy.deepcopy(model))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    results, nodes = [], []
+    for m in (model, plain):
+        xi = x.clone().requires_grad_(True)
+        out = m(xi * 1.0)
+        nodes.append(type(out.grad_fn).__name__)
+        results.append(torch.autograd.grad(out.sum() + side[-1], [xi, *m.parameters()]))
+    assert nodes == ["_ConvolutionBackwardBackward", "ConvolutionBackward0"]
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
 
