@@ -257,7 +257,7 @@ def test_activation_checkpointing_recomputes_through_the_node(use_reentrant):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace", "ignore:`torch.jit.save")
 def test_a_traced_extended_model_saves():
     """torch.jit.trace records no Python node (a traced module with one cannot be saved)."""
     import io
