@@ -15,8 +15,10 @@ backend calls (a convolution for ``grad``'s part, a weight gradient for the weig
 for that layer, where PyTorch's backward of ``conv_transpose2d`` took 27); the weight gets its
 ``convolution_backward`` (weight part only) and the bias ``grad.sum``, each only where this
 backward pass executes the input's node, as PyTorch's nodes skip gradients nobody asked for
-(``collect.backward`` asks for no weight gradient). The benchmark CNN's job (b): 165 ms and
-118 MB peak against 191 ms and 141 MB with PyTorch's node.
+(``collect.backward`` asks for no weight gradient). Without ``create_graph`` there is nothing
+to differentiate: it makes PyTorch's own single ``convolution_backward`` call. The benchmark
+CNN's job (b): 165 ms and 118 MB peak against 191 ms and 141 MB with PyTorch's node (job (a),
+first order: 1-2% slower, the node's Python cost).
 
 Where: the output of an extended layer that is PyTorch's convolution of exactly the layer's input
 (which requires grad: else there is no input gradient to differentiate), weight and bias
@@ -111,6 +113,14 @@ class _ConvolutionBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         layer_input, weight = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # no create_graph: PyTorch's own call, all gradients at once
+            stride, padding, dilation, groups = ctx.conv
+            need = [_executes(ctx, i) for i in (1, 2, 3)]
+            grads = torch.ops.aten.convolution_backward(
+                grad, layer_input, weight, [weight.shape[0]] if need[2] else None, stride, padding, dilation,
+                False, [0] * len(stride), groups, need,
+            )  # fmt: skip
+            return None, *(g if n else None for g, n in zip(grads, need)), None
         grad_input = grad_weight = grad_bias = None
         if _executes(ctx, 1):
             grad_input = _InputGradient.apply(grad, weight, layer_input.shape, ctx.conv)
