@@ -203,7 +203,7 @@ METHODS = {
     "opacus": run_opacus,
 }
 OPTIONAL = {"backpack": "backpack", "opacus": "opacus"}  # method -> package it needs
-# method -> the environment its worker runs under (the opt-in CUDA paths)
+# method -> the environment its worker runs under (the opt-in CUDA paths, the conv-node A/B)
 METHOD_ENV = {
     "gradvar-fused": {"GRADVAR_EXT_FUSED_CUDA": "1"},
     "gradvar-im2col": {"GRADVAR_EXT_UNFOLD": "im2col"},
