@@ -17,7 +17,7 @@ for that layer, where PyTorch's backward of ``conv_transpose2d`` took 27); the w
 backward pass executes the input's node, as PyTorch's nodes skip gradients nobody asked for
 (``collect.backward`` asks for no weight gradient). Without ``create_graph`` there is nothing
 to differentiate: it makes PyTorch's own single ``convolution_backward`` call. The benchmark
-CNN's job (b): 165 ms and 118 MB peak against 191 ms and 141 MB with PyTorch's node (job (a),
+CNN's job (b): 155 ms and 118 MB peak against 182 ms and 141 MB with PyTorch's node (job (a),
 first order: 1-2% slower, the node's Python cost).
 
 Where: the output of an extended layer that is PyTorch's convolution of exactly the layer's input
