@@ -47,8 +47,8 @@ def _convolution_of(output: Tensor, layer_input: Tensor, module: nn.Module) -> t
     ``layer_input`` with the layer's weight and bias, and nothing waits on its gradient yet; else
     None (an input padded first, as padding_mode != "zeros" and asymmetric 'same' do, a cast under
     autocast, a hook that changed the output or put a tensor hook on it: PyTorch's node stays)."""
-    node = output.grad_fn
-    if type(node).__name__ != "ConvolutionBackward0" or node._saved_transposed:
+    node = output.grad_fn  # a ConvolutionBackward0 (reroute asked)
+    if node._saved_transposed:
         return None
     if output._backward_hooks or output.retains_grad:  # they stay with PyTorch's node: it must get the gradient
         return None
@@ -114,13 +114,8 @@ class _ConvolutionBackward(torch.autograd.Function):
     def backward(ctx, grad):
         layer_input, weight = ctx.saved_tensors
         if not torch.is_grad_enabled():  # no create_graph: PyTorch's own call, all gradients at once
-            stride, padding, dilation, groups = ctx.conv
             need = [_executes(ctx, i) for i in (1, 2, 3)]
-            grads = torch.ops.aten.convolution_backward(
-                grad, layer_input, weight, [weight.shape[0]] if need[2] else None, stride, padding, dilation,
-                False, [0] * len(stride), groups, need,
-            )  # fmt: skip
-            return None, *(g if n else None for g, n in zip(grads, need)), None
+            return None, *_backend_backward(grad, layer_input, weight, ctx.conv, need), None
         grad_input = grad_weight = grad_bias = None
         if _executes(ctx, 1):
             grad_input = _InputGradient.apply(grad, weight, layer_input.shape, ctx.conv)
@@ -131,22 +126,19 @@ class _ConvolutionBackward(torch.autograd.Function):
         return None, grad_input, grad_weight, grad_bias, None
 
 
+def _backend_backward(grad: Tensor, layer_input: Tensor, weight: Tensor, conv: tuple, need: list) -> tuple:
+    """The backend's convolution backward (PyTorch's one call): (input, weight, bias) gradients
+    where ``need`` says so, None elsewhere."""
+    stride, padding, dilation, groups = conv
+    bias_sizes = [weight.shape[0]] if need[2] else None
+    return torch.ops.aten.convolution_backward(
+        grad, layer_input, weight, bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups, need
+    )
+
+
 def _weight_gradient(layer_input: Tensor, grad: Tensor, weight: Tensor, conv: tuple) -> Tensor:
     """sum_n over positions of grad x unfold(layer_input): the backend's weight gradient."""
-    stride, padding, dilation, groups = conv
-    return torch.ops.aten.convolution_backward(
-        grad,
-        layer_input,
-        weight,
-        None,
-        stride,
-        padding,
-        dilation,
-        False,
-        [0] * len(stride),
-        groups,
-        [False, True, False],
-    )[1]
+    return _backend_backward(grad, layer_input, weight, conv, [False, True, False])[1]
 
 
 class _InputGradient(torch.autograd.Function):
