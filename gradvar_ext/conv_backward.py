@@ -34,6 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The autograd internals the node relies on (tested with PyTorch 2.13 and 2.14); without them,
+# PyTorch's node stays.
+_INTERNALS = hasattr(torch._C, "_will_engine_execute_node") and hasattr(torch._C._functorch, "peek_interpreter_stack")
+
 
 def _enabled() -> bool:
     choice = os.environ.get("GRADVAR_EXT_CONV_BACKWARD", "gradvar")
@@ -48,16 +52,19 @@ def _convolution_of(output: Tensor, layer_input: Tensor, module: nn.Module) -> t
     None (an input padded first, as padding_mode != "zeros" and asymmetric 'same' do, a cast under
     autocast, a hook that changed the output or put a tensor hook on it: PyTorch's node stays)."""
     node = output.grad_fn  # a ConvolutionBackward0 (reroute asked)
-    if node._saved_transposed:
-        return None
     if output._backward_hooks or output.retains_grad:  # they stay with PyTorch's node: it must get the gradient
         return None
-    if node._saved_input is not layer_input or node._saved_weight is not module.weight:
+    try:  # the node's saved arguments: private attributes, which a later PyTorch may rename
+        if node._saved_transposed:
+            return None
+        if node._saved_input is not layer_input or node._saved_weight is not module.weight:
+            return None
+        bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+        if getattr(node.next_functions[2][0], "variable", None) is not bias:  # its AccumulateGrad, or none
+            return None
+        return (tuple(node._saved_stride), tuple(node._saved_padding), tuple(node._saved_dilation), node._saved_groups)
+    except AttributeError:
         return None
-    bias = module.bias if module.bias is not None and module.bias.requires_grad else None
-    if getattr(node.next_functions[2][0], "variable", None) is not bias:  # its AccumulateGrad, or none
-        return None
-    return (tuple(node._saved_stride), tuple(node._saved_padding), tuple(node._saved_dilation), node._saved_groups)
 
 
 def reroute(module: nn.Module, layer_input, output: Tensor) -> Tensor:
@@ -67,6 +74,7 @@ def reroute(module: nn.Module, layer_input, output: Tensor) -> Tensor:
         type(output.grad_fn).__name__ != "ConvolutionBackward0"  # a Linear layer's, first: host-bound models
         or type(layer_input) is not Tensor
         or not layer_input.requires_grad
+        or not _INTERNALS
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()  # a traced model must not call Python functions (torch.jit.save)
         or torch._C._functorch.peek_interpreter_stack() is not None

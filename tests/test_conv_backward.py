@@ -4,6 +4,7 @@ PyTorch's to every order, where it applies and only there, and no gradient nobod
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -100,6 +101,16 @@ def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("GRADVAR_EXT_CONV_BACKWARD", "fast")
     with pytest.raises(ValueError, match="GRADVAR_EXT_CONV_BACKWARD must be 'gradvar' or 'pytorch', got 'fast'"):
         model(x)
+
+
+def test_without_the_autograd_internals_it_uses_pytorchs_node(monkeypatch):
+    """A PyTorch without the private attributes the node reads: PyTorch's node stays, no error."""
+    model = gv.extend(nn.Sequential(nn.Tanh(), nn.Conv2d(3, 4, 3)))
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    monkeypatch.setattr(conv_backward, "_INTERNALS", False)
+    assert conv_node(model, x) == "ConvolutionBackward0"
+    renamed = types.SimpleNamespace(grad_fn=types.SimpleNamespace(), _backward_hooks=None, retains_grad=False)
+    assert conv_backward._convolution_of(renamed, x, model[1]) is None  # no _saved_* attributes
 
 
 def test_an_earlier_hook_that_changes_the_output_keeps_pytorchs_node():
