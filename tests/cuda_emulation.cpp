@@ -42,10 +42,10 @@ template <typename T>
 void im2col_rows(const T* image, T* cols, const int64_t* g, int64_t images, int64_t first_row, int64_t rows,
                  int64_t grid_cap) {
   const Geometry geo = geometry(g);
-  const int64_t rows_total = images * geo.C * geo.kh * geo.kw, positions = rows * geo.Wo;
-  if (rows_total == 0 || positions == 0) return;  // as the host side
-  run_grid(gradvar::unfold::im2col_grid(rows_total, positions), grid_cap, [&] {
-    gradvar::unfold::im2col_rows_kernel<T>(image, cols, geo, rows_total, first_row, positions);
+  const int64_t planes = images * geo.C, positions = rows * geo.Wo;
+  if (planes == 0 || positions == 0) return;  // as the host side
+  run_grid(dim3(gradvar::unfold::im2col_blocks(planes, positions)), grid_cap, [&] {
+    gradvar::unfold::im2col_rows_kernel<T>(image, cols, geo, planes, first_row, positions);
   });
 }
 

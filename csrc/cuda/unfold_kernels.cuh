@@ -19,27 +19,34 @@ struct Geometry {
 
 constexpr int kThreads = 256;
 
-// cols[r, p] for one columns row r = (n*C + c)*kh*kw + i*kw + j per blockIdx.y (grid-strided
-// over rows past 65535), the row's rows*W_out positions p over blockIdx.x and the threads: one
-// 32-bit division per element (p -> y, x; a plane's sizes are < 2^31), writes coalesced, reads
-// coalesced along x for stride 1. Memory: the columns only. 0 where the tap falls in the padding.
+// cols[plane*kh*kw + i*kw + j, p] for plane = n*C + c and the slab's positions p = (y - first_row)*W_out
+// + x: one thread per (plane, p) over a flat, grid-strided index, writing all kh*kw taps of its
+// position (one pair of divisions per kh*kw elements; a warp's writes coalesced per tap, its reads
+// along x for stride 1; the taps re-read neighbouring pixels from cache). 0 where the tap falls in
+// the padding. Memory: the columns only. (The first form, a block row per columns row and one
+// element a thread, took 132 us on an H100 where the default's strided copy took 75.)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    im2col_rows_kernel(const scalar_t* __restrict__ image, scalar_t* __restrict__ cols, Geometry g, int64_t rows_total,
+    im2col_rows_kernel(const scalar_t* __restrict__ image, scalar_t* __restrict__ cols, Geometry g, int64_t planes,
                        int64_t first_row, int64_t positions) {
-  const int kk = static_cast<int>(g.kh * g.kw), kw = static_cast<int>(g.kw), H = static_cast<int>(g.H);
-  const int W = static_cast<int>(g.W), Wo = static_cast<int>(g.Wo), count = static_cast<int>(positions);
-  for (int64_t r = blockIdx.y; r < rows_total; r += gridDim.y) {
-    const int64_t plane = r / kk;  // n * C + c
-    const int tap = static_cast<int>(r - plane * kk), i = tap / kw, j = tap - i * kw;
-    const int y0 = static_cast<int>(first_row * g.sh - g.ph) + i * static_cast<int>(g.dh);  // input row of p's y = 0
-    const int x0 = j * static_cast<int>(g.dw) - static_cast<int>(g.pw);
+  const int kh = static_cast<int>(g.kh), kw = static_cast<int>(g.kw), H = static_cast<int>(g.H);
+  const int W = static_cast<int>(g.W), Wo = static_cast<int>(g.Wo), sh = static_cast<int>(g.sh);
+  const int sw = static_cast<int>(g.sw), dh = static_cast<int>(g.dh), dw = static_cast<int>(g.dw);
+  const int row0 = static_cast<int>(first_row * g.sh - g.ph), pw = static_cast<int>(g.pw);
+  const int64_t total = planes * positions, tap_stride = positions;
+  for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < total; e += int64_t(gridDim.x) * kThreads) {
+    const int64_t plane = e / positions;
+    const int p = static_cast<int>(e - plane * positions), y = p / Wo, x = p - y * Wo;
+    const int yfirst = row0 + y * sh, xfirst = x * sw - pw;
     const scalar_t* src = image + plane * g.H * g.W;
-    scalar_t* dst = cols + r * positions;
-    for (int p = blockIdx.x * kThreads + threadIdx.x; p < count; p += gridDim.x * kThreads) {
-      const int y = p / Wo, x = p - y * Wo;
-      const int yin = y0 + y * static_cast<int>(g.sh), xin = x0 + x * static_cast<int>(g.sw);
-      dst[p] = (yin >= 0 && yin < H && xin >= 0 && xin < W) ? src[yin * W + xin] : scalar_t(0);
+    scalar_t* dst = cols + plane * g.kh * g.kw * positions + p;
+    for (int i = 0; i < kh; ++i) {
+      const int yin = yfirst + i * dh;
+      const bool row_inside = yin >= 0 && yin < H;
+      for (int j = 0; j < kw; ++j, dst += tap_stride) {
+        const int xin = xfirst + j * dw;
+        *dst = (row_inside && xin >= 0 && xin < W) ? src[yin * W + xin] : scalar_t(0);
+      }
     }
   }
 }
@@ -77,9 +84,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Launch shapes (the host side's, and the emulator's).
-inline dim3 im2col_grid(int64_t rows_total, int64_t positions) {
-  return dim3(static_cast<unsigned>(std::min<int64_t>((positions + kThreads - 1) / kThreads, 1024)),
-              static_cast<unsigned>(std::min<int64_t>(rows_total, 65535)));
+inline unsigned im2col_blocks(int64_t planes, int64_t positions) {
+  return static_cast<unsigned>(std::min<int64_t>((planes * positions + kThreads - 1) / kThreads, 65535));
 }
 inline unsigned col2im_blocks(int64_t pixels) {
   return static_cast<unsigned>(std::min<int64_t>((pixels + kThreads - 1) / kThreads, 65535));
