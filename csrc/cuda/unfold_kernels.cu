@@ -1,8 +1,9 @@
 // CUDA unfolding for the Conv2d front door, opt-in (GRADVAR_EXT_UNFOLD=im2col on CUDA; its first
 // form passed the CUDA tests and sanitizers on an H100 in the nineteenth session, but unfolded
-// slower than the default's copy; the present im2col kernel has not run on a GPU): the host side. The kernels and their layouts (at::im2col's / at::col2im's, as in
-// cpu/unfold_kernels.cpp) are in unfold_kernels.cuh, which the tests also compile for the CPU and
-// run thread by thread (tests/cuda_emulation.cpp).
+// slower than the default's copy; the present im2col kernel has not run on a GPU): the host
+// side. The kernels and their layouts (at::im2col's / at::col2im's, as in cpu/unfold_kernels.cpp)
+// are in unfold_kernels.cuh, which the tests also compile for the CPU and run thread by thread
+// (tests/cuda_emulation.cpp).
 // Why: on an H100 the default's unfolding (zero padding, then one generic strided copy of a
 // 7-d view) took 75-84 us of a 194-243 us conv2d_variance (benchmarks/RESULTS.md, fifteenth
 // session), and the backward's fold took kh*kw strided additions per chunk (85 launches in the
