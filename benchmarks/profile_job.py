@@ -1,7 +1,7 @@
 """Where a method's time goes on a workload of bench_variance.py: kernel count and the costliest ops.
 
     python benchmarks/profile_job.py [--device cuda] [--job a|b] [--workloads mlp cnn seq]
-                                     [--methods gradvar torch.func] [--top 12]
+                                     [--methods gradvar torch.func] [--top 12] [--memory]
 
 For each (workload, method), in this process: the median time of 10 calls after 3 warm-ups, then
 one call under torch.profiler: how many kernels it ran (CUDA: device kernels launched, incl.
@@ -9,6 +9,10 @@ memset/memcpy; CPU: ATen ops with no ATen op inside them, views and allocations 
 launch-bound proxy) and the top ops by self time (CUDA: device time; CPU: host time). At the
 benchmark sizes the GPU jobs are bound by launches and the host's dispatch, so the kernel count
 is what to cut (benchmarks/RESULTS.md).
+
+--memory (CUDA): one more call with the allocator's history recorded, then what was alive at the
+call's peak, by where it was allocated (the innermost Python frame outside torch's package, and
+the innermost frame): what to cut when a method's peak is above another's.
 """
 
 from __future__ import annotations
@@ -63,6 +67,66 @@ def cuda_kernels(prof) -> Counter:
     )
 
 
+def live_at_peak(trace: list[dict]) -> tuple[int, list[tuple[str, int, int]]]:
+    """Replay an allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``): the peak of
+    the bytes allocated after the trace began, and the blocks alive at that peak grouped by their
+    allocation site as (site, bytes, blocks), largest first. A block counts from its ``alloc``
+    to its ``free_completed`` (a stream's pending free still holds the memory)."""
+    live: dict[int, dict] = {}
+    total = peak = 0
+    at_peak: list[dict] = []
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+            if total > peak:
+                peak, at_peak = total, list(live.values())
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+    sites: dict[str, list[int]] = {}
+    for event in at_peak:
+        entry = sites.setdefault(_site(event.get("frames", [])), [0, 0])
+        entry[0] += event["size"]
+        entry[1] += 1
+    return peak, sorted(((site, size, count) for site, (size, count) in sites.items()), key=lambda r: -r[1])
+
+
+def _site(frames: list[dict]) -> str:
+    """The innermost frame outside torch's package (file:line function), and the innermost of all."""
+    if not frames:
+        return "(no Python frame)"
+
+    def name(frame: dict) -> str:
+        return f"{os.path.basename(frame['filename'])}:{frame['line']} {frame['name']}"
+
+    ours = next((f for f in frames if f"{os.sep}torch{os.sep}" not in f["filename"]), frames[0])
+    return name(ours) if ours is frames[0] else f"{name(ours)} <- {name(frames[0])}"
+
+
+def memory_at_peak(workload: str, method: str, job: str, top: int) -> None:
+    """One call of the method with the CUDA allocator's history recorded: what was alive at its peak."""
+    model, x, y, lossfunc = bv.make_workload(workload, "cuda")
+    fn = bv.method_function(method)
+    env = bv.METHOD_ENV.get(method, {})
+    os.environ.update(env)
+    fn(model, x, y, lossfunc, job)  # warm: cuDNN's choices, lazy state
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, context="alloc", stacks="python")
+    try:
+        fn(model, x, y, lossfunc, job)
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(None)
+        for name in env:
+            os.environ.pop(name)
+    trace = snapshot["device_traces"][torch.cuda.current_device()]
+    peak, sites = live_at_peak(trace)
+    print(f"\n## memory, {workload}, {method}: {peak / 2**20:.1f} MB allocated during the call at its peak")
+    for site, size, count in sites[:top]:
+        print(f"{size / 2**20:8.2f} MB in {count:3d} blocks: {site}")
+
+
 def profile_one(workload: str, method: str, device: str, job: str, top: int) -> None:
     model, x, y, lossfunc = bv.make_workload(workload, device)
     fn = bv.method_function(method)
@@ -98,11 +162,16 @@ def main() -> int:
     parser.add_argument("--workloads", nargs="+", default=["mlp", "cnn", "seq"])
     parser.add_argument("--methods", nargs="+", default=["gradvar", "torch.func"])
     parser.add_argument("--top", type=int, default=12, help="rows of the op table")
+    parser.add_argument("--memory", action="store_true", help="CUDA: what is alive at each call's peak")
     args = parser.parse_args()
+    if args.memory and args.device != "cuda":
+        parser.error("--memory reads the CUDA allocator's history: use it with --device cuda")
     print(bv.machine(args.device))
     for workload in args.workloads:
         for method in args.methods:
             profile_one(workload, method, args.device, args.job, args.top)
+            if args.memory:
+                memory_at_peak(workload, method, args.job, args.top)
     return 0
 
 

@@ -15,7 +15,8 @@
 # those workloads (default: all six), METHODS="..." to those methods; SKIP_JOB_A=1 skips job (a).
 # NCU=1 adds Nsight Compute on the tensor-core kernel (scripts/ncu_case.py) after the fused benchmark;
 # NCU_CASES="implicit gemm" picks its cases; PROFILE_WORKLOADS="cnn" and PROFILE_METHODS="gradvar
-# gradvar-im2col torch.func" set the profile's; SKIP_JOB_B=1 ends after the profile.
+# gradvar-im2col torch.func" set the profile's; PROFILE_MEMORY=1 adds what is alive at each
+# profiled call's peak (CUDA allocator history); SKIP_JOB_B=1 ends after the profile.
 # SKIP_PROFILE=1 skips the profile of job (b) (90 s), SKIP_SWEEP=1 the CNN sweep (~90 s); the sweep runs before job (a), so that a
 # call cut short loses job (a) first. CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
 # On an H200 (fourteenth session, SKIP_PROFILE=1 SKIP_SWEEP=1 SKIP_JOB_A=1 WORKLOADS="cnn seq": 388 s
@@ -96,7 +97,7 @@ fi
 if [ "${SKIP_PROFILE:-0}" != 1 ]; then
   stage "where job (b) spends its time: kernels launched, costliest ops (gradvar vs torch.func)"
   timeout 90 $PY benchmarks/profile_job.py --device cuda --workloads ${PROFILE_WORKLOADS:-mlp cnn seq} \
-    --methods ${PROFILE_METHODS:-gradvar torch.func} > "$OUT/profile_job_b.log" 2>&1
+    --methods ${PROFILE_METHODS:-gradvar torch.func} ${PROFILE_MEMORY:+--memory} > "$OUT/profile_job_b.log" 2>&1
   grep -E "^## " "$OUT/profile_job_b.log"
 fi
 [ "${SKIP_JOB_B:-0}" = 1 ] && { stage done; exit 0; }

@@ -1,0 +1,50 @@
+"""benchmarks/profile_job.py's replay of a CUDA allocator trace (--memory), on made-up traces: the
+peak and what was alive at it, by allocation site. (The CUDA run itself needs a GPU.)"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import profile_job  # noqa: E402
+
+TORCH_FRAME = {
+    "filename": f"{os.sep}site-packages{os.sep}torch{os.sep}nn{os.sep}functional.py",
+    "line": 5,
+    "name": "conv2d",
+}
+OUR_FRAME = {"filename": f"{os.sep}repo{os.sep}gradvar_ext{os.sep}conv_backward.py", "line": 170, "name": "forward"}
+
+
+def _alloc(addr: int, size: int, frames: list[dict]) -> dict:
+    return {"action": "alloc", "addr": addr, "size": size, "frames": frames}
+
+
+def _free(addr: int, size: int) -> dict:
+    return {"action": "free_completed", "addr": addr, "size": size}
+
+
+def test_live_at_peak_finds_the_peak_and_groups_its_blocks_by_site():
+    trace = [
+        _alloc(1, 100, [TORCH_FRAME, OUR_FRAME]),
+        _alloc(2, 50, [OUR_FRAME]),
+        {"action": "free_requested", "addr": 2, "size": 50},  # still held until completed
+        _alloc(3, 30, [TORCH_FRAME, OUR_FRAME]),  # peak: 180 bytes, blocks 1, 2, 3
+        _free(2, 50),
+        _free(3, 30),
+        _alloc(4, 60, []),  # 160: under the peak
+        _free(99, 1000),  # a block from before the trace began: ignored
+    ]
+    peak, sites = profile_job.live_at_peak(trace)
+    assert peak == 180
+    assert sites == [
+        ("conv_backward.py:170 forward <- functional.py:5 conv2d", 130, 2),
+        ("conv_backward.py:170 forward", 50, 1),
+    ]
+
+
+def test_live_at_peak_of_an_empty_trace_is_zero():
+    assert profile_job.live_at_peak([]) == (0, [])
+    assert profile_job._site([]) == "(no Python frame)"
+    assert profile_job._site([TORCH_FRAME]) == "functional.py:5 conv2d"  # no frame of ours: the innermost
