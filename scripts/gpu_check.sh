@@ -12,7 +12,8 @@
 # KERNEL_CHECKS=0 skips the fused-kernel benchmark and compute-sanitizer (when no .cu changed);
 # BENCH_SECTIONS="ratios breakdown" limits that benchmark to those tables;
 # SANITIZE=0 skips only compute-sanitizer. WORKLOADS="cnn seq" limits the variance benchmarks to
-# those workloads (default: all six), METHODS="..." to those methods; SKIP_JOB_A=1 skips job (a).
+# those workloads (default: all six), METHODS="..." to those methods; SKIP_JOB_A=1 skips job (a);
+# BENCH_ROUNDS=3 runs job (b) in 3 rotating rounds (one round of fresh processes is noisy on a GPU).
 # NCU=1 adds Nsight Compute on the tensor-core kernel (scripts/ncu_case.py) after the fused benchmark;
 # NCU_CASES="implicit gemm" picks its cases; PROFILE_WORKLOADS="cnn" and PROFILE_METHODS="gradvar
 # gradvar-im2col torch.func" set the profile's; PROFILE_MEMORY=1 adds what is alive at each
@@ -107,7 +108,8 @@ stage "variance benchmark"
 # the micro-batched total_variance takes its place (CNN, N = 64, on an H200: 100.6 MB, the least).
 # METHODS="..." replaces the list (e.g. gradvar gradvar-micro-32 gradvar-micro-48 torch.func).
 METHODS=${METHODS:-floor gradvar gradvar+grad gradvar-micro loop torch.func backpack opacus}
-timeout 320 $PY benchmarks/bench_variance.py --device cuda --quick ${WORKLOADS:+--workloads $WORKLOADS} --methods $METHODS \
+timeout 320 $PY benchmarks/bench_variance.py --device cuda --quick ${BENCH_ROUNDS:+--rounds $BENCH_ROUNDS} \
+  ${WORKLOADS:+--workloads $WORKLOADS} --methods $METHODS \
   --json "$OUT/bench_cuda.json" 2>&1 |
   tee "$OUT/bench_variance.log" | tail -50
 if [ "${SKIP_SWEEP:-0}" != 1 ]; then
