@@ -54,7 +54,8 @@ __global__ void __launch_bounds__(kThreads)
 // image[plane, yin, xin] = sum over the taps (i, j) whose output pixel (y, x) reads it of
 // cols[plane*kh*kw + i*kw + j, y*W_out + x]: one thread per image pixel, gathering in a fixed
 // order (no atomics: deterministic), overwriting the image; 32-bit arithmetic inside a plane.
-// Memory: none beyond its arguments.
+// Stride 1 (the common case) needs no division per tap: 2 per pixel instead of 4 per tap (36 for
+// 3x3), which would cost more issue slots than the columns' reads. Memory: none beyond its arguments.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     col2im_kernel(const scalar_t* __restrict__ cols, scalar_t* __restrict__ image, Geometry g, int64_t pixels,
@@ -64,19 +65,31 @@ __global__ void __launch_bounds__(kThreads)
   const int sh = static_cast<int>(g.sh), sw = static_cast<int>(g.sw), dh = static_cast<int>(g.dh);
   const int dw = static_cast<int>(g.dw), ph = static_cast<int>(g.ph), pw = static_cast<int>(g.pw);
   const int64_t plane_pixels = g.H * g.W;
+  const bool unit_stride = sh == 1 && sw == 1;
   for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < pixels; e += int64_t(gridDim.x) * kThreads) {
     const int64_t plane = e / plane_pixels;
     const int rem = static_cast<int>(e - plane * plane_pixels), yin = rem / W, xin = rem - yin * W;
     const scalar_t* src = cols + plane * kh * kw * L;
     scalar_t acc = 0;
-    for (int i = 0; i < kh; ++i) {
-      const int ys = yin + ph - i * dh;  // = y * sh
-      if (ys < 0 || ys % sh != 0 || ys / sh >= Hout) continue;
-      const int y = ys / sh;
-      for (int j = 0; j < kw; ++j) {
-        const int xs = xin + pw - j * dw;  // = x * sw
-        if (xs < 0 || xs % sw != 0 || xs / sw >= Wo) continue;
-        acc += src[(i * kw + j) * L + y * Wo + xs / sw];
+    if (unit_stride) {  // uniform across the grid: no divergence
+      for (int i = 0; i < kh; ++i) {
+        const int y = yin + ph - i * dh;
+        if (y < 0 || y >= Hout) continue;
+        for (int j = 0; j < kw; ++j) {
+          const int x = xin + pw - j * dw;
+          if (x >= 0 && x < Wo) acc += src[(i * kw + j) * L + y * Wo + x];
+        }
+      }
+    } else {
+      for (int i = 0; i < kh; ++i) {
+        const int ys = yin + ph - i * dh;  // = y * sh
+        if (ys < 0 || ys % sh != 0 || ys / sh >= Hout) continue;
+        const int y = ys / sh;
+        for (int j = 0; j < kw; ++j) {
+          const int xs = xin + pw - j * dw;  // = x * sw
+          if (xs < 0 || xs % sw != 0 || xs / sw >= Wo) continue;
+          acc += src[(i * kw + j) * L + y * Wo + xs / sw];
+        }
       }
     }
     image[e] = acc;
