@@ -103,53 +103,54 @@ def _site(frames: list[dict]) -> str:
     return name(ours) if ours is frames[0] else f"{name(ours)} <- {name(frames[0])}"
 
 
-def memory_at_peak(workload: str, method: str, job: str, top: int) -> None:
-    """One call of the method with the CUDA allocator's history recorded: what was alive at its peak."""
-    model, x, y, lossfunc = bv.make_workload(workload, "cuda")
-    fn = bv.method_function(method)
-    env = bv.METHOD_ENV.get(method, {})
-    os.environ.update(env)
-    fn(model, x, y, lossfunc, job)  # warm: cuDNN's choices, lazy state
+def print_memory_at_peak(call, label: str, top: int) -> None:
+    """One more call (warm) with the CUDA allocator's history recorded: what was alive at its peak."""
     torch.cuda.synchronize()
     torch.cuda.memory._record_memory_history(max_entries=1_000_000, context="alloc", stacks="python")
     try:
-        fn(model, x, y, lossfunc, job)
+        call()
         torch.cuda.synchronize()
         snapshot = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(None)
-        for name in env:
-            os.environ.pop(name)
-    trace = snapshot["device_traces"][torch.cuda.current_device()]
-    peak, sites = live_at_peak(trace)
-    print(f"\n## memory, {workload}, {method}: {peak / 2**20:.1f} MB allocated during the call at its peak")
+    peak, sites = live_at_peak(snapshot["device_traces"][torch.cuda.current_device()])
+    print(f"\n## memory, {label}: {peak / 2**20:.1f} MB allocated during the call at its peak")
     for site, size, count in sites[:top]:
         print(f"{size / 2**20:8.2f} MB in {count:3d} blocks: {site}")
 
 
-def profile_one(workload: str, method: str, device: str, job: str, top: int) -> None:
+def profile_one(workload: str, method: str, device: str, job: str, top: int, memory: bool = False) -> None:
     model, x, y, lossfunc = bv.make_workload(workload, device)
     fn = bv.method_function(method)
     env = bv.METHOD_ENV.get(method, {})
     os.environ.update(env)
+    call, label = (lambda: fn(model, x, y, lossfunc, job)), f"{workload}, {method}"
+    try:
+        _profile(call, label, device, top)
+        if memory:  # the same warm model
+            print_memory_at_peak(call, label, top)
+    finally:
+        for name in env:
+            os.environ.pop(name)
+
+
+def _profile(call, label: str, device: str, top: int) -> None:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(3):
-        fn(model, x, y, lossfunc, job)
+        call()
     times = []
     for _ in range(10):
         sync()
         start = time.perf_counter()
-        fn(model, x, y, lossfunc, job)
+        call()
         sync()
         times.append(1e3 * (time.perf_counter() - start))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
-        fn(model, x, y, lossfunc, job)
+        call()
         sync()
-    for name in env:
-        os.environ.pop(name)
     kernels = cuda_kernels(prof) if device == "cuda" else cpu_kernels(prof)
-    print(f"\n## {workload}, {method}: {statistics.median(times):.3f} ms, {sum(kernels.values())} kernels")
+    print(f"\n## {label}: {statistics.median(times):.3f} ms, {sum(kernels.values())} kernels")
     print("most frequent:", ", ".join(f"{name} x{count}" for name, count in kernels.most_common(8)))
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=50))
@@ -169,9 +170,7 @@ def main() -> int:
     print(bv.machine(args.device))
     for workload in args.workloads:
         for method in args.methods:
-            profile_one(workload, method, args.device, args.job, args.top)
-            if args.memory:
-                memory_at_peak(workload, method, args.job, args.top)
+            profile_one(workload, method, args.device, args.job, args.top, memory=args.memory)
     return 0
 
 

@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads)
   const int W = static_cast<int>(g.W), Wo = static_cast<int>(g.Wo), sh = static_cast<int>(g.sh);
   const int sw = static_cast<int>(g.sw), dh = static_cast<int>(g.dh), dw = static_cast<int>(g.dw);
   const int row0 = static_cast<int>(first_row * g.sh - g.ph), pw = static_cast<int>(g.pw);
-  const int64_t total = planes * positions, tap_stride = positions;
+  const int64_t total = planes * positions;
   for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < total; e += int64_t(gridDim.x) * kThreads) {
     const int64_t plane = e / positions;
     const int p = static_cast<int>(e - plane * positions), y = p / Wo, x = p - y * Wo;
@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kh; ++i) {
       const int yin = yfirst + i * dh;
       const bool row_inside = yin >= 0 && yin < H;
-      for (int j = 0; j < kw; ++j, dst += tap_stride) {
+      for (int j = 0; j < kw; ++j, dst += positions) {
         const int xin = xfirst + j * dw;
         *dst = (row_inside && xin >= 0 && xin < W) ? src[yin * W + xin] : scalar_t(0);
       }
