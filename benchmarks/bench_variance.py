@@ -8,6 +8,8 @@ extend + collect, statistics-only backward: collect.backward, no .grad), gradvar
 with loss.backward(): the parameters' .grad as well), gradvar-fused (CUDA only: the fused moment
 kernel forced on, GRADVAR_EXT_FUSED_CUDA=1, where the default picks chunked cuBLAS bmm),
 gradvar-im2col (CUDA only, asked for by name: our unfold / fold kernels, GRADVAR_EXT_UNFOLD=im2col),
+gradvar-shifted (asked for by name: the conv moments by a bmm per kernel row over width-unfolded
+images, GRADVAR_EXT_CONV_ALGORITHM=shifted),
 gradvar-pytorch-conv (asked for by name: gradvar with PyTorch's own backward node for the conv
 layers, GRADVAR_EXT_CONV_BACKWARD=pytorch, the A/B of gradvar_ext/conv_backward.py),
 gradvar-micro (gradvar_ext.total_variance in micro-batches of 16: memory bounded by 16 samples;
@@ -195,6 +197,7 @@ METHODS = {
     "gradvar+grad": functools.partial(run_gradvar, with_grad=True),
     "gradvar-fused": run_gradvar,
     "gradvar-im2col": run_gradvar,
+    "gradvar-shifted": run_gradvar,
     "gradvar-pytorch-conv": run_gradvar,
     "gradvar-micro": run_gradvar_micro,
     "loop": run_loop,
@@ -207,6 +210,7 @@ OPTIONAL = {"backpack": "backpack", "opacus": "opacus"}  # method -> package it 
 METHOD_ENV = {
     "gradvar-fused": {"GRADVAR_EXT_FUSED_CUDA": "1"},
     "gradvar-im2col": {"GRADVAR_EXT_UNFOLD": "im2col"},
+    "gradvar-shifted": {"GRADVAR_EXT_CONV_ALGORITHM": "shifted"},
     "gradvar-pytorch-conv": {"GRADVAR_EXT_CONV_BACKWARD": "pytorch"},
 }
 
@@ -356,7 +360,8 @@ def main() -> int:
     methods = args.methods or [
         m
         for m in METHODS
-        if m not in ("gradvar-im2col", "gradvar-pytorch-conv") and (m != "gradvar-fused" or args.device == "cuda")
+        if m not in ("gradvar-im2col", "gradvar-shifted", "gradvar-pytorch-conv")
+        and (m != "gradvar-fused" or args.device == "cuda")
     ]
     for method in methods:
         try:

@@ -187,13 +187,15 @@ void col2im(const at::Tensor& cols, at::Tensor& images, const ConvGeometry& c) {
   col2im_cpu(cols, images, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
 }
 
-// GRADVAR_EXT_CONV_ALGORITHM (see use_grouped): auto (default), unfold, grouped or implicit.
+// GRADVAR_EXT_CONV_ALGORITHM (see use_grouped, use_shifted): auto (default), unfold, grouped,
+// implicit or shifted.
 std::string conv_algorithm(const char* op) {
   const char* flag = std::getenv("GRADVAR_EXT_CONV_ALGORITHM");
   const std::string choice = flag != nullptr ? flag : "";
   GRADVAR_CHECK(choice.empty() || choice == "auto" || choice == "unfold" || choice == "grouped" ||
-                    choice == "implicit",
-                op, "GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold, grouped or implicit, got '", choice, "'");
+                    choice == "implicit" || choice == "shifted",
+                op, "GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold, grouped, implicit or shifted, got '", choice,
+                "'");
   return choice;
 }
 
@@ -250,7 +252,7 @@ Factors position_factors(const at::Tensor& grad, const ConvGeometry& c) {
 bool use_grouped(const char* op, const ConvGeometry& c, const at::Tensor& input) {
   const std::string choice = conv_algorithm(op);
   if (choice == "grouped") return true;
-  if (choice == "unfold" || choice == "implicit") return false;
+  if (choice == "unfold" || choice == "implicit" || choice == "shifted") return false;
   const int64_t per_group = c.in_channels / c.groups;
   return input.is_cpu() && input.scalar_type() == at::kFloat && !c.unfold_is_view() &&
          (per_group >= 8 || (per_group == 1 && c.groups > 1));
@@ -331,6 +333,61 @@ WeightedConsumer grouped_to_grad_output(const at::Tensor& left_input, at::Tensor
                           }};
 }
 
+// The third way, GRADVAR_EXT_CONV_ALGORITHM=shifted (opt-in, stride_h == 1; use_shifted): the
+// kernel's rows as shifted GEMMs over images unfolded along their width only. With
+//   X1_n = the (1 x kw) patches of the height-padded image, positions fastest: [C_in/g * kw, Hp * W_out]
+// (Hp = H + 2 pad_h rows, the layer's width stride, padding and dilation), output pixel (oh, ow) of
+// kernel row i reads X1_n's position (oh + i * dil_h) * W_out + ow: for all pixels at once, X1_n's
+// positions [i * dil_h * W_out, + H_out * W_out), a strided view. So
+//   g_n[:, (c, i, j)] = G_n^T X1_n[shifted by i * dil_h * W_out]   one bmm per kernel row,
+// the same FLOPs as the unfolded path, with kw (not kh * kw) copies of the image formed. A chunk's
+// gradients come kernel-row-major, [n * groups, kh, C_out/g, C_in/g * kw]: statistics reduced over
+// samples are elementwise, so the core reduces them in that order and from_shifted() restores
+// the weight's (c, i, j) order once. Extra memory per chunk: its X1 and gradients (the core's budget).
+ConvGeometry width_taps(const ConvGeometry& c) {
+  ConvGeometry w = c;
+  w.kernel = {1, c.kernel[1]};
+  w.stride = {1, c.stride[1]};
+  w.dilation = {1, c.dilation[1]};
+  w.out_height = c.height + 2 * c.padding[0];  // every padded row; out_width is the layer's
+  return w;
+}
+
+bool use_shifted(const char* op, const ConvGeometry& c) {
+  return c.stride[0] == 1 && conv_algorithm(op) == "shifted";
+}
+
+GradientChunks shifted_gradients(const at::Tensor& input, const at::Tensor& grad_output, const ConvGeometry& c) {
+  const auto x = input.contiguous(), go = grad_output.contiguous();
+  const auto w = width_taps(c);
+  const int64_t g = c.groups, rows = c.out_channels / g, f1 = w.patch(), L = c.positions(), kh = c.kernel[0];
+  const int64_t shift = c.dilation[0] * c.out_width;
+  auto buf = std::make_shared<at::Tensor>();
+  return GradientChunks{
+      x.size(0), g, rows, c.patch(), x.options(), g * (f1 * w.positions() + kh * rows * f1), x.size(0),
+      [x, go, w, g, rows, f1, L, kh, shift, buf](int64_t start, int64_t n) {
+        const auto part = x.narrow(0, start, n);
+        const auto X1 = unfold_with_im2col(part) ? im2col_columns(part, w, 0, w.out_height)
+                                                 : unfold_rows(part, w, 0, w.out_height);  // [n*g, Hp*W_out, f1]
+        const auto Gt = go.narrow(0, start, n).view({n * g, rows, L});                       // G_n^T
+        if (!buf->defined() || buf->size(0) < n * g) *buf = at::empty({n * g, kh, rows, f1}, x.options());
+        auto out = buf->narrow(0, 0, n * g);
+        for (int64_t i = 0; i < kh; ++i) {
+          auto row = out.select(1, i);
+          at::bmm_out(row, Gt, X1.narrow(1, i * shift, L));
+        }
+        return out.view({n * g, rows, kh * f1});  // kernel-row-major (see above), not [rows, (c, i, j)]
+      }};
+}
+
+// A reduced [groups, C_out/g, patch] of shifted_gradients' chunks, back in the weight's (c, i, j) order.
+at::Tensor from_shifted(const at::Tensor& reduced, const ConvGeometry& c) {
+  const int64_t g = c.groups, rows = c.out_channels / g;
+  return reduced.view({g, c.kernel[0], rows, c.in_channels / g, c.kernel[1]})
+      .permute({0, 2, 3, 1, 4})
+      .reshape({g, rows, c.patch()});
+}
+
 // The conv weight's shape [C_out, C_in/groups, kh, kw].
 std::vector<int64_t> weight_shape(const ConvGeometry& c) {
   return {c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]};
@@ -350,6 +407,10 @@ at::Tensor conv2d_second_moment(const at::Tensor& input, const at::Tensor& grad_
   if (use_grouped(op, c, input)) {
     return as_weight(std::get<0>(reduce_gradients(grouped_gradients(input, grad_output, c), nullptr, false)), c);
   }
+  if (use_shifted(op, c)) {
+    const auto moment = std::get<0>(reduce_gradients(shifted_gradients(input, grad_output, c), nullptr, false));
+    return as_weight(from_shifted(moment, c), c);
+  }
   const auto X = patch_factors(op, input, c), G = position_factors(grad_output, c);
   return as_weight(std::get<0>(reduce_outer_products(X, G, nullptr, nullptr, /*with_sum=*/false)), c);
 }
@@ -363,6 +424,9 @@ at::Tensor conv2d_variance(const at::Tensor& input, const at::Tensor& grad_outpu
   if (use_grouped(op, c, input)) {
     return as_weight(variance_of_gradients(grouped_gradients(input, grad_output, c)), c);
   }
+  if (use_shifted(op, c)) {
+    return as_weight(from_shifted(variance_of_gradients(shifted_gradients(input, grad_output, c)), c), c);
+  }
   return as_weight(variance_from_moments(patch_factors(op, input, c), position_factors(grad_output, c)), c);
 }
 
@@ -373,6 +437,10 @@ std::tuple<at::Tensor, at::Tensor> conv2d_moments(const at::Tensor& input, const
   const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
                             groups);
   c10::OptionalDeviceGuard guard(input.device());
+  if (use_shifted(op, c)) {
+    auto [moment, sum] = reduce_gradients(shifted_gradients(input, grad_output, c), nullptr, /*with_sum=*/true);
+    return {as_weight(from_shifted(moment, c), c), as_weight(from_shifted(sum, c), c)};
+  }
   auto [moment, sum] = use_grouped(op, c, input)
                            ? reduce_gradients(grouped_gradients(input, grad_output, c), nullptr, /*with_sum=*/true)
                            : reduce_outer_products(patch_factors(op, input, c), position_factors(grad_output, c), nullptr,
@@ -401,6 +469,11 @@ at::Tensor conv2d_cross_moment(const at::Tensor& input, const at::Tensor& grad_o
   if (use_grouped(op, c, input)) {
     const auto gb = grouped_gradients(other_input, other_grad_output, c);
     return as_weight(std::get<0>(reduce_gradients(grouped_gradients(input, grad_output, c), &gb, false)), c);
+  }
+  if (use_shifted(op, c)) {
+    const auto gb = shifted_gradients(other_input, other_grad_output, c);
+    const auto moment = std::get<0>(reduce_gradients(shifted_gradients(input, grad_output, c), &gb, false));
+    return as_weight(from_shifted(moment, c), c);
   }
   const auto Xb = patch_factors(op, other_input, c), Gb = position_factors(other_grad_output, c);
   return as_weight(std::get<0>(reduce_outer_products(patch_factors(op, input, c), position_factors(grad_output, c), &Xb,

@@ -122,6 +122,43 @@ def test_cuda_slab_rule_applied_on_cpu(case, dtype, accumulations, monkeypatch):
     assert_matches(out[0], want, dtype)
 
 
+@pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the shifted GEMMs are the compiled kernels'")
+@pytest.mark.parametrize("unfold", ["", "strided"], ids=["im2col", "strided"])
+@pytest.mark.parametrize(
+    ("case", "chunk_mib", "bmm_calls"),
+    [
+        (ConvCase(3, 4, 6, (9, 8), kernel=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=2), 0, 3),
+        (ConvCase(4, 6, 3, (7, 7), kernel=(2, 3), padding=(2, 1), dilation=(1, 2), groups=3, contiguous=False), 0, 2),
+        (ConvCase(2, 2, 3, (5, 5), kernel=(5, 5), padding=(2, 2)), 0, 5),
+        (ConvCase(5, 3, 2, (6, 6), kernel=(1, 1)), 0, 1),
+        # 50 samples of 64 -> 64 at 16x16 under 2 MiB (737 KB of float64 width-unfolded image and
+        # gradient a sample: 2 a chunk, 25 chunks of 3 bmm; the cross moment's two pairs: 1 a chunk)
+        (MULTI_CHUNK_CONV_CASES[0], 2, (25 * 3, 50 * 3 * 2)),
+        # stride_h 2: no row shift gives the taps; the unfolded patches' one bmm a chunk
+        (ConvCase(3, 2, 2, (8, 7), stride=(2, 3)), 0, 1),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("op", ["conv2d_second_moment", "conv2d_variance", "conv2d_moments", "conv2d_cross_moment"])
+def test_moments_by_shifted_kernel_rows(op, case, chunk_mib, bmm_calls, unfold, monkeypatch):
+    """GRADVAR_EXT_CONV_ALGORITHM=shifted: one bmm per kernel row and chunk over the images
+    unfolded along their width only (stride_h 1: every padding, dilation, width stride, group and
+    kernel shape; several chunks), both unfoldings; the reference's numbers in the weight's order."""
+    monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "shifted")
+    monkeypatch.setenv("GRADVAR_EXT_UNFOLD", unfold)
+    monkeypatch.setenv("GRADVAR_EXT_CHUNK_MIB", str(chunk_mib) if chunk_mib else "")
+    torch.manual_seed(8)
+    args = case.args(op, torch.float64)
+    out = []
+    names = ops_run(lambda: out.append(call(op, *args)))
+    if isinstance(bmm_calls, tuple):  # (one pair, the cross moment's two)
+        bmm_calls = bmm_calls[op == "conv2d_cross_moment"]
+    elif op == "conv2d_cross_moment":
+        bmm_calls *= 2
+    assert names.count("aten::bmm") == bmm_calls
+    assert_matches(out[0], reference.OPS[op](*args), torch.float64)
+
+
 @pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the slabs are the compiled kernels'")
 def test_unknown_slab_rows_are_named(monkeypatch):
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
@@ -275,7 +312,8 @@ def test_unknown_conv_algorithm_is_named(monkeypatch):
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "winograd")
     x, go, *conv = ConvCase(2, 8, 4, (6, 6), padding=(1, 1)).args("conv2d_variance", torch.float32)
     with pytest.raises(
-        ValueError, match="GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold, grouped or implicit, got 'winograd'"
+        ValueError,
+        match="GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold, grouped, implicit or shifted, got 'winograd'",
     ):
         call("conv2d_variance", x, go, *conv)
 
