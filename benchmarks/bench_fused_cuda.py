@@ -18,6 +18,8 @@ after warm-up):
            as the GEMM
   implicit Conv2d only: GRADVAR_EXT_CONV_ALGORITHM=implicit, the tensor-core kernel (3xTF32 /
            DMMA) reading the patches straight from the image: no unfolding, no per-sample gradients
+  shifted  Conv2d only: GRADVAR_EXT_CONV_ALGORITHM=shifted, a bmm per kernel row over images
+           unfolded along their width only (kw copies of the image, not kh * kw), then the accumulate
 Throughput counts the per-sample GEMM FLOPs (2 N T out in) for all; peak memory is what the call
 allocates beyond its inputs. Beside each call's time (CUDA events, host launch overhead included)
 the GPU's own time from the profiler's kernel records: all kernels of the call, and the costliest
@@ -152,9 +154,10 @@ def ratios_table(skip_tensor_cores: bool) -> None:
                 ("tensor", "tensor_cores"),
                 ("grouped", "0"),
                 ("implicit", ""),
+                ("shifted", ""),
                 ("default", ""),
             ):
-                if name in ("grouped", "implicit") and not conv:
+                if name in ("grouped", "implicit", "shifted") and not conv:
                     cells.append("-")
                     continue
                 if name in ("tensor", "implicit") and skip_tensor_cores:
@@ -162,7 +165,7 @@ def ratios_table(skip_tensor_cores: bool) -> None:
                     calls[name] = None
                     continue
                 os.environ["GRADVAR_EXT_FUSED_CUDA"] = flag
-                if name in ("grouped", "implicit"):
+                if name in ("grouped", "implicit", "shifted"):
                     os.environ["GRADVAR_EXT_CONV_ALGORITHM"] = name
                 ms, mb = timed(statistic)
                 total, kernel, kernel_name = gpu_time(statistic)
@@ -179,14 +182,15 @@ def ratios_table(skip_tensor_cores: bool) -> None:
             ratios += f" | tensor cores {ratio(bmm_gpu, calls['tensor'])}, default {ratio(bmm_gpu, calls['default'])}"
             if conv:
                 ratios += f", grouped {ratio(bmm_gpu, calls['grouped'])}, implicit {ratio(bmm_gpu, calls['implicit'])}"
+                ratios += f", shifted {ratio(bmm_gpu, calls['shifted'])}"
             rows.append(f"| {str(dtype)[6:]} | {label} | {' | '.join(cells)} | {ratios} |")
             print(rows[-1], flush=True)  # as it comes, in case a time limit cuts the run
     print(
         "\n| dtype | N x T x in -> out | bmm (per-sample grads) | chunked | fused | fused, tensor cores "
-        "| grouped (conv) | implicit (conv) | fused / bmm throughput: per call / GPU time / kernel alone "
-        "| tensor cores, default (and grouped, implicit) / bmm, GPU time |"
+        "| grouped (conv) | implicit (conv) | shifted (conv) | fused / bmm throughput: per call / GPU time / "
+        "kernel alone | tensor cores, default (and grouped, implicit, shifted) / bmm, GPU time |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
@@ -196,8 +200,11 @@ def conv_breakdown(top: int = 8) -> None:
     (GRADVAR_EXT_CONV_SLABS=0: the default before the fifteenth session), both with our unfold
     kernel (GRADVAR_EXT_UNFOLD=im2col, opt-in) instead of padding + strided copies, chunks of
     samples under a 128 MiB budget (all 64 samples in one: 0.49-0.50 of bmm for 32 -> 64 channels
-    in the fifteenth session's budget table, where the slabs gave 0.45-0.46) without and with our
-    kernel, and grouped.
+    in the fifteenth session's budget table, where the slabs gave 0.45-0.46) with our kernel,
+    grouped, and shifted (GRADVAR_EXT_CONV_ALGORITHM=shifted: a bmm per kernel row over images
+    unfolded along their width only, a third of the copying) with strided views, with our
+    kernel, and with all samples in one chunk; then the default and shifted with the sliced
+    accumulate kernel (GRADVAR_EXT_ACCUMULATE=sliced: 8 threads a column).
     The "all" row gives bmm's GPU time on pre-unfolded patches over the path's (the target's ratio)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -205,13 +212,16 @@ def conv_breakdown(top: int = 8) -> None:
         ("default", {}),
         ("samples only", {"GRADVAR_EXT_CONV_SLABS": "0"}),
         ("im2col kernel", {"GRADVAR_EXT_UNFOLD": "im2col"}),
-        ("im2col kernel, samples only", {"GRADVAR_EXT_UNFOLD": "im2col", "GRADVAR_EXT_CONV_SLABS": "0"}),
-        ("samples only, 128 MiB chunks", {"GRADVAR_EXT_CONV_SLABS": "0", "GRADVAR_EXT_CHUNK_MIB": "128"}),
         (
             "im2col kernel, samples only, 128 MiB",
             {"GRADVAR_EXT_UNFOLD": "im2col", "GRADVAR_EXT_CONV_SLABS": "0", "GRADVAR_EXT_CHUNK_MIB": "128"},
         ),
         ("grouped", {"GRADVAR_EXT_CONV_ALGORITHM": "grouped"}),
+        ("shifted", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted"}),
+        ("shifted, im2col kernel", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted", "GRADVAR_EXT_UNFOLD": "im2col"}),
+        ("shifted, 128 MiB chunks", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted", "GRADVAR_EXT_CHUNK_MIB": "128"}),
+        ("sliced accumulate", {"GRADVAR_EXT_ACCUMULATE": "sliced"}),
+        ("shifted, sliced accumulate", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted", "GRADVAR_EXT_ACCUMULATE": "sliced"}),
     )
     print("\n| dtype | conv | path | kernel | launches a call | GPU us a call |\n|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.float64):

@@ -1,19 +1,52 @@
-// The CUDA unfold / fold kernels (csrc/cuda/unfold_kernels.cuh) compiled for the CPU: CUDA's
-// built-ins become host variables and each kernel runs its grid block by block, thread by thread.
-// Exact for kernels without shared memory, barriers or atomics, as these are. Built and loaded by
-// tests/test_cuda_kernels_on_cpu.py (ctypes); `grid_cap` > 0 shrinks each grid dimension to that
-// many blocks, so that small inputs run the grid-stride loops too.
+// The CUDA kernels that are device code alone (csrc/cuda/unfold_kernels.cuh, reduce_kernels.cuh)
+// compiled for the CPU: CUDA's built-ins become thread-local host variables and each kernel runs
+// its grid block by block. Kernels without shared memory or barriers run thread by thread; the
+// one with them (the sliced accumulate) runs each block's threads as OS threads, __shared__
+// arrays as the block's statics (blocks run one after another) and __syncthreads as a barrier.
+// Built and loaded by tests/test_cuda_kernels_on_cpu.py (ctypes); `grid_cap` > 0 shrinks each
+// grid dimension to that many blocks, so that small inputs run the grid-stride loops too.
 #include <algorithm>
+#include <condition_variable>
 #include <cstdint>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 struct dim3 {
   unsigned x, y, z;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-static dim3 blockIdx, threadIdx, gridDim;
+static thread_local dim3 blockIdx, threadIdx, gridDim, blockDim;
 #define __global__
 #define __launch_bounds__(threads)
+#define __shared__ static
 
+// All threads of the running block wait here until every one has arrived.
+class BlockBarrier {
+ public:
+  explicit BlockBarrier(int threads) : threads_(threads) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const long generation = generation_;
+    if (++arrived_ == threads_) {
+      arrived_ = 0;
+      ++generation_;
+      all_arrived_.notify_all();
+    } else {
+      all_arrived_.wait(lock, [&] { return generation != generation_; });
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable all_arrived_;
+  int threads_, arrived_ = 0;
+  long generation_ = 0;
+};
+static BlockBarrier* block_barrier = nullptr;
+inline void __syncthreads() { block_barrier->wait(); }
+
+#include "reduce_kernels.cuh"
 #include "unfold_kernels.cuh"
 
 namespace {
@@ -24,17 +57,64 @@ using gradvar::unfold::kThreads;
 Geometry geometry(const int64_t* g) { return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11]}; }
 
 template <typename Kernel>
-void run_grid(dim3 grid, int64_t grid_cap, Kernel&& kernel) {
+void run_grid(dim3 grid, int64_t grid_cap, Kernel&& kernel, unsigned threads = kThreads) {
   if (grid_cap > 0) grid = dim3(std::min<unsigned>(grid.x, grid_cap), std::min<unsigned>(grid.y, grid_cap));
   gridDim = grid;
+  blockDim = dim3(threads);
   for (unsigned by = 0; by < grid.y; ++by) {
     for (unsigned bx = 0; bx < grid.x; ++bx) {
-      for (unsigned tx = 0; tx < unsigned(kThreads); ++tx) {
+      for (unsigned tx = 0; tx < threads; ++tx) {
         blockIdx = dim3(bx, by);
         threadIdx = dim3(tx);
         kernel();
       }
     }
+  }
+}
+
+// The same for a kernel with barriers: a block's threads as OS threads, one block at a time.
+template <typename Kernel>
+void run_grid_with_barriers(dim3 grid, int64_t grid_cap, unsigned threads, Kernel&& kernel) {
+  if (grid_cap > 0) grid = dim3(std::min<unsigned>(grid.x, grid_cap), std::min<unsigned>(grid.y, grid_cap));
+  for (unsigned by = 0; by < grid.y; ++by) {
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      BlockBarrier barrier(static_cast<int>(threads));
+      block_barrier = &barrier;
+      std::vector<std::thread> block;
+      for (unsigned tx = 0; tx < threads; ++tx) {
+        block.emplace_back([&, tx] {
+          gridDim = grid;
+          blockDim = dim3(threads);
+          blockIdx = dim3(bx, by);
+          threadIdx = dim3(tx);
+          kernel();
+        });
+      }
+      for (auto& thread : block) thread.join();
+      block_barrier = nullptr;
+    }
+  }
+}
+
+// The host side's grids (reduce_kernels.cu): 256 threads, one a column or 8 a column (32 columns a block).
+constexpr int kAccumulateThreads = 256, kSlicedColumns = 32;
+
+template <typename T>
+void accumulate(const T* g, const T* gb, T* moment, T* sum, int64_t rows, int64_t F, bool sliced,
+                int64_t grid_cap) {
+  if (F == 0) return;  // as the host side
+  if (sliced) {
+    const auto blocks = static_cast<unsigned>(std::min<int64_t>((F + kSlicedColumns - 1) / kSlicedColumns, 65535));
+    run_grid_with_barriers(dim3(blocks), grid_cap, kAccumulateThreads, [&] {
+      gradvar::reduce::accumulate_products_sliced_kernel<T, kSlicedColumns, kAccumulateThreads / kSlicedColumns>(
+          g, gb, moment, sum, rows, F);
+    });
+  } else {
+    const auto blocks =
+        static_cast<unsigned>(std::min<int64_t>((F + kAccumulateThreads - 1) / kAccumulateThreads, 65535));
+    run_grid(
+        dim3(blocks), grid_cap, [&] { gradvar::reduce::accumulate_products_kernel<T>(g, gb, moment, sum, rows, F); },
+        kAccumulateThreads);
   }
 }
 
@@ -78,5 +158,14 @@ void col2im_f32(const float* cols, float* image, const int64_t* g, int64_t image
 void col2im_f64(const double* cols, double* image, const int64_t* g, int64_t images, int64_t out_height,
                 int64_t grid_cap) {
   col2im(cols, image, g, images, out_height, grid_cap);
+}
+// moment += sum_k g * gb, sum += sum_k g (sum may be null) over g, gb [rows, F]; sliced: the sliced kernel.
+void accumulate_f32(const float* g, const float* gb, float* moment, float* sum, int64_t rows, int64_t F,
+                    int64_t sliced, int64_t grid_cap) {
+  accumulate(g, gb, moment, sum, rows, F, sliced != 0, grid_cap);
+}
+void accumulate_f64(const double* g, const double* gb, double* moment, double* sum, int64_t rows, int64_t F,
+                    int64_t sliced, int64_t grid_cap) {
+  accumulate(g, gb, moment, sum, rows, F, sliced != 0, grid_cap);
 }
 }

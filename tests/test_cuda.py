@@ -189,6 +189,24 @@ def test_cuda_im2col_kernels_run(cuda_im2col):
     assert any("col2im_kernel" in n for n in names), names
 
 
+@pytest.mark.parametrize("unfold", ["strided", "im2col"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ("conv2d_second_moment", "conv2d_variance", "conv2d_moments", "conv2d_cross_moment"))
+def test_cuda_moments_by_shifted_kernel_rows(op, dtype, unfold, monkeypatch):
+    """GRADVAR_EXT_CONV_ALGORITHM=shifted on CUDA (opt-in): one bmm per kernel row and chunk over
+    width-unfolded images, by strided views or by the im2col kernel; every conv case (stride_h > 1
+    falls back to the unfolded patches), several chunks, and the benchmark CNN's 32 -> 64 conv."""
+    monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "shifted")
+    monkeypatch.setenv("GRADVAR_EXT_UNFOLD", unfold)
+    torch.manual_seed(31)
+    cnn = ConvCase(64, 32, 64, (32, 32), padding=(1, 1))
+    assert_conv_cases_match_reference(op, dtype, CONV_CASES + MULTI_CHUNK_CONV_CASES + [cnn])
+    args = cnn.args(op, dtype, device="cuda")
+    names = ops_run(lambda: call(op, *args))
+    assert names.count("aten::bmm") % 3 == 0 and names.count("aten::bmm") >= 3, names.count("aten::bmm")
+    assert "aten::baddbmm_" not in names  # not the slabs of the unfolded path
+
+
 @pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
 @pytest.mark.parametrize("op", CONV_OPS)
 def test_cuda_conv_gradcheck_gradgradcheck_opcheck(op, case, conv_algorithm):
@@ -250,6 +268,37 @@ def test_implicit_patches_match_reference(op, dtype, monkeypatch):
     assert ran == TENSOR_CORES  # below sm_80: the unfold path, the same numbers
     x, go, *conv = ConvCase(3, 2, 3, (5, 4), padding=(1, 1)).args(op, torch.float64, "cuda", requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda a, b: call(op, a, b, *conv), (x, go))
+
+
+@pytest.mark.parametrize("accumulate", ["columns", "sliced"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_accumulate_kernels_match_reference(accumulate, dtype, monkeypatch):
+    """GRADVAR_EXT_ACCUMULATE=sliced (opt-in): 8 threads a column, their partial sums added in a
+    fixed order; the chunked moments (Linear with positions, conv, cross moments, a chunk of one
+    sample, more columns than one grid pass, 65 535 blocks of 32) match the reference, and a second
+    run gives the same bits."""
+    monkeypatch.setenv("GRADVAR_EXT_ACCUMULATE", accumulate)
+    monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "0")
+    monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
+    torch.manual_seed(37)
+    shapes = [(7, (3,), 5, 3), (64, (9,), 33, 65), (1, (4,), 8, 8), (3, (2,), 1100, 2000)]
+    for op in MOMENT_OPS:
+        for case in [Case(n, m, fi, fo) for n, m, fi, fo in shapes]:
+            args = case.args(op, dtype, device="cuda")
+            want = expected(op, *(a.cpu() for a in args))
+            got = call(op, *args)
+            assert_matches(got, want, dtype, scale_for(op, [a.cpu() for a in args]))
+            assert torch.equal(got, call(op, *args))
+    for op in CONV_MOMENT_OPS:
+        assert_conv_cases_match_reference(op, dtype, CONV_CASES + [ConvCase(64, 32, 64, (32, 32), padding=(1, 1))])
+
+
+def test_cuda_unknown_accumulate_kernel_is_named(monkeypatch):
+    monkeypatch.setenv("GRADVAR_EXT_ACCUMULATE", "atomic")
+    monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "0")
+    x, g = torch.randn(4, 3, 6, device="cuda"), torch.randn(4, 3, 5, device="cuda")
+    with pytest.raises(ValueError, match="GRADVAR_EXT_ACCUMULATE must be columns or sliced, got 'atomic'"):
+        call("linear_second_moment", x, g)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

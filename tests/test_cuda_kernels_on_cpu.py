@@ -1,7 +1,9 @@
-"""The CUDA unfold / fold kernels' own source (csrc/cuda/unfold_kernels.cuh) compiled for the CPU
-by tests/cuda_emulation.cpp, every grid run block by block and thread by thread, against
-F.unfold / F.fold: their index arithmetic, bounds, row slabs and grid-stride loops are checked on
-every machine with a C++ compiler, GPU or not. (tests/test_cuda.py runs them on a GPU.)"""
+"""The CUDA unfold / fold and accumulate kernels' own source (csrc/cuda/unfold_kernels.cuh,
+reduce_kernels.cuh) compiled for the CPU by tests/cuda_emulation.cpp, every grid run block by
+block (thread by thread, or a block's threads as OS threads with a real barrier for the kernel
+with shared memory), against F.unfold / F.fold and torch's sums: their index arithmetic, bounds,
+row slabs, barriers and grid-stride loops are checked on every machine with a C++ compiler, GPU
+or not. (tests/test_cuda.py runs them on a GPU.)"""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def kernels(tmp_path_factory):
     source = os.path.join(ROOT, "tests", "cuda_emulation.cpp")
     include = os.path.join(ROOT, "csrc", "cuda")
     subprocess.run(
-        [COMPILER, "-O1", "-std=c++17", "-shared", "-fPIC", "-I", include, source, "-o", library],
+        [COMPILER, "-O1", "-std=c++17", "-pthread", "-shared", "-fPIC", "-I", include, source, "-o", library],
         check=True,
     )
     return ctypes.CDLL(library)
@@ -107,3 +109,31 @@ def test_emulated_kernels_leave_empty_inputs_alone(kernels):
     image = torch.randn(0, case.c_in, *case.hw)
     assert emulated_im2col_rows(kernels, case, image, 0, case.out_hw[0], 0).numel() == 0
     assert emulated_col2im(kernels, case, torch.randn(0, case.c_in * 9, 9), 0).numel() == 0
+
+
+@pytest.mark.parametrize("grid_cap", [0, 1, 2], ids=["launch-grid", "1-block-grid", "2-block-grid"])
+@pytest.mark.parametrize("sliced", [False, True], ids=["columns", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_emulated_accumulate_kernels_match_torch(dtype, sliced, grid_cap, kernels):
+    """moment += sum_k g * gb and sum += sum_k g (or no sum), onto what the accumulators held, for
+    fewer rows than slices, a partial slice, tiles of 32 columns and partial tiles, the cross
+    moment's distinct gb; run twice, the same bits (a fixed summation order)."""
+    torch.manual_seed(2)
+    run = getattr(kernels, f"accumulate_{_suffix(dtype)}")
+    for rows, columns in ((1, 5), (7, 31), (8, 32), (13, 33), (64, 100), (3, 257)):
+        for cross, with_sum in ((False, True), (True, True), (False, False)):
+            g = torch.randn(rows, columns, dtype=dtype)
+            gb = torch.randn(rows, columns, dtype=dtype) if cross else g
+            start_m, start_s = torch.randn(columns, dtype=dtype), torch.randn(columns, dtype=dtype)
+            results = []
+            for _ in range(2):
+                moment, total = start_m.clone(), start_s.clone()
+                run(
+                    _ptr(g), _ptr(gb), _ptr(moment), _ptr(total) if with_sum else None, ctypes.c_int64(rows),
+                    ctypes.c_int64(columns), ctypes.c_int64(int(sliced)), ctypes.c_int64(grid_cap),
+                )  # fmt: skip
+                results.append((moment, total))
+            moment, total = results[0]
+            torch.testing.assert_close(moment, start_m + (g * gb).sum(0))
+            torch.testing.assert_close(total, start_s + g.sum(0) if with_sum else start_s, rtol=1e-5, atol=1e-5)
+            assert torch.equal(results[1][0], moment) and torch.equal(results[1][1], total)

@@ -7,29 +7,23 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "../outer_product_stats.h"
+#include "reduce_kernels.cuh"
 
 namespace gradvar {
 namespace {
 
-// moment[j] += sum_k g[k, j] * gb[k, j]; sum[j] += sum_k g[k, j] (sum may be null).
-// g, gb: [rows, F] contiguous. One thread per column j: coalesced loads, no atomics,
-// the same summation order on every run.
-template <typename scalar_t>
-__global__ void accumulate_products_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ gb,
-                                           scalar_t* __restrict__ moment, scalar_t* __restrict__ sum,
-                                           int64_t rows, int64_t F) {
-  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < F; j += int64_t(gridDim.x) * blockDim.x) {
-    scalar_t m = 0, s = 0;
-    for (int64_t k = 0; k < rows; ++k) {
-      const scalar_t v = g[k * F + j];
-      m += v * gb[k * F + j];
-      s += v;
-    }
-    moment[j] += m;
-    if (sum != nullptr) sum[j] += s;
-  }
+// Which accumulate kernel: GRADVAR_EXT_ACCUMULATE=sliced (opt-in, not yet run on a GPU) or
+// columns (the default, one thread a column).
+bool accumulate_sliced() {
+  const char* flag = std::getenv("GRADVAR_EXT_ACCUMULATE");
+  if (flag == nullptr || *flag == '\0' || std::strcmp(flag, "columns") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(flag, "sliced") == 0, "gradvar: GRADVAR_EXT_ACCUMULATE must be columns or sliced, got '",
+                    flag, "'");
+  return true;
 }
 
 // out[k * out_stride] = sum_j a[k, j] * b[k, j]. One block per row k, tree reduction in shared memory.
@@ -56,10 +50,21 @@ void accumulate_products_cuda(at::Tensor& moment, at::Tensor& sum, const at::Ten
   const int64_t rows = g.size(0), F = g.size(1);
   if (F == 0) return;
   constexpr int kThreads = 256;
-  const int blocks = static_cast<int>(std::min<int64_t>((F + kThreads - 1) / kThreads, 65535));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  if (accumulate_sliced()) {
+    constexpr int kCols = 32, kSlices = kThreads / kCols;
+    const int blocks = static_cast<int>(std::min<int64_t>((F + kCols - 1) / kCols, 65535));
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "accumulate_products_cuda", [&] {
+      reduce::accumulate_products_sliced_kernel<scalar_t, kCols, kSlices><<<blocks, kThreads, 0, stream>>>(
+          g.const_data_ptr<scalar_t>(), gb.const_data_ptr<scalar_t>(), moment.mutable_data_ptr<scalar_t>(),
+          sum.defined() ? sum.mutable_data_ptr<scalar_t>() : nullptr, rows, F);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
+  const int blocks = static_cast<int>(std::min<int64_t>((F + kThreads - 1) / kThreads, 65535));
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "accumulate_products_cuda", [&] {
-    accumulate_products_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    reduce::accumulate_products_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), gb.const_data_ptr<scalar_t>(), moment.mutable_data_ptr<scalar_t>(),
         sum.defined() ? sum.mutable_data_ptr<scalar_t>() : nullptr, rows, F);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,0 +1,71 @@
+// The accumulate kernels of reduce_kernels.cu, as device code alone (no ATen, no CUDA runtime),
+// so that tests/cuda_emulation.cpp compiles these very kernels for the CPU and runs their grids
+// (the sliced one with a thread per CUDA thread and a real barrier) against torch
+// (tests/test_cuda_kernels_on_cpu.py).
+#pragma once
+
+#include <cstdint>
+
+namespace gradvar {
+namespace reduce {
+
+// moment[j] += sum_k g[k, j] * gb[k, j]; sum[j] += sum_k g[k, j] (sum may be null).
+// g, gb: [rows, F] contiguous. One thread per column j: coalesced loads, no atomics,
+// the same summation order on every run.
+template <typename scalar_t>
+__global__ void accumulate_products_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ gb,
+                                           scalar_t* __restrict__ moment, scalar_t* __restrict__ sum,
+                                           int64_t rows, int64_t F) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < F; j += int64_t(gridDim.x) * blockDim.x) {
+    scalar_t m = 0, s = 0;
+    for (int64_t k = 0; k < rows; ++k) {
+      const scalar_t v = g[k * F + j];
+      m += v * gb[k * F + j];
+      s += v;
+    }
+    moment[j] += m;
+    if (sum != nullptr) sum[j] += s;
+  }
+}
+
+// The same with kSlices threads a column, for few columns: a conv layer's chunk (18 432 columns of
+// 64 samples for the benchmark CNN's 32 -> 64 conv) gives the kernel above 72 blocks of one
+// thread a column, too few loads in flight to stream from memory (on an H100 9 us float32, 21 us
+// float64: ~0.5 TB/s). Slice t sums rows t, t + kSlices, ... of kCols adjacent columns (coalesced
+// rows of kCols); the slices' partial sums are then added in slice order through shared memory:
+// a fixed order, the same every run (not the kernel above's, so not bit-identical to it).
+template <typename scalar_t, int kCols, int kSlices>
+__global__ void __launch_bounds__(kCols * kSlices)
+    accumulate_products_sliced_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ gb,
+                                      scalar_t* __restrict__ moment, scalar_t* __restrict__ sum, int64_t rows,
+                                      int64_t F) {
+  __shared__ scalar_t partial_moment[kSlices][kCols], partial_sum[kSlices][kCols];
+  const int column = threadIdx.x % kCols, slice = threadIdx.x / kCols;
+  // Block-uniform loop (the barriers): a tile of kCols columns per pass.
+  for (int64_t tile = blockIdx.x * int64_t(kCols); tile < F; tile += int64_t(gridDim.x) * kCols) {
+    const int64_t j = tile + column;
+    scalar_t m = 0, s = 0;
+    if (j < F) {
+      for (int64_t k = slice; k < rows; k += kSlices) {
+        const scalar_t v = g[k * F + j];
+        m += v * gb[k * F + j];
+        s += v;
+      }
+    }
+    partial_moment[slice][column] = m;
+    partial_sum[slice][column] = s;
+    __syncthreads();
+    if (slice == 0 && j < F) {
+      for (int t = 1; t < kSlices; ++t) {
+        m += partial_moment[t][column];
+        s += partial_sum[t][column];
+      }
+      moment[j] += m;
+      if (sum != nullptr) sum[j] += s;
+    }
+    __syncthreads();  // the partials are free for the next tile
+  }
+}
+
+}  // namespace reduce
+}  // namespace gradvar
