@@ -1,6 +1,7 @@
 """A small run of every CUDA kernel, default and fused paths (CUDA cores, tensor cores; the fused
 products with either fused moments; the fused squared norms with "1"; the unfold / fold kernels of
-GRADVAR_EXT_UNFOLD=im2col), for compute-sanitizer."""
+GRADVAR_EXT_UNFOLD=im2col; the sliced accumulate kernel of GRADVAR_EXT_ACCUMULATE=sliced, with the
+shifted conv moments), for compute-sanitizer."""
 
 import os
 
@@ -51,5 +52,21 @@ for fused in ("0", "1", "tensor_cores"):
                 total = gv.conv2d_variance(xc, gc, **conv).sum() + gv.conv2d_batch_l2(xc, gc, **conv).sum()
                 torch.autograd.grad(total, (xc, gc))
             del os.environ["GRADVAR_EXT_UNFOLD"], os.environ["GRADVAR_EXT_CONV_SLABS"]
+            # the sliced accumulate kernel (shared memory, barriers: racecheck), with the moments by
+            # shifted kernel rows (stride_h 1) over both unfoldings; a cross moment (distinct gb)
+            os.environ["GRADVAR_EXT_ACCUMULATE"] = "sliced"
+            os.environ["GRADVAR_EXT_CONV_ALGORITHM"] = "shifted"
+            shifted = dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=2)
+            xs = torch.randn(7, 4, 9, 8, device="cuda", dtype=dtype)
+            gs = torch.randn(7, 6, 7, 4, device="cuda", dtype=dtype)
+            for unfold in ("strided", "im2col"):
+                os.environ["GRADVAR_EXT_UNFOLD"] = unfold
+                gv.conv2d_variance(xs, gs, **shifted)
+                torch.ops.gradvar.conv2d_cross_moment(xs, gs, xs * 2, gs * 3, *shifted.values())
+            gv.linear_variance(
+                torch.randn(9, 3, 70, device="cuda", dtype=dtype), torch.randn(9, 3, 33, device="cuda", dtype=dtype)
+            )
+            del os.environ["GRADVAR_EXT_ACCUMULATE"], os.environ["GRADVAR_EXT_CONV_ALGORITHM"]
+            del os.environ["GRADVAR_EXT_UNFOLD"]
 torch.cuda.synchronize()
 print("sanitize case done")
