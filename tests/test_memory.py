@@ -55,7 +55,7 @@ def measure(kind: str, n: int, part: str) -> dict:
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     if "ASAN_OPTIONS" in env:  # scripts/sanitize_cpu.sh: ASan's quarantine keeps freed scratch resident
         env["ASAN_OPTIONS"] += ":quarantine_size_mb=0"  # (RSS +150 MB at N = 512), so here none
-    if kind.startswith("conv2d-"):  # conv2d-unfold / conv2d-grouped: each way of forming g_n
+    if kind.startswith("conv2d-"):  # conv2d-unfold / -grouped / -shifted: each way of forming g_n
         env["GRADVAR_EXT_CONV_ALGORITHM"] = kind.split("-")[1]
     proc = subprocess.run(
         [sys.executable, "-c", MEASURE, kind, str(n), part], env=env, capture_output=True, text=True, timeout=600
@@ -64,7 +64,7 @@ def measure(kind: str, n: int, part: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv2d-unfold", "conv2d-grouped"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d-unfold", "conv2d-grouped", "conv2d-shifted"])
 def test_statistic_memory_is_flat_in_batch_size(kind):
     small, large = measure(kind, 32, "forward"), measure(kind, 512, "forward")
     assert large["per_sample_grads_mb"] > 250  # what materialising would cost at N = 512
@@ -72,7 +72,7 @@ def test_statistic_memory_is_flat_in_batch_size(kind):
     assert large["extra_mb"] - small["extra_mb"] < 12, (small, large)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv2d-unfold", "conv2d-grouped"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d-unfold", "conv2d-grouped", "conv2d-shifted"])
 def test_backward_memory_grows_only_with_input_sized_gradients(kind):
     small, large = measure(kind, 32, "backward"), measure(kind, 512, "backward")
     growth = large["extra_mb"] - small["extra_mb"]
