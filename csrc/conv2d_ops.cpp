@@ -343,7 +343,8 @@ WeightedConsumer grouped_to_grad_output(const at::Tensor& left_input, at::Tensor
 // the same FLOPs as the unfolded path, with kw (not kh * kw) copies of the image formed. A chunk's
 // gradients come kernel-row-major, [n * groups, kh, C_out/g, C_in/g * kw]: statistics reduced over
 // samples are elementwise, so the core reduces them in that order and from_shifted() restores
-// the weight's (c, i, j) order once. Extra memory per chunk: its X1 and gradients (the core's budget).
+// the weight's (c, i, j) order once. Extra memory per chunk (the core's budget): its X1, the
+// zero-padded images X1 is copied from by strided views, and the gradients.
 ConvGeometry width_taps(const ConvGeometry& c) {
   ConvGeometry w = c;
   w.kernel = {1, c.kernel[1]};
@@ -362,9 +363,10 @@ GradientChunks shifted_gradients(const at::Tensor& input, const at::Tensor& grad
   const auto w = width_taps(c);
   const int64_t g = c.groups, rows = c.out_channels / g, f1 = w.patch(), L = c.positions(), kh = c.kernel[0];
   const int64_t shift = c.dilation[0] * c.out_width;
+  const int64_t padded_image = c.padded() ? c.in_channels * w.out_height * (c.width + 2 * c.padding[1]) : 0;
   auto buf = std::make_shared<at::Tensor>();
   return GradientChunks{
-      x.size(0), g, rows, c.patch(), x.options(), g * (f1 * w.positions() + kh * rows * f1), x.size(0),
+      x.size(0), g, rows, c.patch(), x.options(), g * (f1 * w.positions() + kh * rows * f1) + padded_image, x.size(0),
       [x, go, w, g, rows, f1, L, kh, shift, buf](int64_t start, int64_t n) {
         const auto part = x.narrow(0, start, n);
         const auto X1 = unfold_with_im2col(part) ? im2col_columns(part, w, 0, w.out_height)
