@@ -333,50 +333,83 @@ WeightedConsumer grouped_to_grad_output(const at::Tensor& left_input, at::Tensor
                           }};
 }
 
-// The third way, GRADVAR_EXT_CONV_ALGORITHM=shifted (opt-in, stride_h == 1; use_shifted): the
-// kernel's rows as shifted GEMMs over images unfolded along their width only. With
+// The third way, GRADVAR_EXT_CONV_ALGORITHM=shifted (opt-in; use_shifted): the kernel's rows as
+// shifted GEMMs over images unfolded along their width only. With
 //   X1_n = the (1 x kw) patches of the height-padded image, positions fastest: [C_in/g * kw, Hp * W_out]
 // (Hp = H + 2 pad_h rows, the layer's width stride, padding and dilation), output pixel (oh, ow) of
-// kernel row i reads X1_n's position (oh + i * dil_h) * W_out + ow: for all pixels at once, X1_n's
-// positions [i * dil_h * W_out, + H_out * W_out), a strided view. So
-//   g_n[:, (c, i, j)] = G_n^T X1_n[shifted by i * dil_h * W_out]   one bmm per kernel row,
+// kernel row i reads X1_n's position (oh * s + i * dil_h) * W_out + ow (s = stride_h). For s = 1,
+// all pixels at once read X1_n's positions [i * dil_h * W_out, + H_out * W_out): a strided view.
+// For s > 1, X1_n's rows are stored phase-major (padded row h = r * s + p at phase p, row r: s
+// blocks of R = ceil(Hp / s) rows), so that kernel row i reads phase p = (i * dil_h) % s from row
+// q = (i * dil_h) / s on: again H_out * W_out consecutive positions. So
+//   g_n[:, (c, i, j)] = G_n^T X1_n[from shift(i)]   one bmm per kernel row,
 // the same FLOPs as the unfolded path, with kw (not kh * kw) copies of the image formed. A chunk's
 // gradients come kernel-row-major, [n * groups, kh, C_out/g, C_in/g * kw]: statistics reduced over
 // samples are elementwise, so the core reduces them in that order and from_shifted() restores
 // the weight's (c, i, j) order once. Extra memory per chunk (the core's budget): its X1, the
 // zero-padded images X1 is copied from by strided views, and the gradients.
-ConvGeometry width_taps(const ConvGeometry& c) {
+struct RowShifts {
+  ConvGeometry width;  // the (1 x kw) unfolding: out_height = Hp rows
+  int64_t phase_rows;  // R = ceil(Hp / s) (Hp for s = 1)
+  int64_t shift(int64_t i, const ConvGeometry& c) const {
+    const int64_t offset = i * c.dilation[0], s = c.stride[0];
+    return ((offset % s) * phase_rows + offset / s) * c.out_width;
+  }
+};
+
+RowShifts row_shifts(const ConvGeometry& c) {
   ConvGeometry w = c;
   w.kernel = {1, c.kernel[1]};
   w.stride = {1, c.stride[1]};
   w.dilation = {1, c.dilation[1]};
   w.out_height = c.height + 2 * c.padding[0];  // every padded row; out_width is the layer's
-  return w;
+  return {w, (w.out_height + c.stride[0] - 1) / c.stride[0]};
 }
 
-bool use_shifted(const char* op, const ConvGeometry& c) {
-  return c.stride[0] == 1 && conv_algorithm(op) == "shifted";
+bool use_shifted(const char* op) { return conv_algorithm(op) == "shifted"; }
+
+// X1 of images [n, C_in, H, W] as [n * groups, s * R * W_out, C_in/g * kw] (a transposed view of
+// positions-fastest columns). s = 1: the device's unfolding of the (1 x kw) geometry; s > 1: the
+// phase-major rows by strided views of the zero-padded images, one copy.
+at::Tensor width_columns(const at::Tensor& images, const ConvGeometry& c, const RowShifts& r) {
+  const auto& w = r.width;
+  if (c.stride[0] == 1) {
+    if (unfold_with_im2col(images)) return im2col_columns(images, w, 0, w.out_height);
+    return unfold_rows(images, w, 0, w.out_height);
+  }
+  const int64_t n = images.size(0), s = c.stride[0], rows = r.phase_rows * s;
+  const int64_t span_w = c.dilation[1] * (c.kernel[1] - 1) + 1;
+  const auto padded = at::constant_pad_nd(
+      images, {c.padding[1], c.padding[1], c.padding[0], c.padding[0] + rows - w.out_height}, 0);  // [n, C, R*s, Wp]
+  return padded.unfold(3, span_w, c.stride[1])
+      .slice(4, 0, span_w, c.dilation[1])                      // [n, C, R*s, W_out, kw]
+      .unflatten(2, {r.phase_rows, s})                         // [n, C, R, s, W_out, kw]
+      .unflatten(1, {c.groups, c.in_channels / c.groups})      // [n, g, C/g, R, s, W_out, kw]
+      .permute({0, 1, 2, 6, 4, 3, 5})                          // [n, g, C/g, kw, s, R, W_out]
+      .reshape({n * c.groups, w.patch(), rows * c.out_width})  // the copy
+      .transpose(1, 2);
 }
 
 GradientChunks shifted_gradients(const at::Tensor& input, const at::Tensor& grad_output, const ConvGeometry& c) {
   const auto x = input.contiguous(), go = grad_output.contiguous();
-  const auto w = width_taps(c);
-  const int64_t g = c.groups, rows = c.out_channels / g, f1 = w.patch(), L = c.positions(), kh = c.kernel[0];
-  const int64_t shift = c.dilation[0] * c.out_width;
-  const int64_t padded_image = c.padded() ? c.in_channels * w.out_height * (c.width + 2 * c.padding[1]) : 0;
+  const auto r = row_shifts(c);
+  const int64_t g = c.groups, rows = c.out_channels / g, f1 = r.width.patch(), L = c.positions(), kh = c.kernel[0];
+  const int64_t columns = f1 * r.phase_rows * c.stride[0] * c.out_width;
+  const int64_t padded_image =
+      c.padded() || c.stride[0] > 1
+          ? c.in_channels * r.phase_rows * c.stride[0] * (c.width + 2 * c.padding[1])
+          : 0;
   auto buf = std::make_shared<at::Tensor>();
   return GradientChunks{
-      x.size(0), g, rows, c.patch(), x.options(), g * (f1 * w.positions() + kh * rows * f1) + padded_image, x.size(0),
-      [x, go, w, g, rows, f1, L, kh, shift, buf](int64_t start, int64_t n) {
-        const auto part = x.narrow(0, start, n);
-        const auto X1 = unfold_with_im2col(part) ? im2col_columns(part, w, 0, w.out_height)
-                                                 : unfold_rows(part, w, 0, w.out_height);  // [n*g, Hp*W_out, f1]
-        const auto Gt = go.narrow(0, start, n).view({n * g, rows, L});                       // G_n^T
+      x.size(0), g, rows, c.patch(), x.options(), g * (columns + kh * rows * f1) + padded_image, x.size(0),
+      [x, go, c, r, g, rows, f1, L, kh, buf](int64_t start, int64_t n) {
+        const auto X1 = width_columns(x.narrow(0, start, n), c, r);     // [n*g, s*R*W_out, f1]
+        const auto Gt = go.narrow(0, start, n).view({n * g, rows, L});  // G_n^T
         if (!buf->defined() || buf->size(0) < n * g) *buf = at::empty({n * g, kh, rows, f1}, x.options());
         auto out = buf->narrow(0, 0, n * g);
         for (int64_t i = 0; i < kh; ++i) {
           auto row = out.select(1, i);
-          at::bmm_out(row, Gt, X1.narrow(1, i * shift, L));
+          at::bmm_out(row, Gt, X1.narrow(1, r.shift(i, c), L));
         }
         return out.view({n * g, rows, kh * f1});  // kernel-row-major (see above), not [rows, (c, i, j)]
       }};
@@ -409,7 +442,7 @@ at::Tensor conv2d_second_moment(const at::Tensor& input, const at::Tensor& grad_
   if (use_grouped(op, c, input)) {
     return as_weight(std::get<0>(reduce_gradients(grouped_gradients(input, grad_output, c), nullptr, false)), c);
   }
-  if (use_shifted(op, c)) {
+  if (use_shifted(op)) {
     const auto moment = std::get<0>(reduce_gradients(shifted_gradients(input, grad_output, c), nullptr, false));
     return as_weight(from_shifted(moment, c), c);
   }
@@ -426,7 +459,7 @@ at::Tensor conv2d_variance(const at::Tensor& input, const at::Tensor& grad_outpu
   if (use_grouped(op, c, input)) {
     return as_weight(variance_of_gradients(grouped_gradients(input, grad_output, c)), c);
   }
-  if (use_shifted(op, c)) {
+  if (use_shifted(op)) {
     return as_weight(from_shifted(variance_of_gradients(shifted_gradients(input, grad_output, c)), c), c);
   }
   return as_weight(variance_from_moments(patch_factors(op, input, c), position_factors(grad_output, c)), c);
@@ -439,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_moments(const at::Tensor& input, const
   const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
                             groups);
   c10::OptionalDeviceGuard guard(input.device());
-  if (use_shifted(op, c)) {
+  if (use_shifted(op)) {
     auto [moment, sum] = reduce_gradients(shifted_gradients(input, grad_output, c), nullptr, /*with_sum=*/true);
     return {as_weight(from_shifted(moment, c), c), as_weight(from_shifted(sum, c), c)};
   }
@@ -472,7 +505,7 @@ at::Tensor conv2d_cross_moment(const at::Tensor& input, const at::Tensor& grad_o
     const auto gb = grouped_gradients(other_input, other_grad_output, c);
     return as_weight(std::get<0>(reduce_gradients(grouped_gradients(input, grad_output, c), &gb, false)), c);
   }
-  if (use_shifted(op, c)) {
+  if (use_shifted(op)) {
     const auto gb = shifted_gradients(other_input, other_grad_output, c);
     const auto moment = std::get<0>(reduce_gradients(shifted_gradients(input, grad_output, c), &gb, false));
     return as_weight(from_shifted(moment, c), c);

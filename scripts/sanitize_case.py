@@ -53,7 +53,7 @@ for fused in ("0", "1", "tensor_cores"):
                 torch.autograd.grad(total, (xc, gc))
             del os.environ["GRADVAR_EXT_UNFOLD"], os.environ["GRADVAR_EXT_CONV_SLABS"]
             # the sliced accumulate kernel (shared memory, barriers: racecheck), with the moments by
-            # shifted kernel rows (stride_h 1) over both unfoldings; a cross moment (distinct gb)
+            # shifted kernel rows over both unfoldings (stride_h 2: phase-major rows); a cross moment
             os.environ["GRADVAR_EXT_ACCUMULATE"] = "sliced"
             os.environ["GRADVAR_EXT_CONV_ALGORITHM"] = "shifted"
             shifted = dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=2)
@@ -63,6 +63,7 @@ for fused in ("0", "1", "tensor_cores"):
                 os.environ["GRADVAR_EXT_UNFOLD"] = unfold
                 gv.conv2d_variance(xs, gs, **shifted)
                 torch.ops.gradvar.conv2d_cross_moment(xs, gs, xs * 2, gs * 3, *shifted.values())
+            gv.conv2d_variance(xs, gs[:, :, :4], **{**shifted, "stride": (2, 2)})
             gv.linear_variance(
                 torch.randn(9, 3, 70, device="cuda", dtype=dtype), torch.randn(9, 3, 33, device="cuda", dtype=dtype)
             )

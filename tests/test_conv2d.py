@@ -134,16 +134,21 @@ def test_cuda_slab_rule_applied_on_cpu(case, dtype, accumulations, monkeypatch):
         # 50 samples of 64 -> 64 at 16x16 under 2 MiB (737 KB of float64 width-unfolded image and
         # gradient a sample: 2 a chunk, 25 chunks of 3 bmm; the cross moment's two pairs: 1 a chunk)
         (MULTI_CHUNK_CONV_CASES[0], 2, (25 * 3, 50 * 3 * 2)),
-        # stride_h 2: no row shift gives the taps; the unfolded patches' one bmm a chunk
-        (ConvCase(3, 2, 2, (8, 7), stride=(2, 3)), 0, 1),
+        # stride_h > 1: the rows phase-major (kernel row i reads phase (i * dil_h) % s)
+        (ConvCase(3, 2, 2, (8, 7), stride=(2, 3)), 0, 3),
+        (ConvCase(2, 4, 6, (9, 8), kernel=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 2), groups=2), 0, 3),
+        (ConvCase(2, 3, 4, (11, 6), kernel=(4, 3), stride=(3, 2), padding=(2, 1)), 0, 4),
+        (ConvCase(2, 2, 3, (7, 9), kernel=(2, 2), stride=(3, 4)), 0, 2),
+        (ConvCase(3, 4, 5, (6, 6), kernel=(1, 1), stride=(2, 2)), 0, 1),
     ],
     ids=str,
 )
 @pytest.mark.parametrize("op", ["conv2d_second_moment", "conv2d_variance", "conv2d_moments", "conv2d_cross_moment"])
 def test_moments_by_shifted_kernel_rows(op, case, chunk_mib, bmm_calls, unfold, monkeypatch):
     """GRADVAR_EXT_CONV_ALGORITHM=shifted: one bmm per kernel row and chunk over the images
-    unfolded along their width only (stride_h 1: every padding, dilation, width stride, group and
-    kernel shape; several chunks), both unfoldings; the reference's numbers in the weight's order."""
+    unfolded along their width only (every padding, dilation, stride, group and kernel shape;
+    several chunks), both unfoldings (stride_h > 1: strided views); the reference's numbers in
+    the weight's order."""
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "shifted")
     monkeypatch.setenv("GRADVAR_EXT_UNFOLD", unfold)
     monkeypatch.setenv("GRADVAR_EXT_CHUNK_MIB", str(chunk_mib) if chunk_mib else "")

@@ -194,8 +194,8 @@ def test_cuda_im2col_kernels_run(cuda_im2col):
 @pytest.mark.parametrize("op", ("conv2d_second_moment", "conv2d_variance", "conv2d_moments", "conv2d_cross_moment"))
 def test_cuda_moments_by_shifted_kernel_rows(op, dtype, unfold, monkeypatch):
     """GRADVAR_EXT_CONV_ALGORITHM=shifted on CUDA (opt-in): one bmm per kernel row and chunk over
-    width-unfolded images, by strided views or by the im2col kernel; every conv case (stride_h > 1
-    falls back to the unfolded patches), several chunks, and the benchmark CNN's 32 -> 64 conv."""
+    width-unfolded images, by strided views or by the im2col kernel (stride_h > 1: phase-major rows
+    by strided views); every conv case, several chunks, and the benchmark CNN's 32 -> 64 conv."""
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "shifted")
     monkeypatch.setenv("GRADVAR_EXT_UNFOLD", unfold)
     torch.manual_seed(31)
