@@ -8,8 +8,8 @@ extend + collect, statistics-only backward: collect.backward, no .grad), gradvar
 with loss.backward(): the parameters' .grad as well), gradvar-fused (CUDA only: the fused moment
 kernel forced on, GRADVAR_EXT_FUSED_CUDA=1, where the default picks chunked cuBLAS bmm),
 gradvar-im2col (CUDA only, asked for by name: our unfold / fold kernels, GRADVAR_EXT_UNFOLD=im2col),
-gradvar-shifted (asked for by name: the conv moments by a bmm per kernel row over width-unfolded
-images, GRADVAR_EXT_CONV_ALGORITHM=shifted),
+gradvar-shifted (asked for by name: the conv moments and products by a bmm per kernel row over
+width-unfolded images, GRADVAR_EXT_CONV_ALGORITHM=shifted),
 gradvar-pytorch-conv (asked for by name: gradvar with PyTorch's own backward node for the conv
 layers, GRADVAR_EXT_CONV_BACKWARD=pytorch, the A/B of gradvar_ext/conv_backward.py),
 gradvar-micro (gradvar_ext.total_variance in micro-batches of 16: memory bounded by 16 samples;

@@ -57,13 +57,14 @@ for fused in ("0", "1", "tensor_cores"):
             os.environ["GRADVAR_EXT_ACCUMULATE"] = "sliced"
             os.environ["GRADVAR_EXT_CONV_ALGORITHM"] = "shifted"
             shifted = dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=2)
-            xs = torch.randn(7, 4, 9, 8, device="cuda", dtype=dtype)
-            gs = torch.randn(7, 6, 7, 4, device="cuda", dtype=dtype)
-            for unfold in ("strided", "im2col"):
+            xs = torch.randn(7, 4, 9, 8, device="cuda", dtype=dtype, requires_grad=True)
+            gs = torch.randn(7, 6, 7, 4, device="cuda", dtype=dtype, requires_grad=True)
+            for unfold in ("strided", "im2col"):  # the variance's backward: the shifted products
                 os.environ["GRADVAR_EXT_UNFOLD"] = unfold
-                gv.conv2d_variance(xs, gs, **shifted)
+                torch.autograd.grad(gv.conv2d_variance(xs, gs, **shifted).sum(), (xs, gs))
                 torch.ops.gradvar.conv2d_cross_moment(xs, gs, xs * 2, gs * 3, *shifted.values())
-            gv.conv2d_variance(xs, gs[:, :, :4], **{**shifted, "stride": (2, 2)})
+            gs2 = gs[:, :, :4].detach().requires_grad_()
+            torch.autograd.grad(gv.conv2d_variance(xs, gs2, **{**shifted, "stride": (2, 2)}).sum(), (xs, gs2))
             gv.linear_variance(
                 torch.randn(9, 3, 70, device="cuda", dtype=dtype), torch.randn(9, 3, 33, device="cuda", dtype=dtype)
             )

@@ -18,8 +18,8 @@ def conv_algorithm(request, monkeypatch):
     unfolded patches + bmm (patches by the device's default unfolding, or by strided views of the
     image, CUDA's default, forced on CPU too; or, for the moments, slabs of 2 output rows at a
     time, CUDA's default where patches outweigh gradients, forced here on every device), one
-    grouped convolution per chunk of samples, or, for the moments, one bmm per kernel row over
-    width-unfolded images (shifted). The grouped one runs the backend's convolutions,
+    grouped convolution per chunk of samples, or one bmm per kernel row over width-unfolded images
+    (shifted). The grouped one runs the backend's convolutions,
     which on CUDA follow torch.backends.cudnn.allow_tf32 (default on): off here, so float32 is
     checked at float32 precision."""
     algorithm, _, unfold = request.param.partition("-")

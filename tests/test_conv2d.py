@@ -164,6 +164,46 @@ def test_moments_by_shifted_kernel_rows(op, case, chunk_mib, bmm_calls, unfold, 
     assert_matches(out[0], reference.OPS[op](*args), torch.float64)
 
 
+@pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the shifted GEMMs are the compiled kernels'")
+@pytest.mark.parametrize("unfold", ["", "strided"], ids=["im2col", "strided"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ConvCase(3, 4, 6, (9, 8), kernel=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=2),
+        ConvCase(2, 4, 6, (9, 8), kernel=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 2), groups=2),
+        ConvCase(2, 3, 4, (11, 6), kernel=(4, 3), stride=(3, 2), padding=(2, 1), contiguous=False),
+        ConvCase(5, 3, 2, (6, 6), kernel=(1, 1)),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("op", ["conv2d_weighted_gradient_product", "conv2d_weighted_gradient_products"])
+def test_products_by_shifted_kernel_rows(op, case, unfold, monkeypatch):
+    """The backward's products under GRADVAR_EXT_CONV_ALGORITHM=shifted: per chunk, kh bmm form the
+    gradients, then kernel row by kernel row the product towards grad_output (a bmm, kh - 1
+    baddbmm) and the one towards the input (kh baddbmm into width-unfolded columns, folded back):
+    the reference's numbers, towards the input, towards grad_output (with left = input: the
+    variance's backward, its X1 reused) and both at once."""
+    monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "shifted")
+    monkeypatch.setenv("GRADVAR_EXT_UNFOLD", unfold)
+    torch.manual_seed(9)
+    kh = case.kernel[0]
+    if op == "conv2d_weighted_gradient_products":
+        variants = [case.args(op, torch.float64)]
+        expected_calls = [(kh + 1, 2 * kh - 1)]
+    else:
+        towards_input = case.args(op, torch.float64)
+        x = case.args(op, torch.float64)[1]
+        towards_grad = ConvCase(**{**case.__dict__, "to_input": False}).args(op, torch.float64)
+        towards_grad_of_input = (x, x, *towards_grad[2:])
+        variants = [towards_input, towards_grad, towards_grad_of_input]
+        expected_calls = [(kh, kh), (kh + 1, kh - 1), (kh + 1, kh - 1)]
+    for args, (bmm, baddbmm) in zip(variants, expected_calls):
+        out = []
+        names = ops_run(lambda args=args, out=out: out.append(call(op, *args)))
+        assert (names.count("aten::bmm"), names.count("aten::baddbmm_")) == (bmm, baddbmm)
+        assert_matches(out[0], reference.OPS[op](*args), torch.float64)
+
+
 @pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the slabs are the compiled kernels'")
 def test_unknown_slab_rows_are_named(monkeypatch):
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")

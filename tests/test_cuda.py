@@ -191,20 +191,25 @@ def test_cuda_im2col_kernels_run(cuda_im2col):
 
 @pytest.mark.parametrize("unfold", ["strided", "im2col"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("op", ("conv2d_second_moment", "conv2d_variance", "conv2d_moments", "conv2d_cross_moment"))
-def test_cuda_moments_by_shifted_kernel_rows(op, dtype, unfold, monkeypatch):
-    """GRADVAR_EXT_CONV_ALGORITHM=shifted on CUDA (opt-in): one bmm per kernel row and chunk over
-    width-unfolded images, by strided views or by the im2col kernel (stride_h > 1: phase-major rows
-    by strided views); every conv case, several chunks, and the benchmark CNN's 32 -> 64 conv."""
+@pytest.mark.parametrize("op", [op for op in CONV_OPS if op != "conv2d_batch_l2"])
+def test_cuda_conv_ops_by_shifted_kernel_rows(op, dtype, unfold, monkeypatch):
+    """GRADVAR_EXT_CONV_ALGORITHM=shifted on CUDA (opt-in): the moments and the backward's
+    products one bmm per kernel row and chunk over width-unfolded images, by strided views or by
+    the im2col / col2im kernels (stride_h > 1: phase-major rows by strided views); every conv
+    case, several chunks, and the benchmark CNN's 32 -> 64 conv."""
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "shifted")
     monkeypatch.setenv("GRADVAR_EXT_UNFOLD", unfold)
     torch.manual_seed(31)
     cnn = ConvCase(64, 32, 64, (32, 32), padding=(1, 1))
-    assert_conv_cases_match_reference(op, dtype, CONV_CASES + MULTI_CHUNK_CONV_CASES + [cnn])
-    args = cnn.args(op, dtype, device="cuda")
-    names = ops_run(lambda: call(op, *args))
-    assert names.count("aten::bmm") % 3 == 0 and names.count("aten::bmm") >= 3, names.count("aten::bmm")
-    assert "aten::baddbmm_" not in names  # not the slabs of the unfolded path
+    cases = CONV_CASES + MULTI_CHUNK_CONV_CASES + [cnn]
+    if op == "conv2d_weighted_gradient_product":
+        cases += [ConvCase(**{**c.__dict__, "to_input": False}) for c in cases]
+    assert_conv_cases_match_reference(op, dtype, cases)
+    if op in CONV_MOMENT_OPS or op == "conv2d_moments":
+        args = cnn.args(op, dtype, device="cuda")
+        names = ops_run(lambda: call(op, *args))
+        assert names.count("aten::bmm") % 3 == 0 and names.count("aten::bmm") >= 3, names.count("aten::bmm")
+        assert "aten::baddbmm_" not in names  # not the slabs of the unfolded path
 
 
 @pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
