@@ -12,21 +12,13 @@
 #include <string>
 
 #include "checks.h"
+#include "conv2d_parts.h"
 #include "outer_product_stats.h"
 
 namespace gradvar {
+using namespace conv;  // NOLINT: the front door's own parts (conv2d_parts.h)
 namespace {
 
-struct ConvGeometry {
-  std::vector<int64_t> kernel, stride, padding, dilation;
-  int64_t groups, in_channels, out_channels, height, width, out_height, out_width;
-  int64_t positions() const { return out_height * out_width; }
-  int64_t patch() const { return in_channels / groups * kernel[0] * kernel[1]; }
-  bool padded() const { return padding[0] != 0 || padding[1] != 0; }
-  bool unfold_is_view() const {
-    return kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 && stride[1] == 1 && !padded();
-  }
-};
 
 void check_pair_param(const char* op, at::IntArrayRef values, const char* name, int64_t minimum) {
   GRADVAR_CHECK(values.size() == 2, op, name, " must have 2 values (height, width), got ", values);
@@ -69,122 +61,6 @@ ConvGeometry check_conv(const char* op, const at::Tensor& input, const char* inp
   c.out_height = expected[0];
   c.out_width = expected[1];
   return c;
-}
-
-// Patches of images [n, C_in, H, W] as strided views of the zero-padded images, copied once into
-// [n * groups, L, C_in/groups * kh * kw] (features fastest; im2col's feature order c, i, j): one
-// copy kernel, where at::im2col on CUDA launches one kernel per sample (0.25 ms of GPU time for
-// 64 samples of 64 channels at 16x16 on an H200, benchmarks/RESULTS.md).
-at::Tensor unfold_strided(const at::Tensor& images, const ConvGeometry& c) {
-  const int64_t n = images.size(0), per_group = c.in_channels / c.groups;
-  const auto image =
-      c.padded() ? at::constant_pad_nd(images, {c.padding[1], c.padding[1], c.padding[0], c.padding[0]}, 0) : images;
-  const int64_t span_h = c.dilation[0] * (c.kernel[0] - 1) + 1, span_w = c.dilation[1] * (c.kernel[1] - 1) + 1;
-  const auto taps = image.unfold(2, span_h, c.stride[0])
-                        .unfold(3, span_w, c.stride[1])  // [n, C, H_out, W_out, span_h, span_w]
-                        .slice(4, 0, span_h, c.dilation[0])
-                        .slice(5, 0, span_w, c.dilation[1]);  // [n, C, H_out, W_out, kh, kw]
-  return taps.unflatten(1, {c.groups, per_group})
-      .permute({0, 1, 3, 4, 2, 5, 6})  // [n, groups, H_out, W_out, C/groups, kh, kw]
-      .reshape({n * c.groups, c.positions(), c.patch()});
-}
-
-// Patches of output rows [first_row, first_row + rows) of images [n, C_in, H, W], positions fastest:
-// [n * groups, C_in/groups * kh * kw, rows * W_out] copied from strided views of the input rows
-// those outputs read (zero-padded for them alone), returned transposed to [n * groups, rows * W_out,
-// C_in/groups * kh * kw]. Positions fastest, the copy reads and writes along image rows (coalesced
-// on a GPU), and bmm takes the transposed view as it is.
-at::Tensor unfold_rows(const at::Tensor& images, const ConvGeometry& c, int64_t first_row, int64_t rows) {
-  const int64_t n = images.size(0), per_group = c.in_channels / c.groups;
-  const int64_t span_h = c.dilation[0] * (c.kernel[0] - 1) + 1, span_w = c.dilation[1] * (c.kernel[1] - 1) + 1;
-  const int64_t top = first_row * c.stride[0] - c.padding[0];  // padded-image rows [top, bottom) in input rows
-  const int64_t bottom = top + (rows - 1) * c.stride[0] + span_h;
-  const int64_t lo = std::max<int64_t>(top, 0), hi = std::min<int64_t>(bottom, c.height);  // rows inside the image
-  at::Tensor piece;
-  if (hi <= lo) {  // the slab's taps all fall in the padding
-    piece = at::zeros({n, c.in_channels, bottom - top, c.width + 2 * c.padding[1]}, images.options());
-  } else {
-    piece = images.narrow(2, lo, hi - lo);
-    if (lo - top != 0 || bottom - hi != 0 || c.padding[1] != 0) {
-      piece = at::constant_pad_nd(piece, {c.padding[1], c.padding[1], lo - top, bottom - hi}, 0);
-    }
-  }
-  const auto taps = piece.unfold(2, span_h, c.stride[0])
-                        .unfold(3, span_w, c.stride[1])  // [n, C, rows, W_out, span_h, span_w]
-                        .slice(4, 0, span_h, c.dilation[0])
-                        .slice(5, 0, span_w, c.dilation[1]);  // [n, C, rows, W_out, kh, kw]
-  return taps.unflatten(1, {c.groups, per_group})
-      .permute({0, 1, 2, 5, 6, 3, 4})  // [n, groups, C/groups, kh, kw, rows, W_out]
-      .reshape({n * c.groups, c.patch(), rows * c.out_width})
-      .transpose(1, 2);
-}
-
-// The inverse, fold (col2im): columns [n, C * kh * kw, L] summed into images [n, C, H, W] (out,
-// overwritten) by kh * kw strided-view additions into the zero-padded images, one per kernel tap,
-// then the crop: where at::col2im on CUDA launches one kernel per sample.
-void fold_strided(const at::Tensor& cols, at::Tensor& out, const ConvGeometry& c) {
-  const int64_t n = cols.size(0);
-  const std::vector<int64_t> padded_shape{n, c.in_channels, c.height + 2 * c.padding[0], c.width + 2 * c.padding[1]};
-  at::Tensor image = c.padded() ? at::zeros(padded_shape, cols.options()) : out.zero_();
-  const auto taps = cols.view({n, c.in_channels, c.kernel[0], c.kernel[1], c.out_height, c.out_width});
-  for (int64_t i = 0; i < c.kernel[0]; ++i) {
-    for (int64_t j = 0; j < c.kernel[1]; ++j) {
-      const int64_t top = i * c.dilation[0], left = j * c.dilation[1];
-      image.slice(2, top, top + c.stride[0] * (c.out_height - 1) + 1, c.stride[0])
-          .slice(3, left, left + c.stride[1] * (c.out_width - 1) + 1, c.stride[1])
-          .add_(taps.select(2, i).select(2, j));
-    }
-  }
-  if (c.padded()) {
-    out.copy_(image.slice(2, c.padding[0], c.padding[0] + c.height).slice(3, c.padding[1], c.padding[1] + c.width));
-  }
-}
-
-// How a chunk's patches are unfolded (and products folded back): our im2col / col2im kernels, or
-// strided views of the image. CPU: the kernels (cpu/unfold_kernels.cpp) unless
-// GRADVAR_EXT_UNFOLD=strided (the tests run both). CUDA: the views unless GRADVAR_EXT_UNFOLD=im2col
-// (cuda/unfold_kernels.cu: opt-in until it has run on a GPU). Other devices: the views.
-bool unfold_with_im2col(const at::Tensor& images) {
-  const char* flag = std::getenv("GRADVAR_EXT_UNFOLD");
-  const std::string choice = flag != nullptr ? flag : "";
-  GRADVAR_CHECK(choice.empty() || choice == "im2col" || choice == "strided", "conv2d",
-                "GRADVAR_EXT_UNFOLD must be im2col or strided, got '", choice, "'");
-#ifdef GRADVAR_WITH_CUDA
-  if (images.is_cuda()) return choice == "im2col";
-#endif
-  return images.is_cpu() && choice != "strided";
-}
-
-// cols [n, C_in * kh * kw, rows * W_out] = the columns of output rows [first_row, +rows) of
-// images [n, C_in, H, W] (contiguous), by the device's im2col kernel.
-void im2col_rows(const at::Tensor& images, at::Tensor& cols, const ConvGeometry& c, int64_t first_row, int64_t rows) {
-  TORCH_INTERNAL_ASSERT(images.is_contiguous() && cols.is_contiguous(), "gradvar: im2col takes dense tensors");
-#ifdef GRADVAR_WITH_CUDA
-  if (images.is_cuda()) {
-    return im2col_rows_cuda(images, cols, c.kernel, c.stride, c.padding, c.dilation, c.out_width, first_row, rows);
-  }
-#endif
-  TORCH_INTERNAL_ASSERT(first_row == 0 && rows == c.out_height, "gradvar: the CPU im2col unfolds all rows");
-  im2col_cpu(images, cols, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
-}
-
-// The same columns as [n * groups, rows * W_out, C_in/groups * kh * kw]: a transposed view, as
-// bmm takes it.
-at::Tensor im2col_columns(const at::Tensor& images, const ConvGeometry& c, int64_t first_row, int64_t rows) {
-  const int64_t n = images.size(0);
-  at::Tensor cols = at::empty({n, c.groups * c.patch(), rows * c.out_width}, images.options());
-  im2col_rows(images, cols, c, first_row, rows);
-  return cols.view({n * c.groups, c.patch(), rows * c.out_width}).transpose(1, 2);
-}
-
-void col2im(const at::Tensor& cols, at::Tensor& images, const ConvGeometry& c) {
-  TORCH_INTERNAL_ASSERT(images.is_contiguous() && cols.is_contiguous(), "gradvar: col2im takes dense tensors");
-#ifdef GRADVAR_WITH_CUDA
-  if (images.is_cuda()) {
-    return col2im_cuda(cols, images, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
-  }
-#endif
-  col2im_cpu(cols, images, c.kernel, c.stride, c.padding, c.dilation, c.out_height, c.out_width);
 }
 
 // GRADVAR_EXT_CONV_ALGORITHM (see use_grouped, use_shifted): auto (default), unfold, grouped,
@@ -259,6 +135,10 @@ bool use_grouped(const char* op, const ConvGeometry& c, const at::Tensor& input)
          (per_group >= 8 || (per_group == 1 && c.groups > 1));
 }
 
+// GRADVAR_EXT_CONV_ALGORITHM=shifted (opt-in, conv2d_shifted.cpp): the moments and the backward's
+// products by shifted kernel rows.
+bool use_shifted(const char* op) { return conv_algorithm(op) == "shifted"; }
+
 // Samples per chunk for the grouped path: oneDNN ran best with <= 16 samples and ~2 MiB of
 // per-sample gradients per convolution (measured on 2 cores), and with that many rather than
 // what the core's CPU budget (4 MiB) allows: its own budget is 16 MiB (the benchmark CNN's
@@ -331,182 +211,6 @@ WeightedConsumer grouped_to_grad_output(const at::Tensor& left_input, at::Tensor
                             out.narrow(0, start, n)
                                 .view({1, n * c.out_channels, c.out_height, c.out_width})
                                 .copy_(at::conv2d(image, weight, {}, c.stride, c.padding, c.dilation, n * c.groups));
-                          }};
-}
-
-// The shifted way, GRADVAR_EXT_CONV_ALGORITHM=shifted (opt-in; use_shifted): the kernel's rows as
-// shifted GEMMs over images unfolded along their width only. With
-//   X1_n = the (1 x kw) patches of the height-padded image, positions fastest: [C_in/g * kw, Hp * W_out]
-// (Hp = H + 2 pad_h rows, the layer's width stride, padding and dilation), output pixel (oh, ow) of
-// kernel row i reads X1_n's position (oh * s + i * dil_h) * W_out + ow (s = stride_h). For s = 1,
-// all pixels at once read X1_n's positions [i * dil_h * W_out, + H_out * W_out): a strided view.
-// For s > 1, X1_n's rows are stored phase-major (padded row h = r * s + p at phase p, row r: s
-// blocks of R = ceil(Hp / s) rows), so that kernel row i reads phase p = (i * dil_h) % s from row
-// q = (i * dil_h) / s on: again H_out * W_out consecutive positions. So
-//   g_n[:, (c, i, j)] = G_n^T X1_n[from shift(i)]   one bmm per kernel row,
-// the same FLOPs as the unfolded path, with kw (not kh * kw) copies of the image formed. A chunk's
-// gradients come kernel-row-major, [n * groups, kh, C_out/g, C_in/g * kw]: statistics reduced over
-// samples are elementwise, so the core reduces them in that order and from_shifted() restores
-// the weight's (c, i, j) order once; the backward's products take W and the center in that order
-// (to_shifted) and go kernel row by kernel row too (shifted_to_grad_output, shifted_to_input).
-// Extra memory per chunk (the core's budget): its X1, the zero-padded images X1 is copied from by
-// strided views, and the gradients.
-struct RowShifts {
-  ConvGeometry width;  // the (1 x kw) unfolding: out_height = Hp rows
-  int64_t phase_rows;  // R = ceil(Hp / s) (Hp for s = 1)
-  int64_t shift(int64_t i, const ConvGeometry& c) const {
-    const int64_t offset = i * c.dilation[0], s = c.stride[0];
-    return ((offset % s) * phase_rows + offset / s) * c.out_width;
-  }
-};
-
-RowShifts row_shifts(const ConvGeometry& c) {
-  ConvGeometry w = c;
-  w.kernel = {1, c.kernel[1]};
-  w.stride = {1, c.stride[1]};
-  w.dilation = {1, c.dilation[1]};
-  w.out_height = c.height + 2 * c.padding[0];  // every padded row; out_width is the layer's
-  return {w, (w.out_height + c.stride[0] - 1) / c.stride[0]};
-}
-
-bool use_shifted(const char* op) { return conv_algorithm(op) == "shifted"; }
-
-// X1 of images [n, C_in, H, W] as [n * groups, s * R * W_out, C_in/g * kw] (a transposed view of
-// positions-fastest columns). s = 1: the device's unfolding of the (1 x kw) geometry; s > 1: the
-// phase-major rows by strided views of the zero-padded images, one copy.
-at::Tensor width_columns(const at::Tensor& images, const ConvGeometry& c, const RowShifts& r) {
-  const auto& w = r.width;
-  if (c.stride[0] == 1) {
-    if (unfold_with_im2col(images)) return im2col_columns(images, w, 0, w.out_height);
-    return unfold_rows(images, w, 0, w.out_height);
-  }
-  const int64_t n = images.size(0), s = c.stride[0], rows = r.phase_rows * s;
-  const int64_t span_w = c.dilation[1] * (c.kernel[1] - 1) + 1;
-  const auto padded = at::constant_pad_nd(
-      images, {c.padding[1], c.padding[1], c.padding[0], c.padding[0] + rows - w.out_height}, 0);  // [n, C, R*s, Wp]
-  return padded.unfold(3, span_w, c.stride[1])
-      .slice(4, 0, span_w, c.dilation[1])                      // [n, C, R*s, W_out, kw]
-      .unflatten(2, {r.phase_rows, s})                         // [n, C, R, s, W_out, kw]
-      .unflatten(1, {c.groups, c.in_channels / c.groups})      // [n, g, C/g, R, s, W_out, kw]
-      .permute({0, 1, 2, 6, 4, 3, 5})                          // [n, g, C/g, kw, s, R, W_out]
-      .reshape({n * c.groups, w.patch(), rows * c.out_width})  // the copy
-      .transpose(1, 2);
-}
-
-// Elements width_columns forms per sample: X1, and the zero-padded images it is copied from by
-// strided views (none for s = 1 without padding, or with the im2col kernel; counted anyway).
-int64_t width_columns_scratch(const ConvGeometry& c, const RowShifts& r) {
-  const int64_t rows = r.phase_rows * c.stride[0];
-  return c.groups * r.width.patch() * rows * c.out_width + c.in_channels * rows * (c.width + 2 * c.padding[1]);
-}
-
-// keep, when given, receives each chunk's X1 (for the products towards grad_output when their left
-// factor is the input itself: the variance's backward).
-GradientChunks shifted_gradients(const at::Tensor& input, const at::Tensor& grad_output, const ConvGeometry& c,
-                                 std::shared_ptr<at::Tensor> keep = nullptr) {
-  const auto x = input.contiguous(), go = grad_output.contiguous();
-  const auto r = row_shifts(c);
-  const int64_t g = c.groups, rows = c.out_channels / g, f1 = r.width.patch(), L = c.positions(), kh = c.kernel[0];
-  auto buf = std::make_shared<at::Tensor>();
-  return GradientChunks{
-      x.size(0), g, rows, c.patch(), x.options(), width_columns_scratch(c, r) + g * kh * rows * f1, x.size(0),
-      [x, go, c, r, g, rows, f1, L, kh, buf, keep](int64_t start, int64_t n) {
-        const auto X1 = width_columns(x.narrow(0, start, n), c, r);  // [n*g, s*R*W_out, f1]
-        if (keep) *keep = X1;
-        const auto Gt = go.narrow(0, start, n).view({n * g, rows, L});  // G_n^T
-        if (!buf->defined() || buf->size(0) < n * g) *buf = at::empty({n * g, kh, rows, f1}, x.options());
-        auto out = buf->narrow(0, 0, n * g);
-        for (int64_t i = 0; i < kh; ++i) {
-          auto row = out.select(1, i);
-          at::bmm_out(row, Gt, X1.narrow(1, r.shift(i, c), L));
-        }
-        return out.view({n * g, rows, kh * f1});  // kernel-row-major (see above), not [rows, (c, i, j)]
-      }};
-}
-
-// A reduced [groups, C_out/g, patch] of shifted_gradients' chunks, back in the weight's (c, i, j) order.
-at::Tensor from_shifted(const at::Tensor& reduced, const ConvGeometry& c) {
-  const int64_t g = c.groups, rows = c.out_channels / g;
-  return reduced.view({g, c.kernel[0], rows, c.in_channels / g, c.kernel[1]})
-      .permute({0, 2, 3, 1, 4})
-      .reshape({g, rows, c.patch()});
-}
-
-// The inverse for weight-shaped [groups, C_out/g, patch] factors of the products (W, center):
-// in the shifted chunks' order (undefined stays undefined).
-at::Tensor to_shifted(const at::Tensor& per_group, const ConvGeometry& c) {
-  if (!per_group.defined()) return per_group;
-  const int64_t g = c.groups, rows = c.out_channels / g;
-  return per_group.reshape({g, rows, c.in_channels / g, c.kernel[0], c.kernel[1]})
-      .permute({0, 3, 1, 2, 4})
-      .reshape({g, rows, c.patch()});
-}
-
-// The products of h_n = W * g_n - center in the shifted order ([n * groups, kh, C_out/g, f1]),
-// kernel row by kernel row, as shifted_gradients forms g_n:
-//   towards grad_output: out_n = sum_i h_n,i X1_left,n[from shift(i)]^T      [C_out/g, L]
-//   towards the input:   dX1_n[from shift(i)] += h_n,i^T G_left,n, i = 0 .. kh-1, then dX1_n
-//                        folded back along the width (kw taps) and cropped    [C_in, H, W]
-// (the unfolded path's X_left h^T and fold(G_left h) with kw copies of the image, not kh * kw).
-WeightedConsumer shifted_to_grad_output(const at::Tensor& left_input, std::shared_ptr<at::Tensor> reuse,
-                                        at::Tensor& out, const ConvGeometry& c, const RowShifts& r) {
-  const auto left = left_input.contiguous();
-  const int64_t g = c.groups, rows = c.out_channels / g, f1 = r.width.patch(), L = c.positions(), kh = c.kernel[0];
-  return WeightedConsumer{reuse ? 0 : width_columns_scratch(c, r), [left, reuse, &out, c, r, g, rows, f1, L, kh](
-                                                                       int64_t start, int64_t n, const at::Tensor& h) {
-                            const auto X1 = reuse ? *reuse : width_columns(left.narrow(0, start, n), c, r);
-                            const auto hv = h.view({n * g, kh, rows, f1});
-                            auto dst = out.narrow(0, start, n).view({n * g, rows, L});
-                            for (int64_t i = 0; i < kh; ++i) {
-                              const auto patches = X1.narrow(1, r.shift(i, c), L).transpose(1, 2);  // [n*g, f1, L]
-                              if (i == 0) {
-                                at::bmm_out(dst, hv.select(1, 0), patches);
-                              } else {
-                                dst.baddbmm_(hv.select(1, i), patches);
-                              }
-                            }
-                          }};
-}
-
-// dX1 [n * groups, f1, s * R * W_out] (positions fastest, rows phase-major for s > 1) folded into
-// images [n, C_in, H, W] (overwritten): s = 1 as a (1 x kw) convolution's columns (col2im / strided
-// views); s > 1 by kw strided-view additions into the zero-padded phase-major images, then the crop.
-void fold_width(const at::Tensor& cols, at::Tensor images, const ConvGeometry& c, const RowShifts& r) {
-  const int64_t n = images.size(0), s = c.stride[0], R = r.phase_rows;
-  if (s == 1) {
-    const auto values = cols.view({n, c.in_channels * c.kernel[1], r.width.positions()});
-    if (unfold_with_im2col(images)) return col2im(values, images, r.width);
-    return fold_strided(values, images, r.width);
-  }
-  at::Tensor padded = at::zeros({n, c.in_channels, R, s, c.width + 2 * c.padding[1]}, cols.options());
-  const auto taps = cols.view({n, c.in_channels, c.kernel[1], s, R, c.out_width});
-  for (int64_t j = 0; j < c.kernel[1]; ++j) {
-    const int64_t left = j * c.dilation[1];
-    padded.slice(4, left, left + c.stride[1] * (c.out_width - 1) + 1, c.stride[1])
-        .add_(taps.select(2, j).permute({0, 1, 3, 2, 4}));  // [n, C, R, s, W_out]
-  }
-  images.copy_(padded.flatten(2, 3).slice(2, c.padding[0], c.padding[0] + c.height).slice(3, c.padding[1],
-                                                                                          c.padding[1] + c.width));
-}
-
-WeightedConsumer shifted_to_input(const at::Tensor& left_grad_output, at::Tensor& out, const ConvGeometry& c,
-                                  const RowShifts& r) {
-  const auto left = left_grad_output.contiguous();
-  const int64_t g = c.groups, rows = c.out_channels / g, f1 = r.width.patch(), L = c.positions(), kh = c.kernel[0];
-  const int64_t L1 = r.phase_rows * c.stride[0] * c.out_width;
-  auto buf = std::make_shared<at::Tensor>();
-  return WeightedConsumer{width_columns_scratch(c, r), [left, &out, c, r, g, rows, f1, L, L1, kh, buf](
-                                                           int64_t start, int64_t n, const at::Tensor& h) {
-                            if (!buf->defined() || buf->size(0) < n * g) {
-                              *buf = at::empty({n * g, f1, L1}, left.options());
-                            }
-                            auto cols = buf->narrow(0, 0, n * g).zero_();
-                            const auto hv = h.view({n * g, kh, rows, f1});
-                            const auto G = left.narrow(0, start, n).view({n * g, rows, L});
-                            for (int64_t i = 0; i < kh; ++i) {
-                              cols.narrow(2, r.shift(i, c), L).baddbmm_(hv.select(1, i).transpose(1, 2), G);
-                            }
-                            fold_width(cols, out.narrow(0, start, n), c, r);
                           }};
 }
 
@@ -678,12 +382,11 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
     return out;
   }
   if (use_shifted(op)) {
-    const auto r = row_shifts(c);
     at::Tensor out = at::empty((to_input ? input : grad_output).sizes(), input.options());
     auto keep = !to_input && left.is_same(input) ? std::make_shared<at::Tensor>() : nullptr;
     apply_weighted_gradients(
         shifted_gradients(input, grad_output, c, keep), to_shifted(W, c), to_shifted(C, c),
-        {to_input ? shifted_to_input(left, out, c, r) : shifted_to_grad_output(left, keep, out, c, r)});
+        {to_input ? shifted_to_input(left, out, c) : shifted_to_grad_output(left, keep, out, c)});
     return out;
   }
   const auto input_patches = patch_factors(op, input, c);
@@ -727,11 +430,10 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weighted_gradient_products(
     return {to_input, to_grad_output};
   }
   if (use_shifted(op)) {
-    const auto r = row_shifts(c);
     auto keep = left_input.is_same(input) ? std::make_shared<at::Tensor>() : nullptr;
     apply_weighted_gradients(shifted_gradients(input, grad_output, c, keep), to_shifted(W, c), to_shifted(C, c),
-                             {shifted_to_input(left_grad_output, to_input, c, r),
-                              shifted_to_grad_output(left_input, keep, to_grad_output, c, r)});
+                             {shifted_to_input(left_grad_output, to_input, c),
+                              shifted_to_grad_output(left_input, keep, to_grad_output, c)});
     return {to_input, to_grad_output};
   }
   const auto input_patches = patch_factors(op, input, c);
