@@ -46,7 +46,9 @@ else
   timeout 200 $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo BUILD FAILED; tail -30 "$OUT/build.log"; exit 1; }
   cp gradvar_ext/_C*.so "$OUT/" 2>/dev/null
 fi
-# pytest-xdist (on the GPU image): the CUDA tests are host-bound (gradcheck's many small launches);
+# pytest-xdist (on the GPU image): the CUDA tests are host-bound (gradcheck's many small launches;
+# 437 took 244 s on the nineteenth session's H100 with 6 workers; 533 since the twentieth's shifted
+# and sliced tests, hence 330 s);
 # 6 worker processes sharing the GPU took 135 s on an H200 (one process: ~235 s at the eighth
 # session's rate on an H100).
 # `timeout` signals its whole process group: the workers too.
@@ -60,7 +62,7 @@ if [ "$PART" != bench ]; then
   else  # the tensor-core kernels in a process of their own: a fault there cannot spoil the rest
     # (-v: every test's verdict is in the log as it comes, even if a timeout ends the run)
     NEW_KERNELS="tensor_cores or implicit or tf32x3"
-    timeout 250 $PY -m pytest tests/test_cuda.py $XDIST -v --tb=short -p no:cacheprovider -k "not ($NEW_KERNELS)" 2>&1 |
+    timeout 330 $PY -m pytest tests/test_cuda.py $XDIST -v --tb=short -p no:cacheprovider -k "not ($NEW_KERNELS)" 2>&1 |
       tee "$OUT/test_cuda.log" | tail -8
     stage "cuda tests of the tensor-core kernels (cp.async pipeline, DMMA, implicit patches)"
     timeout 120 $PY -m pytest tests/test_cuda.py $XDIST -v --tb=short -p no:cacheprovider -k "$NEW_KERNELS" 2>&1 |
