@@ -204,7 +204,8 @@ def conv_breakdown(top: int = 8) -> None:
     grouped, and shifted (GRADVAR_EXT_CONV_ALGORITHM=shifted: a bmm per kernel row over images
     unfolded along their width only, a third of the copying) with strided views, with our
     kernel, and with all samples in one chunk; then the default and shifted with the sliced
-    accumulate kernel (GRADVAR_EXT_ACCUMULATE=sliced: 8 threads a column).
+    accumulate kernel (GRADVAR_EXT_ACCUMULATE=sliced: 8 threads a column), and shifted with both
+    our im2col kernel and the sliced accumulate.
     The "all" row gives bmm's GPU time on pre-unfolded patches over the path's (the target's ratio)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -222,6 +223,14 @@ def conv_breakdown(top: int = 8) -> None:
         ("shifted, 128 MiB chunks", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted", "GRADVAR_EXT_CHUNK_MIB": "128"}),
         ("sliced accumulate", {"GRADVAR_EXT_ACCUMULATE": "sliced"}),
         ("shifted, sliced accumulate", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted", "GRADVAR_EXT_ACCUMULATE": "sliced"}),
+        (
+            "shifted, im2col kernel, sliced accumulate",
+            {
+                "GRADVAR_EXT_CONV_ALGORITHM": "shifted",
+                "GRADVAR_EXT_UNFOLD": "im2col",
+                "GRADVAR_EXT_ACCUMULATE": "sliced",
+            },
+        ),
     )
     print("\n| dtype | conv | path | kernel | launches a call | GPU us a call |\n|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.float64):
