@@ -206,9 +206,8 @@ def conv_breakdown(top: int = 8) -> None:
     kernel, and with all samples in one chunk; then the default and shifted with the sliced
     accumulate kernel (GRADVAR_EXT_ACCUMULATE=sliced: 8 threads a column), and shifted with both
     our im2col kernel and the sliced accumulate.
-    The "all" row gives bmm's GPU time on pre-unfolded patches over the path's (the target's ratio)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    The "all" row gives bmm's GPU time on pre-unfolded patches over the path's (the target's ratio).
+    Then the backward's products (conv2d_weighted_gradient_products) by path: GPU time, launches."""
     paths = (
         ("default", {}),
         ("samples only", {"GRADVAR_EXT_CONV_SLABS": "0"}),
@@ -241,23 +240,57 @@ def conv_breakdown(top: int = 8) -> None:
             bmm_gpu, _, _ = gpu_time(lambda cols=cols, g=g: torch.bmm(g.flatten(2), cols.transpose(1, 2)))
             call = functools.partial(gradvar_ext.conv2d_variance, x, g, 3, padding=1)
             for path, env in paths:
-                os.environ.update(env)
-                timed(call, reps=3)
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(5):
-                        call()
-                    torch.cuda.synchronize()
-                for name in env:
-                    os.environ.pop(name)
-                events = sorted(prof.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0.0))
-                total = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 5
+                total, launches, events = _kernels_under(call, env)
                 label = f"| {str(dtype)[6:]} | {c}->{o} {hw}x{hw} | {path}"
-                launches = sum(e.count for e in events if getattr(e, "self_device_time_total", 0.0) > 0) / 5
                 print(f"{label} | all (bmm / this: {bmm_gpu * 1e3 / total:.2f}) | {launches:.0f} | {total:.1f} |")
                 for e in events[:top]:
                     if getattr(e, "self_device_time_total", 0.0) > 0:
                         name = e.key.replace("|", "/")[:70]
                         print(f"{label} | {name} | {e.count / 5:.0f} | {e.self_device_time_total / 5:.1f} |")
+    # The backward's products (both at once, as the variance's backward asks for them)
+    print("\n| dtype | conv | path | products: launches a call | GPU us a call |\n|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.float64):
+        for n, c, o, hw in CONV_SHAPES:
+            x = torch.randn(n, c, hw, hw, device="cuda", dtype=dtype)
+            g = torch.randn(n, o, hw, hw, device="cuda", dtype=dtype)
+            w, center = (
+                torch.randn(o, c, 3, 3, device="cuda", dtype=dtype),
+                torch.randn(o, c, 3, 3, device="cuda", dtype=dtype),
+            )
+            conv = ([3, 3], [1, 1], [1, 1], [1, 1], 1)
+            call = functools.partial(torch.ops.gradvar.conv2d_weighted_gradient_products, g, x, x, g, w, center, *conv)
+            for path, env in PRODUCT_PATHS:
+                total, launches, _ = _kernels_under(call, env)
+                print(f"| {str(dtype)[6:]} | {c}->{o} {hw}x{hw} | {path} | {launches:.0f} | {total:.1f} |")
+
+
+PRODUCT_PATHS = (
+    ("default", {}),
+    ("im2col kernel", {"GRADVAR_EXT_UNFOLD": "im2col"}),
+    ("shifted", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted"}),
+    ("shifted, im2col kernel", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted", "GRADVAR_EXT_UNFOLD": "im2col"}),
+)
+
+
+def _kernels_under(call, env: dict, reps: int = 5) -> tuple:
+    """(GPU us a call over all kernels, launches a call, the profiler's events by GPU time) of
+    call() under the environment env (set for the call only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.update(env)
+    try:
+        timed(call, reps=3)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                call()
+            torch.cuda.synchronize()
+    finally:
+        for name in env:
+            os.environ.pop(name)
+    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0.0))
+    total = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / reps
+    launches = sum(e.count for e in events if getattr(e, "self_device_time_total", 0.0) > 0) / reps
+    return total, launches, events
 
 
 BUDGET_SHAPES = [

@@ -17,7 +17,8 @@
 // the weight's (c, i, j) order once; the backward's products take W and the center in that order
 // (to_shifted) and go kernel row by kernel row too (shifted_to_grad_output, shifted_to_input).
 // Extra memory per chunk (the core's budget): its X1, the zero-padded images X1 is copied from by
-// strided views, and the gradients.
+// strided views, the gradients, and on the CPU one kernel row's product at a time (CPU bmm into a
+// strided result loops over the batch, one GEMM per sample: a contiguous product, then a copy).
 #include <ATen/ATen.h>
 
 #include <memory>
@@ -87,7 +88,7 @@ GradientChunks shifted_gradients(const at::Tensor& input, const at::Tensor& grad
   const int64_t g = c.groups, rows = c.out_channels / g, f1 = r.width.patch(), L = c.positions(), kh = c.kernel[0];
   auto buf = std::make_shared<at::Tensor>();
   return GradientChunks{
-      x.size(0), g, rows, c.patch(), x.options(), width_columns_scratch(c, r) + g * kh * rows * f1, x.size(0),
+      x.size(0), g, rows, c.patch(), x.options(), width_columns_scratch(c, r) + g * (kh + 1) * rows * f1, x.size(0),
       [x, go, c, r, g, rows, f1, L, kh, buf, keep](int64_t start, int64_t n) {
         const auto X1 = width_columns(x.narrow(0, start, n), c, r);  // [n*g, s*R*W_out, f1]
         if (keep) *keep = X1;
@@ -96,7 +97,12 @@ GradientChunks shifted_gradients(const at::Tensor& input, const at::Tensor& grad
         auto out = buf->narrow(0, 0, n * g);
         for (int64_t i = 0; i < kh; ++i) {
           auto row = out.select(1, i);
-          at::bmm_out(row, Gt, X1.narrow(1, r.shift(i, c), L));
+          const auto patches = X1.narrow(1, r.shift(i, c), L);
+          if (row.is_cuda()) {
+            at::bmm_out(row, Gt, patches);  // cuBLAS writes the strided row in place
+          } else {
+            row.copy_(at::bmm(Gt, patches));  // CPU bmm into a strided result loops over the batch
+          }
         }
         return out.view({n * g, rows, kh * f1});  // kernel-row-major (see above), not [rows, (c, i, j)]
       }};
@@ -178,7 +184,7 @@ WeightedConsumer shifted_to_input(const at::Tensor& left_grad_output, at::Tensor
   const int64_t g = c.groups, rows = c.out_channels / g, f1 = r.width.patch(), L = c.positions(), kh = c.kernel[0];
   const int64_t L1 = r.phase_rows * c.stride[0] * c.out_width;
   auto buf = std::make_shared<at::Tensor>();
-  return WeightedConsumer{width_columns_scratch(c, r), [left, &out, c, r, g, rows, f1, L, L1, kh, buf](
+  return WeightedConsumer{width_columns_scratch(c, r) + g * f1 * L, [left, &out, c, r, g, rows, f1, L, L1, kh, buf](
                                                            int64_t start, int64_t n, const at::Tensor& h) {
                             if (!buf->defined() || buf->size(0) < n * g) {
                               *buf = at::empty({n * g, f1, L1}, left.options());
@@ -187,7 +193,12 @@ WeightedConsumer shifted_to_input(const at::Tensor& left_grad_output, at::Tensor
                             const auto hv = h.view({n * g, kh, rows, f1});
                             const auto G = left.narrow(0, start, n).view({n * g, rows, L});
                             for (int64_t i = 0; i < kh; ++i) {
-                              cols.narrow(2, r.shift(i, c), L).baddbmm_(hv.select(1, i).transpose(1, 2), G);
+                              auto part = cols.narrow(2, r.shift(i, c), L);
+                              if (part.is_cuda()) {
+                                part.baddbmm_(hv.select(1, i).transpose(1, 2), G);
+                              } else {  // as above: a contiguous product, then the strided add
+                                part.add_(at::bmm(hv.select(1, i).transpose(1, 2), G));
+                              }
                             }
                             fold_width(cols, out.narrow(0, start, n), c, r);
                           }};

@@ -180,23 +180,24 @@ def test_moments_by_shifted_kernel_rows(op, case, chunk_mib, bmm_calls, unfold, 
 def test_products_by_shifted_kernel_rows(op, case, unfold, monkeypatch):
     """The backward's products under GRADVAR_EXT_CONV_ALGORITHM=shifted: per chunk, kh bmm form the
     gradients, then kernel row by kernel row the product towards grad_output (a bmm, kh - 1
-    baddbmm) and the one towards the input (kh baddbmm into width-unfolded columns, folded back):
-    the reference's numbers, towards the input, towards grad_output (with left = input: the
-    variance's backward, its X1 reused) and both at once."""
+    baddbmm) and the one towards the input (kh products added into width-unfolded columns,
+    folded back; on the CPU a bmm each, then the strided add): the reference's numbers, towards
+    the input, towards grad_output (with left = input: the variance's backward, its X1 reused)
+    and both at once."""
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "shifted")
     monkeypatch.setenv("GRADVAR_EXT_UNFOLD", unfold)
     torch.manual_seed(9)
     kh = case.kernel[0]
     if op == "conv2d_weighted_gradient_products":
         variants = [case.args(op, torch.float64)]
-        expected_calls = [(kh + 1, 2 * kh - 1)]
+        expected_calls = [(2 * kh + 1, kh - 1)]
     else:
         towards_input = case.args(op, torch.float64)
         x = case.args(op, torch.float64)[1]
         towards_grad = ConvCase(**{**case.__dict__, "to_input": False}).args(op, torch.float64)
         towards_grad_of_input = (x, x, *towards_grad[2:])
         variants = [towards_input, towards_grad, towards_grad_of_input]
-        expected_calls = [(kh, kh), (kh + 1, kh - 1), (kh + 1, kh - 1)]
+        expected_calls = [(2 * kh, 0), (kh + 1, kh - 1), (kh + 1, kh - 1)]
     for args, (bmm, baddbmm) in zip(variants, expected_calls):
         out = []
         names = ops_run(lambda args=args, out=out: out.append(call(op, *args)))
