@@ -18,7 +18,8 @@
 // (to_shifted) and go kernel row by kernel row too (shifted_to_grad_output, shifted_to_input).
 // Extra memory per chunk (the core's budget): its X1, the zero-padded images X1 is copied from by
 // strided views, the gradients, and on the CPU one kernel row's product at a time (CPU bmm into a
-// strided result loops over the batch, one GEMM per sample: a contiguous product, then a copy).
+// strided result loops over the batch, one GEMM per sample: a contiguous product, then a copy;
+// cuBLAS writes the strided rows in place).
 #include <ATen/ATen.h>
 
 #include <memory>
@@ -88,7 +89,8 @@ GradientChunks shifted_gradients(const at::Tensor& input, const at::Tensor& grad
   const int64_t g = c.groups, rows = c.out_channels / g, f1 = r.width.patch(), L = c.positions(), kh = c.kernel[0];
   auto buf = std::make_shared<at::Tensor>();
   return GradientChunks{
-      x.size(0), g, rows, c.patch(), x.options(), width_columns_scratch(c, r) + g * (kh + 1) * rows * f1, x.size(0),
+      x.size(0), g, rows, c.patch(), x.options(), width_columns_scratch(c, r) + g * (kh + (x.is_cpu() ? 1 : 0)) * rows * f1,
+      x.size(0),
       [x, go, c, r, g, rows, f1, L, kh, buf, keep](int64_t start, int64_t n) {
         const auto X1 = width_columns(x.narrow(0, start, n), c, r);  // [n*g, s*R*W_out, f1]
         if (keep) *keep = X1;
@@ -184,7 +186,8 @@ WeightedConsumer shifted_to_input(const at::Tensor& left_grad_output, at::Tensor
   const int64_t g = c.groups, rows = c.out_channels / g, f1 = r.width.patch(), L = c.positions(), kh = c.kernel[0];
   const int64_t L1 = r.phase_rows * c.stride[0] * c.out_width;
   auto buf = std::make_shared<at::Tensor>();
-  return WeightedConsumer{width_columns_scratch(c, r) + g * f1 * L, [left, &out, c, r, g, rows, f1, L, L1, kh, buf](
+  const int64_t cpu_row = left.is_cpu() ? g * f1 * L : 0;  // the CPU's contiguous kernel-row product
+  return WeightedConsumer{width_columns_scratch(c, r) + cpu_row, [left, &out, c, r, g, rows, f1, L, L1, kh, buf](
                                                            int64_t start, int64_t n, const at::Tensor& h) {
                             if (!buf->defined() || buf->size(0) < n * g) {
                               *buf = at::empty({n * g, f1, L1}, left.options());
