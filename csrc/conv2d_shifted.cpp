@@ -90,7 +90,8 @@ GradientChunks shifted_gradients(const at::Tensor& input, const at::Tensor& grad
   const int64_t gradient_rows = kh + (x.is_cpu() ? 1 : 0);  // the CPU's contiguous kernel-row product
   auto buf = std::make_shared<at::Tensor>();
   return GradientChunks{
-      x.size(0), g, rows, c.patch(), x.options(), width_columns_scratch(c, r) + g * gradient_rows * rows * f1, x.size(0),
+      x.size(0), g, rows, c.patch(), x.options(), width_columns_scratch(c, r) + g * gradient_rows * rows * f1,
+      x.size(0),
       [x, go, c, r, g, rows, f1, L, kh, buf, keep](int64_t start, int64_t n) {
         const auto X1 = width_columns(x.narrow(0, start, n), c, r);  // [n*g, s*R*W_out, f1]
         if (keep) *keep = X1;
