@@ -131,8 +131,9 @@ def test_cuda_slab_rule_applied_on_cpu(case, dtype, accumulations, monkeypatch):
         (ConvCase(4, 6, 3, (7, 7), kernel=(2, 3), padding=(2, 1), dilation=(1, 2), groups=3, contiguous=False), 0, 2),
         (ConvCase(2, 2, 3, (5, 5), kernel=(5, 5), padding=(2, 2)), 0, 5),
         (ConvCase(5, 3, 2, (6, 6), kernel=(1, 1)), 0, 1),
-        # 50 samples of 64 -> 64 at 16x16 under 2 MiB (737 KB of float64 width-unfolded image and
-        # gradient a sample: 2 a chunk, 25 chunks of 3 bmm; the cross moment's two pairs: 1 a chunk)
+        # 50 samples of 64 -> 64 at 16x16 under 2 MiB (~1 MB of float64 scratch a sample: width-
+        # unfolded and padded image, gradients: 2 a chunk, 25 chunks of 3 bmm; the cross moment's
+        # two pairs: 1 a chunk)
         (MULTI_CHUNK_CONV_CASES[0], 2, (25 * 3, 50 * 3 * 2)),
         # stride_h > 1: the rows phase-major (kernel row i reads phase (i * dil_h) % s)
         (ConvCase(3, 2, 2, (8, 7), stride=(2, 3)), 0, 3),
