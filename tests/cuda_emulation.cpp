@@ -96,24 +96,18 @@ void run_grid_with_barriers(dim3 grid, int64_t grid_cap, unsigned threads, Kerne
   }
 }
 
-// The host side's grids (reduce_kernels.cu): 256 threads, one a column or 8 a column (32 columns a block).
-constexpr int kAccumulateThreads = 256, kSlicedColumns = 32;
-
 template <typename T>
 void accumulate(const T* g, const T* gb, T* moment, T* sum, int64_t rows, int64_t F, bool sliced,
                 int64_t grid_cap) {
   if (F == 0) return;  // as the host side
-  if (sliced) {
-    const auto blocks = static_cast<unsigned>(std::min<int64_t>((F + kSlicedColumns - 1) / kSlicedColumns, 65535));
-    run_grid_with_barriers(dim3(blocks), grid_cap, kAccumulateThreads, [&] {
-      gradvar::reduce::accumulate_products_sliced_kernel<T, kSlicedColumns, kAccumulateThreads / kSlicedColumns>(
-          g, gb, moment, sum, rows, F);
+  using namespace gradvar::reduce;
+  if (sliced) {  // the host side's grids (reduce_kernels.cu)
+    run_grid_with_barriers(dim3(accumulate_sliced_blocks(F)), grid_cap, kAccumulateThreads, [&] {
+      accumulate_products_sliced_kernel<T, kSlicedColumns, kSlices>(g, gb, moment, sum, rows, F);
     });
   } else {
-    const auto blocks =
-        static_cast<unsigned>(std::min<int64_t>((F + kAccumulateThreads - 1) / kAccumulateThreads, 65535));
     run_grid(
-        dim3(blocks), grid_cap, [&] { gradvar::reduce::accumulate_products_kernel<T>(g, gb, moment, sum, rows, F); },
+        dim3(accumulate_blocks(F)), grid_cap, [&] { accumulate_products_kernel<T>(g, gb, moment, sum, rows, F); },
         kAccumulateThreads);
   }
 }

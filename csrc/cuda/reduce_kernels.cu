@@ -49,22 +49,22 @@ void accumulate_products_cuda(at::Tensor& moment, at::Tensor& sum, const at::Ten
   const c10::cuda::CUDAGuard guard(g.device());
   const int64_t rows = g.size(0), F = g.size(1);
   if (F == 0) return;
-  constexpr int kThreads = 256;
+  using reduce::kAccumulateThreads;
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (accumulate_sliced()) {
-    constexpr int kCols = 32, kSlices = kThreads / kCols;
-    const int blocks = static_cast<int>(std::min<int64_t>((F + kCols - 1) / kCols, 65535));
+    const unsigned blocks = reduce::accumulate_sliced_blocks(F);
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "accumulate_products_cuda", [&] {
-      reduce::accumulate_products_sliced_kernel<scalar_t, kCols, kSlices><<<blocks, kThreads, 0, stream>>>(
+      reduce::accumulate_products_sliced_kernel<scalar_t, reduce::kSlicedColumns, reduce::kSlices>
+          <<<blocks, kAccumulateThreads, 0, stream>>>(
           g.const_data_ptr<scalar_t>(), gb.const_data_ptr<scalar_t>(), moment.mutable_data_ptr<scalar_t>(),
           sum.defined() ? sum.mutable_data_ptr<scalar_t>() : nullptr, rows, F);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return;
   }
-  const int blocks = static_cast<int>(std::min<int64_t>((F + kThreads - 1) / kThreads, 65535));
+  const unsigned blocks = reduce::accumulate_blocks(F);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "accumulate_products_cuda", [&] {
-    reduce::accumulate_products_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    reduce::accumulate_products_kernel<scalar_t><<<blocks, kAccumulateThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), gb.const_data_ptr<scalar_t>(), moment.mutable_data_ptr<scalar_t>(),
         sum.defined() ? sum.mutable_data_ptr<scalar_t>() : nullptr, rows, F);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -4,10 +4,22 @@
 // (tests/test_cuda_kernels_on_cpu.py).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace gradvar {
 namespace reduce {
+
+// Launch shapes, shared by the host side and the emulation: 256 threads a block, one a column
+// (accumulate_products_kernel) or kSlices a column over kSlicedColumns columns (the sliced one).
+constexpr int kAccumulateThreads = 256;
+constexpr int kSlicedColumns = 32, kSlices = kAccumulateThreads / kSlicedColumns;
+inline unsigned accumulate_blocks(int64_t F) {
+  return static_cast<unsigned>(std::min<int64_t>((F + kAccumulateThreads - 1) / kAccumulateThreads, 65535));
+}
+inline unsigned accumulate_sliced_blocks(int64_t F) {
+  return static_cast<unsigned>(std::min<int64_t>((F + kSlicedColumns - 1) / kSlicedColumns, 65535));
+}
 
 // moment[j] += sum_k g[k, j] * gb[k, j]; sum[j] += sum_k g[k, j] (sum may be null).
 // g, gb: [rows, F] contiguous. One thread per column j: coalesced loads, no atomics,
