@@ -196,40 +196,29 @@ def ratios_table(skip_tensor_cores: bool) -> None:
 
 def conv_breakdown(top: int = 8) -> None:
     """Where conv2d_variance's GPU time goes, kernel by kernel, for the conv shapes: the default
-    (slabs of output rows, all samples in a chunk, where they pay), chunks of samples with all rows
-    (GRADVAR_EXT_CONV_SLABS=0: the default before the fifteenth session), both with our unfold
-    kernel (GRADVAR_EXT_UNFOLD=im2col, opt-in) instead of padding + strided copies, chunks of
-    samples under a 128 MiB budget (all 64 samples in one: 0.49-0.50 of bmm for 32 -> 64 channels
-    in the fifteenth session's budget table, where the slabs gave 0.45-0.46) with our kernel,
-    grouped, and shifted (GRADVAR_EXT_CONV_ALGORITHM=shifted: a bmm per kernel row over images
-    unfolded along their width only, a third of the copying) with strided views, with our
-    kernel, and with all samples in one chunk; then the default and shifted with the sliced
-    accumulate kernel (GRADVAR_EXT_ACCUMULATE=sliced: 8 threads a column), and shifted with both
-    our im2col kernel and the sliced accumulate.
+    (our im2col kernel, slabs of output rows, all samples in a chunk, where they pay; the sliced
+    accumulate kernel for few columns), chunks of samples with all rows (GRADVAR_EXT_CONV_SLABS=0),
+    padding + strided copies instead of our kernel (GRADVAR_EXT_UNFOLD=strided, the default before
+    the twenty-first session), chunks of samples under a 128 MiB budget, the column accumulate
+    kernel (GRADVAR_EXT_ACCUMULATE=columns), both opt-outs together (the default before the
+    twenty-first session), grouped, and shifted (GRADVAR_EXT_CONV_ALGORITHM=shifted: a bmm per
+    kernel row over images unfolded along their width only) with our kernel, with strided views,
+    and with all samples in one chunk.
     The "all" row gives bmm's GPU time on pre-unfolded patches over the path's (the target's ratio).
     Then the backward's products (conv2d_weighted_gradient_products) by path: GPU time, launches."""
+    strided, columns = {"GRADVAR_EXT_UNFOLD": "strided"}, {"GRADVAR_EXT_ACCUMULATE": "columns"}
+    shifted = {"GRADVAR_EXT_CONV_ALGORITHM": "shifted"}
     paths = (
         ("default", {}),
         ("samples only", {"GRADVAR_EXT_CONV_SLABS": "0"}),
-        ("im2col kernel", {"GRADVAR_EXT_UNFOLD": "im2col"}),
-        (
-            "im2col kernel, samples only, 128 MiB",
-            {"GRADVAR_EXT_UNFOLD": "im2col", "GRADVAR_EXT_CONV_SLABS": "0", "GRADVAR_EXT_CHUNK_MIB": "128"},
-        ),
+        ("strided views", strided),
+        ("samples only, 128 MiB", {"GRADVAR_EXT_CONV_SLABS": "0", "GRADVAR_EXT_CHUNK_MIB": "128"}),
+        ("column accumulate", columns),
+        ("strided views, column accumulate", {**strided, **columns}),
         ("grouped", {"GRADVAR_EXT_CONV_ALGORITHM": "grouped"}),
-        ("shifted", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted"}),
-        ("shifted, im2col kernel", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted", "GRADVAR_EXT_UNFOLD": "im2col"}),
-        ("shifted, 128 MiB chunks", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted", "GRADVAR_EXT_CHUNK_MIB": "128"}),
-        ("sliced accumulate", {"GRADVAR_EXT_ACCUMULATE": "sliced"}),
-        ("shifted, sliced accumulate", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted", "GRADVAR_EXT_ACCUMULATE": "sliced"}),
-        (
-            "shifted, im2col kernel, sliced accumulate",
-            {
-                "GRADVAR_EXT_CONV_ALGORITHM": "shifted",
-                "GRADVAR_EXT_UNFOLD": "im2col",
-                "GRADVAR_EXT_ACCUMULATE": "sliced",
-            },
-        ),
+        ("shifted", shifted),
+        ("shifted, strided views", {**shifted, **strided}),
+        ("shifted, 128 MiB chunks", {**shifted, "GRADVAR_EXT_CHUNK_MIB": "128"}),
     )
     print("\n| dtype | conv | path | kernel | launches a call | GPU us a call |\n|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.float64):
@@ -266,9 +255,9 @@ def conv_breakdown(top: int = 8) -> None:
 
 PRODUCT_PATHS = (
     ("default", {}),
-    ("im2col kernel", {"GRADVAR_EXT_UNFOLD": "im2col"}),
+    ("strided views", {"GRADVAR_EXT_UNFOLD": "strided"}),
     ("shifted", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted"}),
-    ("shifted, im2col kernel", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted", "GRADVAR_EXT_UNFOLD": "im2col"}),
+    ("shifted, strided views", {"GRADVAR_EXT_CONV_ALGORITHM": "shifted", "GRADVAR_EXT_UNFOLD": "strided"}),
 )
 
 

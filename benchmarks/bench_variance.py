@@ -7,7 +7,8 @@ Methods: floor (a plain forward + backward, for scale), gradvar (this library's 
 extend + collect, statistics-only backward: collect.backward, no .grad), gradvar+grad (the same
 with loss.backward(): the parameters' .grad as well), gradvar-fused (CUDA only: the fused moment
 kernel forced on, GRADVAR_EXT_FUSED_CUDA=1, where the default picks chunked cuBLAS bmm),
-gradvar-im2col (CUDA only, asked for by name: our unfold / fold kernels, GRADVAR_EXT_UNFOLD=im2col),
+gradvar-strided (asked for by name: the conv patches by strided views and copies instead of our
+unfold / fold kernels, GRADVAR_EXT_UNFOLD=strided; CUDA's default before the twenty-first session),
 gradvar-shifted (asked for by name: the conv moments and products by a bmm per kernel row over
 width-unfolded images, GRADVAR_EXT_CONV_ALGORITHM=shifted),
 gradvar-pytorch-conv (asked for by name: gradvar with PyTorch's own backward node for the conv
@@ -196,7 +197,7 @@ METHODS = {
     "gradvar": run_gradvar,
     "gradvar+grad": functools.partial(run_gradvar, with_grad=True),
     "gradvar-fused": run_gradvar,
-    "gradvar-im2col": run_gradvar,
+    "gradvar-strided": run_gradvar,
     "gradvar-shifted": run_gradvar,
     "gradvar-pytorch-conv": run_gradvar,
     "gradvar-micro": run_gradvar_micro,
@@ -209,7 +210,7 @@ OPTIONAL = {"backpack": "backpack", "opacus": "opacus"}  # method -> package it 
 # method -> the environment its worker runs under (the opt-in CUDA paths, the conv-node A/B)
 METHOD_ENV = {
     "gradvar-fused": {"GRADVAR_EXT_FUSED_CUDA": "1"},
-    "gradvar-im2col": {"GRADVAR_EXT_UNFOLD": "im2col"},
+    "gradvar-strided": {"GRADVAR_EXT_UNFOLD": "strided"},
     "gradvar-shifted": {"GRADVAR_EXT_CONV_ALGORITHM": "shifted"},
     "gradvar-pytorch-conv": {"GRADVAR_EXT_CONV_BACKWARD": "pytorch"},
 }
@@ -360,7 +361,7 @@ def main() -> int:
     methods = args.methods or [
         m
         for m in METHODS
-        if m not in ("gradvar-im2col", "gradvar-shifted", "gradvar-pytorch-conv")
+        if m not in ("gradvar-strided", "gradvar-shifted", "gradvar-pytorch-conv")
         and (m != "gradvar-fused" or args.device == "cuda")
     ]
     for method in methods:

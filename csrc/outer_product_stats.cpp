@@ -206,7 +206,7 @@ static const char* fused_cuda_flag() {
   return flag != nullptr && *flag != '\0' ? flag : nullptr;
 }
 
-bool use_fused_cuda(const Factors& X, const Factors& G) {
+bool use_fused_cuda(const Factors& X, const Factors& G, bool cross) {
   if (const char* flag = fused_cuda_flag()) return std::strcmp(flag, "0") != 0;
   // T = 1: the one-pass kernel (both GEMMs, no squared copies) while the product is small,
   // N * groups * I * O <= 2^26, where a step is bound by launches rather than by the GEMM.
@@ -221,7 +221,13 @@ bool use_fused_cuda(const Factors& X, const Factors& G) {
   // T = 8-16, 2.3x slower at T = 64 on CUDA cores. On an H100 (fifteenth session) the float64
   // walk on tensor cores (DMMA, the default on sm_80+) took 0.150 ms at 128 x 32 x 512 -> 512
   // against chunked cuBLAS's 0.316 (CUDA cores: 0.315, level), so float64's limit is 32 too.
-  return X.positions <= 32;
+  // On an H100 (twenty-first session, two runs, GPU time against bmm's) float64's DMMA walk
+  // reached 0.55 of bmm's throughput at T = 64 (128 x 64 x 512 -> 512) against chunked
+  // cuBLAS's 0.49, and 0.37 against 0.53-0.54 at T = 128: float64 on tensor cores goes to 64.
+  // float32 was level at T = 64 (0.65-0.66 against 0.67): 32.
+  const bool dmma = X.options.dtype() == at::kDouble && fused_cuda_on_tensor_cores(X.positions, cross) &&
+                    cuda_has_tensor_cores(X.options.device().index());
+  return X.positions <= (dmma ? 64 : 32);
 }
 
 // Tensor cores by default for T > 1 positions without a cross pair. Measured on an H200
@@ -266,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const
     at::Tensor sum = with_sum ? at::empty({X.groups, G.features, X.features}, X.options) : at::Tensor();
     if (fused_patch_moments_cuda(moment, sum, *X.patches, G.chunk(0, G.samples), X.groups)) return {moment, sum};
   }  // else (below sm_80) as unfold
-  const bool fused = X.options.device().is_cuda() && use_fused_cuda(X, G);
+  const bool fused = X.options.device().is_cuda() && use_fused_cuda(X, G, /*cross=*/!same);
 #else
   const bool fused = false;
 #endif

@@ -120,14 +120,16 @@ void im2col_cpu(const at::Tensor& image, at::Tensor& cols, at::IntArrayRef kerne
 void col2im_cpu(const at::Tensor& cols, at::Tensor& image, at::IntArrayRef kernel, at::IntArrayRef stride,
                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_height, int64_t out_width);
 #ifdef GRADVAR_WITH_CUDA
-// Whether the moments of CUDA factors use the fused kernel (cuda/fused_moments.cu) rather than
-// chunked bmm + accumulate (T > 1) or two GEMMs (T = 1): by default for 1 < T <= 32 positions
-// (float64's limit was 16 before the fifteenth session's H100 run), and for T = 1 while
+// Whether the moments of CUDA factors (a cross moment: cross) use the fused kernel
+// (cuda/fused_moments.cu) rather than chunked bmm + accumulate (T > 1) or two GEMMs (T = 1): by
+// default for 1 < T <= 32 positions (float64 on tensor cores: 64), and for T = 1 while
 // N * groups * I * O <= 2^26 (one pass for both GEMMs), where it is faster (for T > 1 on sm_80+
 // on tensor cores unless a cross moment: 3xTF32 for float32, DMMA for float64);
 // GRADVAR_EXT_FUSED_CUDA=1 always, on CUDA cores, =0 never,
 // =tensor_cores (or tf32x3) always, on tensor cores (sm_80+).
-bool use_fused_cuda(const Factors& X, const Factors& G);
+bool use_fused_cuda(const Factors& X, const Factors& G, bool cross);
+// Whether CUDA device `device` has the tensor cores of the fused walk (sm_80+).
+bool cuda_has_tensor_cores(int device);
 // Whether that fused walk (on sm_80+) runs on tensor cores: =tensor_cores (or its first name,
 // tf32x3, once float32 only) always, =1 never (CUDA cores); unset, for T > 1 without a cross pair.
 bool fused_cuda_on_tensor_cores(int64_t positions, bool cross);

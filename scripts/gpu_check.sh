@@ -16,7 +16,7 @@
 # BENCH_ROUNDS=3 runs job (b) in 3 rotating rounds (one round of fresh processes is noisy on a GPU).
 # NCU=1 adds Nsight Compute on the tensor-core kernel (scripts/ncu_case.py) after the fused benchmark;
 # NCU_CASES="implicit gemm" picks its cases; PROFILE_WORKLOADS="cnn" and PROFILE_METHODS="gradvar
-# gradvar-im2col torch.func" set the profile's; PROFILE_MEMORY=1 adds what is alive at each
+# gradvar-strided torch.func" set the profile's; PROFILE_MEMORY=1 adds what is alive at each
 # profiled call's peak (CUDA allocator history); SKIP_JOB_B=1 ends after the profile.
 # SKIP_PROFILE=1 skips the profile of job (b) (90 s), SKIP_SWEEP=1 the CNN sweep (~90 s); the sweep runs before job (a), so that a
 # call cut short loses job (a) first. CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).

@@ -1,7 +1,7 @@
 """A small run of every CUDA kernel, default and fused paths (CUDA cores, tensor cores; the fused
-products with either fused moments; the fused squared norms with "1"; the unfold / fold kernels of
-GRADVAR_EXT_UNFOLD=im2col; the sliced accumulate kernel of GRADVAR_EXT_ACCUMULATE=sliced, with the
-shifted conv moments), for compute-sanitizer."""
+products with either fused moments; the fused squared norms with "1"; the unfold / fold kernels,
+the default, over all rows and slabs; the sliced accumulate kernel, the default for few columns,
+forced, with the shifted conv moments), for compute-sanitizer."""
 
 import os
 
@@ -45,7 +45,7 @@ for fused in ("0", "1", "tensor_cores"):
             gv.conv2d_variance(xi, gi, kernel_size=(3, 3), stride=(2, 1), padding=(1, 1))
             del os.environ["GRADVAR_EXT_CONV_ALGORITHM"]
         if fused == "0":
-            # our unfold / fold kernels (opt-in), all rows and slabs of 2 rows, forward and backward
+            # our unfold / fold kernels (the default, forced), all rows and slabs of 2 rows, forward and backward
             os.environ["GRADVAR_EXT_UNFOLD"] = "im2col"
             for slabs in ("0", "2"):
                 os.environ["GRADVAR_EXT_CONV_SLABS"] = slabs

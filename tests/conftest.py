@@ -15,13 +15,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 @pytest.fixture(params=["unfold", "unfold-strided", "unfold-slabs", "grouped", "shifted"])
 def conv_algorithm(request, monkeypatch):
     """Forces each way the compiled kernels form per-sample conv gradients (csrc/conv2d_ops.cpp):
-    unfolded patches + bmm (patches by the device's default unfolding, or by strided views of the
-    image, CUDA's default, forced on CPU too; or, for the moments, slabs of 2 output rows at a
-    time, CUDA's default where patches outweigh gradients, forced here on every device), one
+    unfolded patches + bmm (patches by the default unfolding, our im2col kernels, or by strided
+    views of the image, GRADVAR_EXT_UNFOLD=strided; or, for the moments, slabs of 2 output rows
+    at a time, CUDA's default where patches outweigh gradients, forced here on every device), one
     grouped convolution per chunk of samples, or one bmm per kernel row over width-unfolded images
-    (shifted). The grouped one runs the backend's convolutions,
-    which on CUDA follow torch.backends.cudnn.allow_tf32 (default on): off here, so float32 is
-    checked at float32 precision."""
+    (shifted). The grouped one runs the backend's convolutions, which on CUDA follow
+    torch.backends.cudnn.allow_tf32 (default on): off here, so float32 is checked at float32
+    precision."""
     algorithm, _, unfold = request.param.partition("-")
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", algorithm)
     if unfold == "slabs":

@@ -153,40 +153,48 @@ def test_cuda_conv_moments_by_slabs_of_rows(op, dtype, monkeypatch):
 
 
 @pytest.fixture
-def cuda_im2col(monkeypatch):
-    """GRADVAR_EXT_UNFOLD=im2col on CUDA: our unfold / fold kernels (cuda/unfold_kernels.cu, opt-in)
-    instead of strided views; the chunked moments (not the fused walk), so that every op unfolds."""
-    monkeypatch.setenv("GRADVAR_EXT_UNFOLD", "im2col")
+def cuda_chunked_unfold(monkeypatch):
+    """The chunked conv moments on CUDA (not the fused walk), so that every op unfolds."""
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
     monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "0")
+
+
+@pytest.fixture(params=["im2col", "strided"])
+def cuda_unfolding(request, cuda_chunked_unfold, monkeypatch):
+    """Both unfoldings on CUDA: our unfold / fold kernels (cuda/unfold_kernels.cu, the default)
+    and GRADVAR_EXT_UNFOLD=strided (the opt-out: strided views and copies, products folded back
+    by strided additions). Their gradcheck, gradgradcheck and opcheck: conv_algorithm's "unfold"
+    and "unfold-strided" in test_cuda_conv_gradcheck_gradgradcheck_opcheck."""
+    monkeypatch.setenv("GRADVAR_EXT_UNFOLD", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("slabs", ["0", "2"], ids=["chunks", "slabs"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", CONV_OPS)
-def test_cuda_im2col_kernels_match_reference(op, dtype, slabs, cuda_im2col, monkeypatch):
+def test_cuda_unfoldings_match_reference(op, dtype, slabs, cuda_unfolding, monkeypatch):
     """Every conv op with the columns unfolded (all rows, or slabs of 2 rows for the moments) and
-    the backward's products folded back by our kernels: every stride, padding, dilation and group."""
+    the backward's products folded back, by either unfolding: every stride, padding, dilation and
+    group."""
     monkeypatch.setenv("GRADVAR_EXT_CONV_SLABS", slabs)
     torch.manual_seed(29)
     cases = CONV_CASES + [ConvCase(**{**c.__dict__, "to_input": False}) for c in CONV_CASES] + MULTI_CHUNK_CONV_CASES
     assert_conv_cases_match_reference(op, dtype, cases)
 
 
-@pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
-@pytest.mark.parametrize("op", CONV_OPS)
-def test_cuda_im2col_kernels_gradcheck_gradgradcheck_opcheck(op, case, cuda_im2col):
-    check_gradients_and_opcheck(op, case, "cuda")
-
-
-def test_cuda_im2col_kernels_run(cuda_im2col):
-    """The variance and its gradient launch the unfold kernel and the fold kernel."""
+def test_cuda_im2col_kernels_run_by_default(cuda_chunked_unfold, monkeypatch):
+    """The variance and its gradient launch the unfold kernel and the fold kernel by default, and
+    neither under GRADVAR_EXT_UNFOLD=strided."""
     x, go, *conv = ConvCase(3, 4, 6, (9, 8), kernel=(3, 2), stride=(2, 1), padding=(1, 0), groups=2).args(
         "conv2d_variance", torch.float32, "cuda", requires_grad=True
     )
+    monkeypatch.delenv("GRADVAR_EXT_UNFOLD", raising=False)
     names = _cuda_kernels_of(lambda: torch.autograd.grad(call("conv2d_variance", x, go, *conv).sum(), (x, go)))
     assert any("im2col_rows_kernel" in n for n in names), names
     assert any("col2im_kernel" in n for n in names), names
+    monkeypatch.setenv("GRADVAR_EXT_UNFOLD", "strided")
+    names = _cuda_kernels_of(lambda: torch.autograd.grad(call("conv2d_variance", x, go, *conv).sum(), (x, go)))
+    assert not any("im2col_rows_kernel" in n or "col2im_kernel" in n for n in names), names
 
 
 @pytest.mark.parametrize("unfold", ["strided", "im2col"])
@@ -278,10 +286,10 @@ def test_implicit_patches_match_reference(op, dtype, monkeypatch):
 @pytest.mark.parametrize("accumulate", ["columns", "sliced"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_accumulate_kernels_match_reference(accumulate, dtype, monkeypatch):
-    """GRADVAR_EXT_ACCUMULATE=sliced (opt-in): 8 threads a column, their partial sums added in a
-    fixed order; the chunked moments (Linear with positions, conv, cross moments, a chunk of one
-    sample, more columns than one grid pass, 65 535 blocks of 32) match the reference, and a second
-    run gives the same bits."""
+    """GRADVAR_EXT_ACCUMULATE=sliced (8 threads a column, their partial sums added in a fixed
+    order) and =columns (one thread a column) forced: the chunked moments (Linear with positions,
+    conv, cross moments, a chunk of one sample, more columns than one grid pass, 65 535 blocks of
+    32) match the reference, and a second run gives the same bits."""
     monkeypatch.setenv("GRADVAR_EXT_ACCUMULATE", accumulate)
     monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "0")
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
@@ -296,6 +304,24 @@ def test_cuda_accumulate_kernels_match_reference(accumulate, dtype, monkeypatch)
             assert torch.equal(got, call(op, *args))
     for op in CONV_MOMENT_OPS:
         assert_conv_cases_match_reference(op, dtype, CONV_CASES + [ConvCase(64, 32, 64, (32, 32), padding=(1, 1))])
+
+
+def test_cuda_accumulate_kernel_by_default_follows_the_columns(monkeypatch):
+    """Unset, chunks of fewer than 512 * 256 columns (the benchmark CNN's convs) take the sliced
+    kernel, more (a 512 x 512 Linear layer's) the column kernel; either matches the reference."""
+    monkeypatch.delenv("GRADVAR_EXT_ACCUMULATE", raising=False)
+    monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "0")
+    monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
+    torch.manual_seed(41)
+    for features, sliced in ((511, True), (512, False)):
+        case = Case(4, (3,), 256, features)  # 256 * features columns
+        args = case.args("linear_second_moment", torch.float32, device="cuda")
+        out = []
+        names = _cuda_kernels_of(lambda args=args, out=out: out.append(call("linear_second_moment", *args)))
+        assert any("accumulate_products_sliced_kernel" in n for n in names) == sliced, names
+        assert any("accumulate_products_kernel" in n for n in names) == (not sliced), names
+        want = expected("linear_second_moment", *(a.cpu() for a in args))
+        assert_matches(out[0], want, torch.float32, None)
 
 
 def test_cuda_unknown_accumulate_kernel_is_named(monkeypatch):
@@ -431,23 +457,28 @@ def test_fused_cuda_products_gradgradcheck(monkeypatch):
         assert torch.autograd.gradgradcheck(fn, args)
 
 
-@pytest.mark.parametrize(("dtype", "limit"), [(torch.float32, 32), (torch.float64, 32)], ids=str)
-def test_cuda_default_moment_path_by_positions(dtype, limit, monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_default_moment_path_by_positions(dtype, monkeypatch):
     """Unset GRADVAR_EXT_FUSED_CUDA takes the fused kernel for one position per sample while
-    N * I * O <= 2**26 and for 1 < T <= `limit` positions, chunked cuBLAS (or two GEMMs) otherwise
+    N * I * O <= 2**26 and for 1 < T <= 32 positions (float64 on tensor cores: 64, but 32 for a
+    cross moment, which walks on CUDA cores), chunked cuBLAS (or two GEMMs) otherwise
     (csrc/outer_product_stats.cpp): bit for bit the forced path's result. For 1 < T the fused
     walk runs on tensor cores on sm_80+ (=tensor_cores), except for a cross moment (=1)."""
     torch.manual_seed(20)
     walk = "tensor_cores" if TENSOR_CORES else "1"
-    # (samples, positions, in, out): T = 1 at 2**26 and just above it, then the positions' limit
+    limit = 64 if dtype == torch.float64 and TENSOR_CORES else 32
+    # (samples, positions, in, out, forced path, the cross moment's): T = 1 at 2**26 and just
+    # above it, then the positions' limits
     shapes = [
-        (1024, 1, 256, 256, "1"),
-        (1024, 1, 256, 257, "0"),
-        (40, limit, 36, 20, walk),
-        (40, limit + 1, 36, 20, "0"),
-        (40, 2, 36, 20, walk),
+        (1024, 1, 256, 256, "1", "1"),
+        (1024, 1, 256, 257, "0", "0"),
+        (40, 32, 36, 20, walk, "1"),
+        (40, 33, 36, 20, "0" if limit == 32 else walk, "0"),
+        (40, limit, 36, 20, walk, "1" if limit == 32 else "0"),
+        (40, limit + 1, 36, 20, "0", "0"),
+        (40, 2, 36, 20, walk, "1"),
     ]
-    for n, t, fan_in, fan_out, forced in shapes:
+    for n, t, fan_in, fan_out, forced, forced_cross in shapes:
         x = torch.randn(n, t, fan_in, device="cuda", dtype=dtype).squeeze(1)  # T = 1: [N, in]
         g = torch.randn(n, t, fan_out, device="cuda", dtype=dtype).squeeze(1)
         monkeypatch.delenv("GRADVAR_EXT_FUSED_CUDA", raising=False)
@@ -457,7 +488,7 @@ def test_cuda_default_moment_path_by_positions(dtype, limit, monkeypatch):
         cross = call("linear_cross_moment", x, g, 2 * x, g)
         monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", forced)
         assert torch.equal(default, call("linear_variance", x, g)), (n, t, fan_out, forced)
-        monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "1" if forced == "tensor_cores" else forced)
+        monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", forced_cross)
         assert torch.equal(cross, call("linear_cross_moment", x, g, 2 * x, g)), (n, t, fan_out, "cross")
 
 

@@ -296,6 +296,8 @@ bool vector_loads_ok(const at::Tensor& t, int64_t vec) {
 
 using namespace walk;  // the shared host side (moment_walk.cuh)
 
+bool cuda_has_tensor_cores(int device) { return device_facts(device).major >= 8; }
+
 void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X, const at::Tensor& G,
                         const at::Tensor* Xb, const at::Tensor* Gb, int64_t groups, bool accumulate) {
   const c10::cuda::CUDAGuard guard(X.device());

@@ -16,11 +16,12 @@
 namespace gradvar {
 namespace {
 
-// Which accumulate kernel: GRADVAR_EXT_ACCUMULATE=sliced (opt-in, not yet run on a GPU) or
-// columns (the default, one thread a column).
-bool accumulate_sliced() {
+// Which accumulate kernel for F columns: GRADVAR_EXT_ACCUMULATE=sliced or columns (one thread a
+// column) forces one; unset, the sliced kernel for few columns (reduce::sliced_by_default).
+bool accumulate_sliced(int64_t F) {
   const char* flag = std::getenv("GRADVAR_EXT_ACCUMULATE");
-  if (flag == nullptr || *flag == '\0' || std::strcmp(flag, "columns") == 0) return false;
+  if (flag == nullptr || *flag == '\0') return reduce::sliced_by_default(F);
+  if (std::strcmp(flag, "columns") == 0) return false;
   TORCH_CHECK_VALUE(std::strcmp(flag, "sliced") == 0, "gradvar: GRADVAR_EXT_ACCUMULATE must be columns or sliced, got '",
                     flag, "'");
   return true;
@@ -51,7 +52,7 @@ void accumulate_products_cuda(at::Tensor& moment, at::Tensor& sum, const at::Ten
   if (F == 0) return;
   using reduce::kAccumulateThreads;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (accumulate_sliced()) {
+  if (accumulate_sliced(F)) {
     const unsigned blocks = reduce::accumulate_sliced_blocks(F);
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "accumulate_products_cuda", [&] {
       reduce::accumulate_products_sliced_kernel<scalar_t, reduce::kSlicedColumns, reduce::kSlices>

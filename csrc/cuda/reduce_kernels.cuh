@@ -20,6 +20,12 @@ inline unsigned accumulate_blocks(int64_t F) {
 inline unsigned accumulate_sliced_blocks(int64_t F) {
   return static_cast<unsigned>(std::min<int64_t>((F + kSlicedColumns - 1) / kSlicedColumns, 65535));
 }
+// The default: the sliced kernel when the one-thread-a-column grid would have under 512 blocks
+// (~4 a multiprocessor on an H100), the column kernel above. On an H100 (twenty-first session)
+// the sliced one was 2-9% faster on every conv2d_variance of the benchmark CNN (18 432 and
+// 36 864 columns, 72 and 144 blocks of the column kernel); many columns were not timed.
+constexpr int64_t kSlicedBelowColumns = int64_t(512) * kAccumulateThreads;
+inline bool sliced_by_default(int64_t F) { return F < kSlicedBelowColumns; }
 
 // moment[j] += sum_k g[k, j] * gb[k, j]; sum[j] += sum_k g[k, j] (sum may be null).
 // g, gb: [rows, F] contiguous. One thread per column j: coalesced loads, no atomics,
