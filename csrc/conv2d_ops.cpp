@@ -63,22 +63,11 @@ ConvGeometry check_conv(const char* op, const at::Tensor& input, const char* inp
   return c;
 }
 
-// GRADVAR_EXT_CONV_ALGORITHM (see use_grouped, use_shifted): auto (default), unfold, grouped,
-// implicit or shifted.
-std::string conv_algorithm(const char* op) {
-  const char* flag = std::getenv("GRADVAR_EXT_CONV_ALGORITHM");
-  const std::string choice = flag != nullptr ? flag : "";
-  GRADVAR_CHECK(choice.empty() || choice == "auto" || choice == "unfold" || choice == "grouped" ||
-                    choice == "implicit" || choice == "shifted",
-                op, "GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold, grouped, implicit or shifted, got '", choice,
-                "'");
-  return choice;
-}
-
 // Patches of an image [N, C_in, H, W]: chunk -> [n * groups, L, C_in/groups * kh * kw]. On CUDA
-// with GRADVAR_EXT_CONV_ALGORITHM=implicit the factor also names its image (Factors::patches),
-// for the moments' kernel that reads patches in place; every other use unfolds chunks.
-Factors patch_factors(const char* op, const at::Tensor& image, const ConvGeometry& c) {
+// with `implicit` (GRADVAR_EXT_CONV_ALGORITHM=implicit) the factor also names its image
+// (Factors::patches), for the moments' kernel that reads patches in place; every other use
+// unfolds chunks.
+Factors patch_factors(const at::Tensor& image, const ConvGeometry& c, bool implicit = false) {
   const auto img = image.contiguous();
   const int64_t g = c.groups, f = c.patch(), L = c.positions();
   Factors factors{img.size(0), g, L, f, img.options(), !c.unfold_is_view(),
@@ -96,7 +85,7 @@ Factors patch_factors(const char* op, const at::Tensor& image, const ConvGeometr
     };
     factors.slab_width = c.out_width;
   }
-  if (img.is_cuda() && conv_algorithm(op) == "implicit") {
+  if (img.is_cuda() && implicit) {
     factors.patches = std::make_shared<const PatchSource>(
         PatchSource{img, c.in_channels / g, c.kernel[0], c.kernel[1], c.stride[0], c.stride[1], c.padding[0],
                     c.padding[1], c.dilation[0], c.dilation[1], c.out_width});
@@ -114,30 +103,36 @@ Factors position_factors(const at::Tensor& grad, const ConvGeometry& c) {
 }
 
 // Ways to form a chunk's per-sample gradients g_n (and to apply W * g_n in the backward):
-//   unfold:  the Linear case over unfolded patches (bmm; the patches are formed per chunk);
-//   grouped: the chunk's n samples become the n * groups groups of one batch-1 convolution, so the
-//            backend's convolution kernels (oneDNN / cuDNN) do it without unfolded patches;
-//   shifted: opt-in, a bmm per kernel row over width-unfolded images (below, shifted_gradients).
-// GRADVAR_EXT_CONV_ALGORITHM=unfold|grouped forces one (implicit: unfold, but on CUDA the moments
-// read the patches straight from the image, Factors::patches); auto (default) takes grouped for float32
-// CPU tensors with a kernel larger than 1x1 (or a stride / padding) and >= 8 input channels per
-// group, or 1 in each of several groups (depthwise): on 2 cores 1.5-9x faster with 16x16 or more
-// output pixels, within 10% either way at 8x8 and below; slower for 1-3 input channels in one
-// group (1.6-2.5x, the seed's MNIST conv included: its patches are small) and 1x1 kernels
-// (benchmarks/RESULTS.md).
-// Unfold elsewhere (CUDA: on an H200 the benchmark CNN ran 1.3x faster with unfold than grouped).
-bool use_grouped(const char* op, const ConvGeometry& c, const at::Tensor& input) {
-  const std::string choice = conv_algorithm(op);
-  if (choice == "grouped") return true;
-  if (choice == "unfold" || choice == "implicit" || choice == "shifted") return false;
-  const int64_t per_group = c.in_channels / c.groups;
-  return input.is_cpu() && input.scalar_type() == at::kFloat && !c.unfold_is_view() &&
-         (per_group >= 8 || (per_group == 1 && c.groups > 1));
-}
+//   unfold:   the Linear case over unfolded patches (bmm; the patches are formed per chunk);
+//   implicit: unfold, but on CUDA the moments read the patches straight from the image
+//             (Factors::patches);
+//   grouped:  the chunk's n samples become the n * groups groups of one batch-1 convolution, so
+//             the backend's convolution kernels (oneDNN / cuDNN) do it without unfolded patches;
+//   shifted:  opt-in, a bmm per kernel row over width-unfolded images (conv2d_shifted.cpp).
+enum class ConvPath { unfold, implicit, grouped, shifted };
 
-// GRADVAR_EXT_CONV_ALGORITHM=shifted (opt-in, conv2d_shifted.cpp): the moments and the backward's
-// products by shifted kernel rows.
-bool use_shifted(const char* op) { return conv_algorithm(op) == "shifted"; }
+// The path of one op call, from GRADVAR_EXT_CONV_ALGORITHM=auto|unfold|grouped|implicit|shifted
+// (read once per call). auto (default) takes grouped for float32 CPU tensors with a kernel larger
+// than 1x1 (or a stride / padding) and >= 8 input channels per group, or 1 in each of several
+// groups (depthwise): on 2 cores 1.5-9x faster with 16x16 or more output pixels, within 10%
+// either way at 8x8 and below; slower for 1-3 input channels in one group (1.6-2.5x, the seed's
+// MNIST conv included: its patches are small) and 1x1 kernels (benchmarks/RESULTS.md). Unfold
+// elsewhere (CUDA: on an H200 the benchmark CNN ran 1.3x faster with unfold than grouped; on an
+// H100 shifted did not pay, twenty-first session).
+ConvPath conv_path(const char* op, const ConvGeometry& c, const at::Tensor& input) {
+  const char* flag = std::getenv("GRADVAR_EXT_CONV_ALGORITHM");
+  const std::string choice = flag != nullptr ? flag : "";
+  if (choice == "unfold") return ConvPath::unfold;
+  if (choice == "implicit") return ConvPath::implicit;
+  if (choice == "grouped") return ConvPath::grouped;
+  if (choice == "shifted") return ConvPath::shifted;
+  GRADVAR_CHECK(choice.empty() || choice == "auto", op,
+                "GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold, grouped, implicit or shifted, got '", choice, "'");
+  const int64_t per_group = c.in_channels / c.groups;
+  const bool grouped = input.is_cpu() && input.scalar_type() == at::kFloat && !c.unfold_is_view() &&
+                       (per_group >= 8 || (per_group == 1 && c.groups > 1));
+  return grouped ? ConvPath::grouped : ConvPath::unfold;
+}
 
 // Samples per chunk for the grouped path: oneDNN ran best with <= 16 samples and ~2 MiB of
 // per-sample gradients per convolution (measured on 2 cores), and with that many rather than
@@ -230,14 +225,15 @@ at::Tensor conv2d_second_moment(const at::Tensor& input, const at::Tensor& grad_
   const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
                             groups);
   c10::OptionalDeviceGuard guard(input.device());
-  if (use_grouped(op, c, input)) {
+  const ConvPath path = conv_path(op, c, input);
+  if (path == ConvPath::grouped) {
     return as_weight(std::get<0>(reduce_gradients(grouped_gradients(input, grad_output, c), nullptr, false)), c);
   }
-  if (use_shifted(op)) {
+  if (path == ConvPath::shifted) {
     const auto moment = std::get<0>(reduce_gradients(shifted_gradients(input, grad_output, c), nullptr, false));
     return as_weight(from_shifted(moment, c), c);
   }
-  const auto X = patch_factors(op, input, c), G = position_factors(grad_output, c);
+  const auto X = patch_factors(input, c, path == ConvPath::implicit), G = position_factors(grad_output, c);
   return as_weight(std::get<0>(reduce_outer_products(X, G, nullptr, nullptr, /*with_sum=*/false)), c);
 }
 
@@ -247,13 +243,15 @@ at::Tensor conv2d_variance(const at::Tensor& input, const at::Tensor& grad_outpu
   const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
                             groups);
   c10::OptionalDeviceGuard guard(input.device());
-  if (use_grouped(op, c, input)) {
+  const ConvPath path = conv_path(op, c, input);
+  if (path == ConvPath::grouped) {
     return as_weight(variance_of_gradients(grouped_gradients(input, grad_output, c)), c);
   }
-  if (use_shifted(op)) {
+  if (path == ConvPath::shifted) {
     return as_weight(from_shifted(variance_of_gradients(shifted_gradients(input, grad_output, c)), c), c);
   }
-  return as_weight(variance_from_moments(patch_factors(op, input, c), position_factors(grad_output, c)), c);
+  const auto X = patch_factors(input, c, path == ConvPath::implicit), G = position_factors(grad_output, c);
+  return as_weight(variance_from_moments(X, G), c);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv2d_moments(const at::Tensor& input, const at::Tensor& grad_output,
@@ -263,14 +261,15 @@ std::tuple<at::Tensor, at::Tensor> conv2d_moments(const at::Tensor& input, const
   const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
                             groups);
   c10::OptionalDeviceGuard guard(input.device());
-  if (use_shifted(op)) {
+  const ConvPath path = conv_path(op, c, input);
+  if (path == ConvPath::shifted) {
     auto [moment, sum] = reduce_gradients(shifted_gradients(input, grad_output, c), nullptr, /*with_sum=*/true);
     return {as_weight(from_shifted(moment, c), c), as_weight(from_shifted(sum, c), c)};
   }
-  auto [moment, sum] = use_grouped(op, c, input)
+  auto [moment, sum] = path == ConvPath::grouped
                            ? reduce_gradients(grouped_gradients(input, grad_output, c), nullptr, /*with_sum=*/true)
-                           : reduce_outer_products(patch_factors(op, input, c), position_factors(grad_output, c), nullptr,
-                                                   nullptr, /*with_sum=*/true);
+                           : reduce_outer_products(patch_factors(input, c, path == ConvPath::implicit),
+                                                   position_factors(grad_output, c), nullptr, nullptr, /*with_sum=*/true);
   return {as_weight(moment, c), as_weight(sum, c)};
 }
 
@@ -280,7 +279,8 @@ at::Tensor conv2d_batch_l2(const at::Tensor& input, const at::Tensor& grad_outpu
   const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
                             groups);
   c10::OptionalDeviceGuard guard(input.device());
-  return outer_product_squared_norms(patch_factors(op, input, c), position_factors(grad_output, c));
+  conv_path(op, c, input);  // checks GRADVAR_EXT_CONV_ALGORITHM; the squared norms always unfold
+  return outer_product_squared_norms(patch_factors(input, c), position_factors(grad_output, c));
 }
 
 at::Tensor conv2d_cross_moment(const at::Tensor& input, const at::Tensor& grad_output, const at::Tensor& other_input,
@@ -292,19 +292,20 @@ at::Tensor conv2d_cross_moment(const at::Tensor& input, const at::Tensor& grad_o
                             groups);
   check_pair_like(op, other_input, "other_input", other_grad_output, "other_grad_output", input, grad_output);
   c10::OptionalDeviceGuard guard(input.device());
-  if (use_grouped(op, c, input)) {
+  const ConvPath path = conv_path(op, c, input);
+  if (path == ConvPath::grouped) {
     const auto gb = grouped_gradients(other_input, other_grad_output, c);
     return as_weight(std::get<0>(reduce_gradients(grouped_gradients(input, grad_output, c), &gb, false)), c);
   }
-  if (use_shifted(op)) {
+  if (path == ConvPath::shifted) {
     const auto gb = shifted_gradients(other_input, other_grad_output, c);
     const auto moment = std::get<0>(reduce_gradients(shifted_gradients(input, grad_output, c), &gb, false));
     return as_weight(from_shifted(moment, c), c);
   }
-  const auto Xb = patch_factors(op, other_input, c), Gb = position_factors(other_grad_output, c);
-  return as_weight(std::get<0>(reduce_outer_products(patch_factors(op, input, c), position_factors(grad_output, c), &Xb,
-                                                     &Gb, /*with_sum=*/false)),
-                   c);
+  const bool implicit = path == ConvPath::implicit;
+  const auto X = patch_factors(input, c, implicit), G = position_factors(grad_output, c);
+  const auto Xb = patch_factors(other_input, c, implicit), Gb = position_factors(other_grad_output, c);
+  return as_weight(std::get<0>(reduce_outer_products(X, G, &Xb, &Gb, /*with_sum=*/false)), c);
 }
 
 namespace {
@@ -374,14 +375,15 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
   check_weight(op, weight, input, c);
   const auto C = checked_center(op, center, weight, input, c);
   c10::OptionalDeviceGuard guard(input.device());
+  const ConvPath path = conv_path(op, c, input);
   const auto W = weight.reshape({c.groups, c.out_channels / c.groups, c.patch()});
-  if (use_grouped(op, c, input)) {
+  if (path == ConvPath::grouped) {
     at::Tensor out = at::empty((to_input ? input : grad_output).sizes(), input.options());
     apply_weighted_gradients(grouped_gradients(input, grad_output, c), W, C,
                              {to_input ? grouped_to_input(left, out, c) : grouped_to_grad_output(left, out, c)});
     return out;
   }
-  if (use_shifted(op)) {
+  if (path == ConvPath::shifted) {
     at::Tensor out = at::empty((to_input ? input : grad_output).sizes(), input.options());
     auto keep = !to_input && left.is_same(input) ? std::make_shared<at::Tensor>() : nullptr;
     apply_weighted_gradients(
@@ -389,7 +391,7 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
         {to_input ? shifted_to_input(left, out, c) : shifted_to_grad_output(left, keep, out, c)});
     return out;
   }
-  const auto input_patches = patch_factors(op, input, c);
+  const auto input_patches = patch_factors(input, c);
   if (to_input) {
     at::Tensor out = at::empty(input.sizes(), input.options());
     weighted_outer_product_apply(position_factors(left, c), input_patches, position_factors(grad_output, c), W, C,
@@ -398,7 +400,7 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
   }
   // The variance's backward passes left = input: one Factors object, so the core unfolds it once.
   const bool left_is_input = left.is_same(input);
-  const auto other_patches = left_is_input ? Factors{} : patch_factors(op, left, c);
+  const auto other_patches = left_is_input ? Factors{} : patch_factors(left, c);
   at::Tensor out = at::empty(grad_output.sizes(), grad_output.options());
   weighted_outer_product_apply(left_is_input ? input_patches : other_patches, position_factors(grad_output, c),
                                input_patches, W.transpose(1, 2), C.defined() ? C.transpose(1, 2) : C,
@@ -420,25 +422,26 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weighted_gradient_products(
   check_weight(op, weight, input, c);
   const auto C = checked_center(op, center, weight, input, c);
   c10::OptionalDeviceGuard guard(input.device());
+  const ConvPath path = conv_path(op, c, input);
   const auto W = weight.reshape({c.groups, c.out_channels / c.groups, c.patch()});
   at::Tensor to_input = at::empty(input.sizes(), input.options());
   at::Tensor to_grad_output = at::empty(grad_output.sizes(), grad_output.options());
-  if (use_grouped(op, c, input)) {
+  if (path == ConvPath::grouped) {
     apply_weighted_gradients(grouped_gradients(input, grad_output, c), W, C,
                              {grouped_to_input(left_grad_output, to_input, c),
                               grouped_to_grad_output(left_input, to_grad_output, c)});
     return {to_input, to_grad_output};
   }
-  if (use_shifted(op)) {
+  if (path == ConvPath::shifted) {
     auto keep = left_input.is_same(input) ? std::make_shared<at::Tensor>() : nullptr;
     apply_weighted_gradients(shifted_gradients(input, grad_output, c, keep), to_shifted(W, c), to_shifted(C, c),
                              {shifted_to_input(left_grad_output, to_input, c),
                               shifted_to_grad_output(left_input, keep, to_grad_output, c)});
     return {to_input, to_grad_output};
   }
-  const auto input_patches = patch_factors(op, input, c);
+  const auto input_patches = patch_factors(input, c);
   const bool left_is_input = left_input.is_same(input);
-  const auto other_patches = left_is_input ? Factors{} : patch_factors(op, left_input, c);
+  const auto other_patches = left_is_input ? Factors{} : patch_factors(left_input, c);
   weighted_outer_product_apply_both(position_factors(left_grad_output, c), left_is_input ? input_patches : other_patches,
                                     input_patches, position_factors(grad_output, c), W, C, fold_into(to_input, c),
                                     write_into(to_grad_output, c), /*positions_last=*/true);

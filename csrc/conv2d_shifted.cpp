@@ -1,5 +1,5 @@
 // Conv2d per-sample gradients and the backward's products by shifted kernel rows
-// (GRADVAR_EXT_CONV_ALGORITHM=shifted, opt-in; conv2d_ops.cpp, use_shifted): the front door's
+// (GRADVAR_EXT_CONV_ALGORITHM=shifted, opt-in; conv2d_ops.cpp, conv_path): the front door's
 // third way, beside unfold and grouped.
 //
 // The kernel's rows as shifted GEMMs over images unfolded along their width only. With

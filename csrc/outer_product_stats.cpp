@@ -267,11 +267,15 @@ std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const
                                                          const Factors* Gb, bool with_sum) {
   const bool same = Xb == nullptr;
 #ifdef GRADVAR_WITH_CUDA
-  if (same && X.patches != nullptr && X.options.device().is_cuda()) {  // GRADVAR_EXT_CONV_ALGORITHM=implicit
+  // GRADVAR_EXT_CONV_ALGORITHM=implicit on sm_80+ (below: as unfold)
+  if (same && X.patches != nullptr && X.options.device().is_cuda() &&
+      cuda_has_tensor_cores(X.options.device().index())) {
     at::Tensor moment = at::empty({X.groups, G.features, X.features}, X.options);
     at::Tensor sum = with_sum ? at::empty({X.groups, G.features, X.features}, X.options) : at::Tensor();
-    if (fused_patch_moments_cuda(moment, sum, *X.patches, G.chunk(0, G.samples), X.groups)) return {moment, sum};
-  }  // else (below sm_80) as unfold
+    const bool ran = fused_patch_moments_cuda(moment, sum, *X.patches, G.chunk(0, G.samples), X.groups);
+    TORCH_INTERNAL_ASSERT(ran, "gradvar: the implicit patches' kernel declined on sm_80+");
+    return {moment, sum};
+  }
   const bool fused = X.options.device().is_cuda() && use_fused_cuda(X, G, /*cross=*/!same);
 #else
   const bool fused = false;
