@@ -274,6 +274,11 @@ class collect:
             raise ValueError(f"gradvar_ext.collect: loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
         self._collector = _Collector(tuple(extensions), loss_reduction)
 
+    def _expect_samples(self, n: int) -> None:
+        """Every extended layer of this block must see n samples in dim 0 (total_variance sets its
+        micro-batch's; the error then names "the micro-batch" rather than the first layer)."""
+        self._collector.batch = (None, n)
+
     def __enter__(self) -> collect:
         extended = self._collector.extended = list(_EXTENDED)
         _clear_parameters(p for m in extended for p in m._parameters.values() if p is not None)  # layers: no children

@@ -182,7 +182,7 @@ def _block(extension, x: Tensor) -> collect:
     """A collect block whose layers must all see x's samples in dim 0 (a layer that folds them into
     dim 0, x.reshape(-1, features), would give statistics of rows, not samples: an error)."""
     block = collect(extension)
-    block._collector.batch = (None, x.shape[0])
+    block._expect_samples(x.shape[0])
     return block
 
 
