@@ -1,7 +1,8 @@
 // CUDA unfolding for the Conv2d front door, the default (GRADVAR_EXT_UNFOLD=strided opts out:
-// strided views and copies). On an H100 in the twenty-first session it passed the CUDA tests and
-// compute-sanitizer and took conv2d_variance from 196 to 152 us (32 -> 64 channels, 32x32) and
-// its backward's products from 569 to 436 us (benchmarks/RESULTS.md): the host side. The kernels and their layouts (at::im2col's / at::col2im's, as in cpu/unfold_kernels.cpp)
+// strided views and copies): the host side. On an H100 in the twenty-first session it passed
+// the CUDA tests and compute-sanitizer and took conv2d_variance from 196 to 152 us (32 -> 64
+// channels, 32x32) and its backward's products from 569 to 436 us (benchmarks/RESULTS.md).
+// The kernels and their layouts (at::im2col's / at::col2im's, as in cpu/unfold_kernels.cpp)
 // are in unfold_kernels.cuh, which the tests also compile for the CPU and run thread by thread
 // (tests/cuda_emulation.cpp).
 // Why: on an H100 the default's unfolding (zero padding, then one generic strided copy of a
