@@ -250,16 +250,22 @@ def cpu_peak_bytes(fn) -> int:
     return peak
 
 
+def exact_float32() -> None:
+    """True float32 everywhere: cuDNN convolutions default to TF32, whose ~1e-3 rounding would fail
+    every method's comparison with the per-sample loop on the CNN (seen on an H200). It also picks
+    cuDNN's algorithms, and so their workspaces, which are part of every method's peak on a GPU:
+    profile_job.py sets the same, so that its times and memory explain this benchmark's."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def worker(method: str, workload: str, device: str, repeats: int, out_path: str, job: str) -> None:
     """Times `repeats` runs after a warm-up (more for runs under 10 ms: as many as fill ~0.2 s, at
     most 100, so sub-millisecond timings are not noise), then measures the peak extra memory of
     one more run: CUDA from the caching allocator's peak statistics, CPU from the profiler's
     allocation events (an untimed run: profiling slows it)."""
     os.environ.update(METHOD_ENV.get(method, {}))
-    # True float32 everywhere: cuDNN convolutions default to TF32, whose ~1e-3 rounding would fail
-    # every method's comparison with the per-sample loop on the CNN (seen on an H200).
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    exact_float32()
     torch.manual_seed(0)
     model, x, y, lossfunc = make_workload(workload, device)
     fn = method_function(method)

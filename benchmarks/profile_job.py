@@ -1,7 +1,7 @@
 """Where a method's time goes on a workload of bench_variance.py: kernel count and the costliest ops.
 
     python benchmarks/profile_job.py [--device cuda] [--job a|b] [--workloads mlp cnn seq]
-                                     [--methods gradvar torch.func] [--top 12] [--memory]
+                                     [--methods gradvar torch.func] [--top 12] [--memory] [--tf32]
 
 For each (workload, method), in this process: the median time of 10 calls after 3 warm-ups, then
 one call under torch.profiler: how many kernels it ran (CUDA: device kernels launched, incl.
@@ -13,6 +13,11 @@ is what to cut (benchmarks/RESULTS.md).
 --memory (CUDA): one more call with the allocator's history recorded, then what was alive at the
 call's peak, by where it was allocated (the innermost Python frame outside torch's package, and
 the innermost frame): what to cut when a method's peak is above another's.
+
+Backends as bench_variance.py's workers set them: true float32, cuDNN's TF32 off (which picks
+other cuDNN algorithms, with other workspaces: the twenty-first session's profile, TF32 on,
+found 158 MB alive at gradvar's CNN peak where the benchmark, TF32 off, measured 330).
+--tf32 keeps PyTorch's defaults instead (cuDNN convolutions in TF32).
 """
 
 from __future__ import annotations
@@ -164,10 +169,13 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["gradvar", "torch.func"])
     parser.add_argument("--top", type=int, default=12, help="rows of the op table")
     parser.add_argument("--memory", action="store_true", help="CUDA: what is alive at each call's peak")
+    parser.add_argument("--tf32", action="store_true", help="keep PyTorch's TF32 defaults (not the benchmark's)")
     args = parser.parse_args()
     if args.memory and args.device != "cuda":
         parser.error("--memory reads the CUDA allocator's history: use it with --device cuda")
-    print(bv.machine(args.device))
+    if not args.tf32:
+        bv.exact_float32()
+    print(bv.machine(args.device), "(cuDNN TF32 allowed)" if args.tf32 else "(true float32: cuDNN TF32 off)")
     for workload in args.workloads:
         for method in args.methods:
             profile_one(workload, method, args.device, args.job, args.top, memory=args.memory)
