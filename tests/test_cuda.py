@@ -190,11 +190,11 @@ def test_cuda_im2col_kernels_run_by_default(cuda_chunked_unfold, monkeypatch):
     )
     monkeypatch.delenv("GRADVAR_EXT_UNFOLD", raising=False)
     names = _cuda_kernels_of(lambda: torch.autograd.grad(call("conv2d_variance", x, go, *conv).sum(), (x, go)))
-    assert any("im2col_rows_kernel" in n for n in names), names
-    assert any("col2im_kernel" in n for n in names), names
-    monkeypatch.setenv("GRADVAR_EXT_UNFOLD", "strided")
+    assert any("gradvar::unfold::im2col_rows_kernel" in n for n in names), names
+    assert any("gradvar::unfold::col2im_kernel" in n for n in names), names
+    monkeypatch.setenv("GRADVAR_EXT_UNFOLD", "strided")  # (3 samples < 6 taps: ATen's col2im folds)
     names = _cuda_kernels_of(lambda: torch.autograd.grad(call("conv2d_variance", x, go, *conv).sum(), (x, go)))
-    assert not any("im2col_rows_kernel" in n or "col2im_kernel" in n for n in names), names
+    assert not any("gradvar::unfold::" in n for n in names), names
 
 
 @pytest.mark.parametrize("unfold", ["strided", "im2col"])
