@@ -78,6 +78,21 @@ int64_t width_columns_scratch(const ConvGeometry& c, const RowShifts& r) {
   return c.groups * r.width.patch() * rows * c.out_width + c.in_channels * rows * (c.width + 2 * c.padding[1]);
 }
 
+// out = a @ b (add: out += a @ b) for out a strided view (a kernel row of a contiguous buffer):
+// cuBLAS writes the strided rows in place; CPU bmm into a strided result loops over the batch, one
+// GEMM per sample, so there a contiguous product, then the copy / the addition.
+void bmm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool add) {
+  if (out.is_cuda() && add) {
+    out.baddbmm_(a, b);
+  } else if (out.is_cuda()) {
+    at::bmm_out(out, a, b);
+  } else if (add) {
+    out.add_(at::bmm(a, b));
+  } else {
+    out.copy_(at::bmm(a, b));
+  }
+}
+
 }  // namespace
 
 // keep, when given, receives each chunk's X1 (for the products towards grad_output when their left
@@ -98,15 +113,7 @@ GradientChunks shifted_gradients(const at::Tensor& input, const at::Tensor& grad
         const auto Gt = go.narrow(0, start, n).view({n * g, rows, L});  // G_n^T
         if (!buf->defined() || buf->size(0) < n * g) *buf = at::empty({n * g, kh, rows, f1}, x.options());
         auto out = buf->narrow(0, 0, n * g);
-        for (int64_t i = 0; i < kh; ++i) {
-          auto row = out.select(1, i);
-          const auto patches = X1.narrow(1, r.shift(i, c), L);
-          if (row.is_cuda()) {
-            at::bmm_out(row, Gt, patches);  // cuBLAS writes the strided row in place
-          } else {
-            row.copy_(at::bmm(Gt, patches));  // CPU bmm into a strided result loops over the batch
-          }
-        }
+        for (int64_t i = 0; i < kh; ++i) bmm_into(out.select(1, i), Gt, X1.narrow(1, r.shift(i, c), L), false);
         return out.view({n * g, rows, kh * f1});  // kernel-row-major (see above), not [rows, (c, i, j)]
       }};
 }
@@ -197,12 +204,7 @@ WeightedConsumer shifted_to_input(const at::Tensor& left_grad_output, at::Tensor
                             const auto hv = h.view({n * g, kh, rows, f1});
                             const auto G = left.narrow(0, start, n).view({n * g, rows, L});
                             for (int64_t i = 0; i < kh; ++i) {
-                              auto part = cols.narrow(2, r.shift(i, c), L);
-                              if (part.is_cuda()) {
-                                part.baddbmm_(hv.select(1, i).transpose(1, 2), G);
-                              } else {  // as above: a contiguous product, then the strided add
-                                part.add_(at::bmm(hv.select(1, i).transpose(1, 2), G));
-                              }
+                              bmm_into(cols.narrow(2, r.shift(i, c), L), hv.select(1, i).transpose(1, 2), G, true);
                             }
                             fold_width(cols, out.narrow(0, start, n), c, r);
                           }};
