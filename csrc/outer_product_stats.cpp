@@ -200,10 +200,15 @@ GradientChunks outer_products_by_rows(const Factors& X, const Factors& G, const 
 }  // namespace
 
 #ifdef GRADVAR_WITH_CUDA
-// GRADVAR_EXT_FUSED_CUDA, or nullptr when it is unset or empty (the defaults below).
+// GRADVAR_EXT_FUSED_CUDA (0, 1, tensor_cores or its older name tf32x3), or nullptr when it is
+// unset or empty (the defaults below).
 static const char* fused_cuda_flag() {
   const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
-  return flag != nullptr && *flag != '\0' ? flag : nullptr;
+  if (flag == nullptr || *flag == '\0') return nullptr;
+  TORCH_CHECK_VALUE(std::strcmp(flag, "0") == 0 || std::strcmp(flag, "1") == 0 ||
+                        std::strcmp(flag, "tensor_cores") == 0 || std::strcmp(flag, "tf32x3") == 0,
+                    "gradvar: GRADVAR_EXT_FUSED_CUDA must be 0, 1 or tensor_cores, got '", flag, "'");
+  return flag;
 }
 
 bool use_fused_cuda(const Factors& X, const Factors& G, bool cross) {
@@ -239,18 +244,20 @@ bool fused_cuda_on_tensor_cores(int64_t positions, bool cross) {
   return std::strcmp(flag, "tensor_cores") == 0 || std::strcmp(flag, "tf32x3") == 0;
 }
 
-// Whether the environment variable `name` is set to "1": the fused squared norms and products
-// ran and passed on an H100 but were slower there than cuBLAS (benchmarks/RESULTS.md), so they
-// are opt-in only.
-static bool opted_in(const char* name) {
-  const char* flag = std::getenv(name);
+// The fused squared norms and products ran and passed on an H100 but were slower there than
+// cuBLAS (benchmarks/RESULTS.md), so they are opt-in only: GRADVAR_EXT_FUSED_CUDA=1 and
+// GRADVAR_EXT_FUSED_BACKWARD_CUDA=1 (0 or unset: off).
+bool use_fused_norms_cuda(const Factors&) {
+  const char* flag = fused_cuda_flag();
   return flag != nullptr && std::strcmp(flag, "1") == 0;
 }
 
-bool use_fused_norms_cuda(const Factors&) { return opted_in("GRADVAR_EXT_FUSED_CUDA"); }
-
 bool use_fused_products_cuda(const Factors& P) {
-  return opted_in("GRADVAR_EXT_FUSED_BACKWARD_CUDA") && P.positions <= fused_products_max_positions() &&
+  const char* flag = std::getenv("GRADVAR_EXT_FUSED_BACKWARD_CUDA");
+  const bool on = flag != nullptr && std::strcmp(flag, "1") == 0;
+  TORCH_CHECK_VALUE(on || flag == nullptr || *flag == '\0' || std::strcmp(flag, "0") == 0,
+                    "gradvar: GRADVAR_EXT_FUSED_BACKWARD_CUDA must be 0 or 1, got '", flag, "'");
+  return on && P.positions <= fused_products_max_positions() &&
          P.samples <= 65535;
 }
 #endif
@@ -486,8 +493,9 @@ static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P
   }
 #ifdef GRADVAR_WITH_CUDA
   // One group written in place (a Linear layer), on request: the fused kernel, h_n never in global memory.
-  if (P.options.device().is_cuda() && groups == 1 && !positions_last && sink.into &&
-      (Z2 == nullptr || sink2->into) && use_fused_products_cuda(P)) {
+  // (The flag first: a misspelt value raises whatever the shapes.)
+  if (P.options.device().is_cuda() && use_fused_products_cuda(P) && groups == 1 && !positions_last && sink.into &&
+      (Z2 == nullptr || sink2->into)) {
     const auto p = P.chunk(0, N), q = Q.chunk(0, N);
     const auto w = W.select(0, 0), c = center.defined() ? center.select(0, 0) : at::Tensor();
     auto out = sink.into(0, N);

@@ -332,6 +332,33 @@ def test_cuda_unknown_accumulate_kernel_is_named(monkeypatch):
         call("linear_second_moment", x, g)
 
 
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        (
+            "GRADVAR_EXT_FUSED_CUDA",
+            "tensor_core",
+            "GRADVAR_EXT_FUSED_CUDA must be 0, 1 or tensor_cores, got 'tensor_core'",
+        ),
+        ("GRADVAR_EXT_FUSED_BACKWARD_CUDA", "yes", "GRADVAR_EXT_FUSED_BACKWARD_CUDA must be 0 or 1, got 'yes'"),
+    ],
+)
+def test_cuda_unknown_fused_flag_is_named(monkeypatch, variable, value, message):
+    """A misspelt fused-kernel flag raises rather than picking a kernel nobody asked for (before,
+    any value but 0 meant the CUDA-core kernel)."""
+    monkeypatch.setenv(variable, value)
+    x, g = (
+        torch.randn(4, 3, 6, device="cuda", dtype=torch.float64),
+        torch.randn(4, 3, 5, device="cuda", dtype=torch.float64),
+    )
+    w = torch.randn(5, 6, device="cuda", dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        if variable == "GRADVAR_EXT_FUSED_CUDA":
+            call("linear_second_moment", x, g)
+        else:
+            call("weighted_gradient_product", g, x, g, w)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_cuda_zero_positions_give_zeros(fused, dtype):
     """No positions per sample: every moment is a sum of no terms (the fused path writes its
