@@ -40,10 +40,14 @@ import argparse
 import functools
 import os
 import statistics
+import sys
 
 import torch
 
 import gradvar_ext
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_variance import environment  # noqa: E402
 
 # T = 32 (128x32x512->512) decided float64's limit: on an H100 (fifteenth session) its tensor-core
 # walk took 0.150 ms there against chunked cuBLAS's 0.316 (so the limit is 32, as float32's).
@@ -164,19 +168,18 @@ def ratios_table(skip_tensor_cores: bool) -> None:
                     cells.append("left out (tests failed)")
                     calls[name] = None
                     continue
-                os.environ["GRADVAR_EXT_FUSED_CUDA"] = flag
+                env = {"GRADVAR_EXT_FUSED_CUDA": flag}
                 if name in ("grouped", "implicit", "shifted"):
-                    os.environ["GRADVAR_EXT_CONV_ALGORITHM"] = name
-                ms, mb = timed(statistic)
-                total, kernel, kernel_name = gpu_time(statistic)
-                os.environ.pop("GRADVAR_EXT_CONV_ALGORITHM", None)
+                    env["GRADVAR_EXT_CONV_ALGORITHM"] = name
+                with environment(env):
+                    ms, mb = timed(statistic)
+                    total, kernel, kernel_name = gpu_time(statistic)
                 calls[name] = (ms, total, kernel)
                 if name == "default":
                     continue  # the same as chunked, fused or tensor: only its ratio is printed
                 cells.append(f"{ms:.3f} ms ({total:.3f} on GPU, kernel {kernel:.3f}), {mb:.0f} MB")
                 if name in ("fused", "tensor", "implicit") and "fused_moments" not in kernel_name:
                     cells[-1] += f" [top kernel: {kernel_name[:40]}]"
-            os.environ.pop("GRADVAR_EXT_FUSED_CUDA", None)
             ms, total, kernel = calls["fused"]
             ratios = f"{bmm_ms / ms:.2f} / {bmm_gpu / total:.2f} / {bmm_gpu / kernel:.2f}"
             ratios += f" | tensor cores {ratio(bmm_gpu, calls['tensor'])}, default {ratio(bmm_gpu, calls['default'])}"
@@ -270,16 +273,12 @@ def _kernels_under(call, env: dict, reps: int = 5) -> tuple:
     call() under the environment env (set for the call only)."""
     from torch.profiler import ProfilerActivity, profile
 
-    os.environ.update(env)
-    try:
+    with environment(env):
         timed(call, reps=3)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):
                 call()
             torch.cuda.synchronize()
-    finally:
-        for name in env:
-            os.environ.pop(name)
     events = sorted(prof.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0.0))
     total = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / reps
     launches = sum(e.count for e in events if getattr(e, "self_device_time_total", 0.0) > 0) / reps
@@ -323,14 +322,13 @@ def chunk_budgets() -> None:
             )
         )
     rows = []
-    os.environ["GRADVAR_EXT_FUSED_CUDA"] = "0"
     for label, bmm, call in calls:
         bmm_gpu, _, _ = gpu_time(bmm)
-        cells, gpu = under_flags(call, "GRADVAR_EXT_CHUNK_MIB", BUDGETS_MIB)
+        with environment({"GRADVAR_EXT_FUSED_CUDA": "0"}):
+            cells, gpu = under_flags(call, "GRADVAR_EXT_CHUNK_MIB", BUDGETS_MIB)
         ratios = " / ".join(f"{bmm_gpu / g:.2f}" for g in gpu)
         rows.append(f"| {label} | {bmm_gpu:.3f} ms | {' | '.join(cells)} | {ratios} |")
         print(rows[-1], flush=True)
-    os.environ.pop("GRADVAR_EXT_FUSED_CUDA", None)
     heads = " | ".join(f"chunked, {b} MiB" for b in BUDGETS_MIB)
     print(f"\n| call | bmm (GPU time) | {heads} | chunked / bmm throughput in GPU time, by budget |")
     print("|---|---|" + "---|" * len(BUDGETS_MIB) + "---|")
@@ -342,12 +340,11 @@ def under_flags(call, variable: str, flags) -> tuple[list[str], list[float]]:
     call (GPU time), peak MB", GPU times in ms)."""
     cells, gpu = [], []
     for flag in flags:
-        os.environ[variable] = flag
-        ms, mb = timed(call)
-        total, _, _ = gpu_time(call)
+        with environment({variable: flag}):
+            ms, mb = timed(call)
+            total, _, _ = gpu_time(call)
         gpu.append(total)
         cells.append(f"{ms:.3f} ms ({total:.3f} on GPU), {mb:.0f} MB")
-    os.environ.pop(variable, None)
     return cells, gpu
 
 

@@ -23,6 +23,7 @@ table last and writes JSON to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -214,6 +215,22 @@ METHOD_ENV = {
     "gradvar-shifted": {"GRADVAR_EXT_CONV_ALGORITHM": "shifted"},
     "gradvar-pytorch-conv": {"GRADVAR_EXT_CONV_BACKWARD": "pytorch"},
 }
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Sets the environment variables `values` (the library reads its knobs at each call) for the
+    block, then puts back what was there before: a variable set in the shell stays set."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 def method_function(method: str):

@@ -127,16 +127,11 @@ def print_memory_at_peak(call, label: str, top: int) -> None:
 def profile_one(workload: str, method: str, device: str, job: str, top: int, memory: bool = False) -> None:
     model, x, y, lossfunc = bv.make_workload(workload, device)
     fn = bv.method_function(method)
-    env = bv.METHOD_ENV.get(method, {})
-    os.environ.update(env)
     call, label = (lambda: fn(model, x, y, lossfunc, job)), f"{workload}, {method}"
-    try:
+    with bv.environment(bv.METHOD_ENV.get(method, {})):
         _profile(call, label, device, top)
         if memory:  # the same warm model
             print_memory_at_peak(call, label, top)
-    finally:
-        for name in env:
-            os.environ.pop(name)
 
 
 def _profile(call, label: str, device: str, top: int) -> None:

@@ -48,3 +48,22 @@ def test_live_at_peak_of_an_empty_trace_is_zero():
     assert profile_job.live_at_peak([]) == (0, [])
     assert profile_job._site([]) == "(no Python frame)"
     assert profile_job._site([TORCH_FRAME]) == "functional.py:5 conv2d"  # no frame of ours: the innermost
+
+
+def test_benchmark_environment_puts_back_what_the_shell_set(monkeypatch):
+    """bench_variance.environment, which the benchmarks and the profile set the library's knobs
+    with: a variable set before the block comes back, one unset before is unset after, also
+    when the block raises."""
+    import bench_variance
+
+    monkeypatch.setenv("GRADVAR_EXT_CHUNK_MIB", "8")
+    monkeypatch.delenv("GRADVAR_EXT_CONV_SLABS", raising=False)
+    try:
+        with bench_variance.environment({"GRADVAR_EXT_CHUNK_MIB": "128", "GRADVAR_EXT_CONV_SLABS": "0"}):
+            assert os.environ["GRADVAR_EXT_CHUNK_MIB"] == "128"
+            assert os.environ["GRADVAR_EXT_CONV_SLABS"] == "0"
+            raise KeyError("inside")
+    except KeyError:
+        pass
+    assert os.environ["GRADVAR_EXT_CHUNK_MIB"] == "8"
+    assert "GRADVAR_EXT_CONV_SLABS" not in os.environ
