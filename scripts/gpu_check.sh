@@ -48,7 +48,7 @@ else
 fi
 # pytest-xdist (on the GPU image): the CUDA tests are host-bound (gradcheck's many small launches;
 # 437 took 244 s on the nineteenth session's H100 with 6 workers; 533 since the twentieth's shifted
-# and sliced tests, hence 330 s);
+# and sliced tests, hence 330 s; ~560 since the twenty-first and twenty-second sessions' tests: 360 s);
 # 6 worker processes sharing the GPU took 135 s on an H200 (one process: ~235 s at the eighth
 # session's rate on an H100).
 # `timeout` signals its whole process group: the workers too.
@@ -62,7 +62,7 @@ if [ "$PART" != bench ]; then
   else  # the tensor-core kernels in a process of their own: a fault there cannot spoil the rest
     # (-v: every test's verdict is in the log as it comes, even if a timeout ends the run)
     NEW_KERNELS="tensor_cores or implicit or tf32x3"
-    timeout 330 $PY -m pytest tests/test_cuda.py $XDIST -v --tb=short -p no:cacheprovider -k "not ($NEW_KERNELS)" 2>&1 |
+    timeout 360 $PY -m pytest tests/test_cuda.py $XDIST -v --tb=short -p no:cacheprovider -k "not ($NEW_KERNELS)" 2>&1 |
       tee "$OUT/test_cuda.log" | tail -8
     stage "cuda tests of the tensor-core kernels (cp.async pipeline, DMMA, implicit patches)"
     timeout 120 $PY -m pytest tests/test_cuda.py $XDIST -v --tb=short -p no:cacheprovider -k "$NEW_KERNELS" 2>&1 |
