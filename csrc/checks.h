@@ -1,15 +1,32 @@
 // Input checks shared by every gradvar kernel. Each message starts with
 // "gradvar.<op>: " and names the offending argument, so a user sees which call and
 // which tensor is wrong. Shape problems raise ValueError, dtype problems TypeError.
+// The library's knobs (environment variables) are checked here too: env_choice.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+
 #define GRADVAR_CHECK(cond, op, ...) TORCH_CHECK_VALUE(cond, "gradvar.", op, ": ", __VA_ARGS__)
 #define GRADVAR_CHECK_TYPE(cond, op, ...) TORCH_CHECK_TYPE(cond, "gradvar.", op, ": ", __VA_ARGS__)
 
 namespace gradvar {
+
+// A knob's value: environment variable `name` when set and not empty (else nullptr), which must
+// be one of `allowed`: else a ValueError "gradvar: <name> must be <allowed_text>, got '<value>'".
+inline const char* env_choice(const char* name, std::initializer_list<const char*> allowed, const char* allowed_text) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return nullptr;
+  const bool known =
+      std::any_of(allowed.begin(), allowed.end(), [value](const char* a) { return std::strcmp(value, a) == 0; });
+  TORCH_CHECK_VALUE(known, "gradvar: ", name, " must be ", allowed_text, ", got '", value, "'");
+  return value;
+}
 
 // float32 / float64 only (the Python layer promotes half precision), same dtype and device as `like`.
 inline void check_float_like(const char* op, const at::Tensor& t, const char* name,

@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "checks.h"
+
 namespace gradvar {
 namespace {
 
@@ -203,12 +205,7 @@ GradientChunks outer_products_by_rows(const Factors& X, const Factors& G, const 
 // GRADVAR_EXT_FUSED_CUDA (0, 1, tensor_cores or its older name tf32x3), or nullptr when it is
 // unset or empty (the defaults below).
 static const char* fused_cuda_flag() {
-  const char* flag = std::getenv("GRADVAR_EXT_FUSED_CUDA");
-  if (flag == nullptr || *flag == '\0') return nullptr;
-  TORCH_CHECK_VALUE(std::strcmp(flag, "0") == 0 || std::strcmp(flag, "1") == 0 ||
-                        std::strcmp(flag, "tensor_cores") == 0 || std::strcmp(flag, "tf32x3") == 0,
-                    "gradvar: GRADVAR_EXT_FUSED_CUDA must be 0, 1 or tensor_cores, got '", flag, "'");
-  return flag;
+  return env_choice("GRADVAR_EXT_FUSED_CUDA", {"0", "1", "tensor_cores", "tf32x3"}, "0, 1 or tensor_cores");
 }
 
 bool use_fused_cuda(const Factors& X, const Factors& G, bool cross) {
@@ -253,11 +250,8 @@ bool use_fused_norms_cuda(const Factors&) {
 }
 
 bool use_fused_products_cuda(const Factors& P) {
-  const char* flag = std::getenv("GRADVAR_EXT_FUSED_BACKWARD_CUDA");
-  const bool on = flag != nullptr && std::strcmp(flag, "1") == 0;
-  TORCH_CHECK_VALUE(on || flag == nullptr || *flag == '\0' || std::strcmp(flag, "0") == 0,
-                    "gradvar: GRADVAR_EXT_FUSED_BACKWARD_CUDA must be 0 or 1, got '", flag, "'");
-  return on && P.positions <= fused_products_max_positions() &&
+  const char* flag = env_choice("GRADVAR_EXT_FUSED_BACKWARD_CUDA", {"0", "1"}, "0 or 1");
+  return flag != nullptr && std::strcmp(flag, "1") == 0 && P.positions <= fused_products_max_positions() &&
          P.samples <= 65535;
 }
 #endif

@@ -7,9 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 
+#include "../checks.h"
 #include "../outer_product_stats.h"
 #include "reduce_kernels.cuh"
 
@@ -19,12 +19,8 @@ namespace {
 // Which accumulate kernel for F columns: GRADVAR_EXT_ACCUMULATE=sliced or columns (one thread a
 // column) forces one; unset, the sliced kernel for few columns (reduce::sliced_by_default).
 bool accumulate_sliced(int64_t F) {
-  const char* flag = std::getenv("GRADVAR_EXT_ACCUMULATE");
-  if (flag == nullptr || *flag == '\0') return reduce::sliced_by_default(F);
-  if (std::strcmp(flag, "columns") == 0) return false;
-  TORCH_CHECK_VALUE(std::strcmp(flag, "sliced") == 0, "gradvar: GRADVAR_EXT_ACCUMULATE must be columns or sliced, got '",
-                    flag, "'");
-  return true;
+  const char* flag = env_choice("GRADVAR_EXT_ACCUMULATE", {"columns", "sliced"}, "columns or sliced");
+  return flag == nullptr ? reduce::sliced_by_default(F) : std::strcmp(flag, "sliced") == 0;
 }
 
 // out[k * out_stride] = sum_j a[k, j] * b[k, j]. One block per row k, tree reduction in shared memory.
