@@ -14,7 +14,9 @@ width-unfolded images, GRADVAR_EXT_CONV_ALGORITHM=shifted),
 gradvar-pytorch-conv (asked for by name: gradvar with PyTorch's own backward node for the conv
 layers, GRADVAR_EXT_CONV_BACKWARD=pytorch, the A/B of gradvar_ext/conv_backward.py),
 gradvar-micro (gradvar_ext.total_variance in micro-batches of 16: memory bounded by 16 samples;
-gradvar-micro-K: micro-batches of K, e.g. gradvar-micro-64 on a GPU, where 16 is launch-bound), loop
+gradvar-micro-K: micro-batches of K, e.g. gradvar-micro-64 on a GPU, where 16 is launch-bound),
+gradvar-chunk-K (gradvar with GRADVAR_EXT_CHUNK_MIB=K: what chunks of per-sample gradients, patches
+and products may take; 4 MiB on the CPU, 32 on a GPU by default), loop
 (per-sample autograd loop: the ground truth every other method is checked against), torch.func
 (vmap of grad), backpack (when installed), opacus (job a only, when installed). Prints a markdown
 table last and writes JSON to benchmarks/results/.
@@ -233,15 +235,33 @@ def environment(values: dict[str, str]):
                 os.environ[name] = old
 
 
-def method_function(method: str):
-    """METHODS[method]; "gradvar-micro-K": total_variance in micro-batches of K samples."""
-    prefix = "gradvar-micro-"
+def _sized(method: str, prefix: str) -> int | None:
+    """K of a method named prefix + K (K a positive integer), else None."""
     size = method[len(prefix) :] if method.startswith(prefix) else ""
-    if size.isdigit() and int(size) > 0:
-        return functools.partial(run_gradvar_micro, micro_batch_size=int(size))
+    return int(size) if size.isdigit() and int(size) > 0 else None
+
+
+def method_function(method: str):
+    """METHODS[method]; "gradvar-micro-K": total_variance in micro-batches of K samples;
+    "gradvar-chunk-K": gradvar with chunks of K MiB (method_environment)."""
+    if (size := _sized(method, "gradvar-micro-")) is not None:
+        return functools.partial(run_gradvar_micro, micro_batch_size=size)
+    if _sized(method, "gradvar-chunk-") is not None:
+        return run_gradvar
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS)} or gradvar-micro-K (K samples)")
+        raise ValueError(
+            f"unknown method {method!r}: one of {', '.join(METHODS)}, gradvar-micro-K (K samples) "
+            "or gradvar-chunk-K (K MiB chunks)"
+        )
     return METHODS[method]
+
+
+def method_environment(method: str) -> dict[str, str]:
+    """The knobs a method's worker runs under: METHOD_ENV's; for "gradvar-chunk-K",
+    GRADVAR_EXT_CHUNK_MIB=K (what the chunks of per-sample gradients, patches and products may
+    take: 4 MiB on the CPU, 32 on a GPU by default), the time / peak-memory trade of one knob."""
+    size = _sized(method, "gradvar-chunk-")
+    return {"GRADVAR_EXT_CHUNK_MIB": str(size)} if size is not None else METHOD_ENV.get(method, {})
 
 
 # ---------------------------------------------------------------- one measurement (child process)
@@ -281,7 +301,7 @@ def worker(method: str, workload: str, device: str, repeats: int, out_path: str,
     most 100, so sub-millisecond timings are not noise), then measures the peak extra memory of
     one more run: CUDA from the caching allocator's peak statistics, CPU from the profiler's
     allocation events (an untimed run: profiling slows it)."""
-    os.environ.update(METHOD_ENV.get(method, {}))
+    os.environ.update(method_environment(method))
     exact_float32()
     torch.manual_seed(0)
     model, x, y, lossfunc = make_workload(workload, device)
@@ -356,7 +376,26 @@ def machine(device: str) -> dict:
         info["cpu"] = platform.processor()
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+    info["environment"] = measured_environment()
     return info
+
+
+# Variables besides the library's own (GRADVAR_EXT_*) that change what a run measures: cuDNN's
+# workspace cap (part of every method's GPU peak), cuBLAS's workspaces, the allocator, threads.
+_OTHER_KNOBS = (
+    "CUDNN_CONV_WSCAP_DBG",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "PYTORCH_ALLOC_CONF",
+    "NVIDIA_TF32_OVERRIDE",
+    "OMP_NUM_THREADS",
+)
+
+
+def measured_environment() -> dict[str, str]:
+    """The knobs set in the shell for this run (every worker inherits them; a method's own, as
+    gradvar-chunk-K's, come on top), recorded with the machine so that a table says what it ran under."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("GRADVAR_EXT_") or k in _OTHER_KNOBS}
 
 
 def main() -> int:

@@ -128,7 +128,7 @@ def profile_one(workload: str, method: str, device: str, job: str, top: int, mem
     model, x, y, lossfunc = bv.make_workload(workload, device)
     fn = bv.method_function(method)
     call, label = (lambda: fn(model, x, y, lossfunc, job)), f"{workload}, {method}"
-    with bv.environment(bv.METHOD_ENV.get(method, {})):
+    with bv.environment(bv.method_environment(method)):
         _profile(call, label, device, top)
         if memory:  # the same warm model
             print_memory_at_peak(call, label, top)

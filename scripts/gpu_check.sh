@@ -18,6 +18,8 @@
 # NCU_CASES="implicit gemm" picks its cases; PROFILE_WORKLOADS="cnn" and PROFILE_METHODS="gradvar
 # gradvar-strided torch.func" set the profile's; PROFILE_MEMORY=1 adds what is alive at each
 # profiled call's peak (CUDA allocator history); SKIP_JOB_B=1 ends after the profile.
+# WSCAP_MIB=16 adds job (b) on the CNN with cuDNN's workspaces capped (CUDNN_CONV_WSCAP_DBG=16;
+# WSCAP_WORKLOADS / WSCAP_METHODS: which; default floor gradvar gradvar-pytorch-conv torch.func).
 # SKIP_PROFILE=1 skips the profile of job (b) (90 s), SKIP_SWEEP=1 the CNN sweep (~90 s); the sweep runs before job (a), so that a
 # call cut short loses job (a) first. CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
 # On an H200 (fourteenth session, SKIP_PROFILE=1 SKIP_SWEEP=1 SKIP_JOB_A=1 WORKLOADS="cnn seq": 388 s
@@ -114,6 +116,12 @@ timeout 320 $PY benchmarks/bench_variance.py --device cuda --quick ${BENCH_ROUND
   ${WORKLOADS:+--workloads $WORKLOADS} --methods $METHODS \
   --json "$OUT/bench_cuda.json" 2>&1 |
   tee "$OUT/bench_variance.log" | tail -50
+if [ -n "${WSCAP_MIB:-}" ]; then  # what part of each method's GPU peak is cuDNN's workspaces
+  stage "job (b) with cuDNN's workspaces capped at $WSCAP_MIB MiB (CUDNN_CONV_WSCAP_DBG, read by PyTorch)"
+  CUDNN_CONV_WSCAP_DBG=$WSCAP_MIB timeout 150 $PY benchmarks/bench_variance.py --device cuda --quick \
+    --workloads ${WSCAP_WORKLOADS:-cnn} --methods ${WSCAP_METHODS:-floor gradvar gradvar-pytorch-conv torch.func} \
+    --json "$OUT/bench_wscap.json" 2>&1 | tee "$OUT/bench_wscap.log" | tail -10
+fi
 if [ "${SKIP_SWEEP:-0}" != 1 ]; then
   stage "cnn batch-size sweep"
   # two batch sizes x four methods (micro-batches of 16 are launch-bound on a GPU: also of 128)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+import torch
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import profile_job  # noqa: E402
 
@@ -67,3 +70,32 @@ def test_benchmark_environment_puts_back_what_the_shell_set(monkeypatch):
         pass
     assert os.environ["GRADVAR_EXT_CHUNK_MIB"] == "8"
     assert "GRADVAR_EXT_CONV_SLABS" not in os.environ
+
+
+def test_benchmark_chunk_methods_set_the_chunk_budget(monkeypatch):
+    """bench_variance.py's "gradvar-chunk-K": the front end under GRADVAR_EXT_CHUNK_MIB=K (the
+    workers' environment), the same numbers as the per-sample loop at 1 MiB chunks (the seed's
+    conv layer then takes 10 bmm calls where 4 MiB takes 7); the table's machine record lists
+    the knobs the shell set."""
+    import bench_variance as bv
+
+    assert bv.method_environment("gradvar-chunk-8") == {"GRADVAR_EXT_CHUNK_MIB": "8"}
+    assert bv.method_environment("gradvar-shifted") == {"GRADVAR_EXT_CONV_ALGORITHM": "shifted"}
+    assert bv.method_environment("gradvar") == {}
+    assert bv.method_function("gradvar-chunk-8") is bv.run_gradvar
+    for bad in ("gradvar-chunk-0", "gradvar-chunk-", "gradvar-chunk-1.5"):
+        with pytest.raises(ValueError, match="gradvar-chunk-K"):
+            bv.method_function(bad)
+    model, x, y, lossfunc = bv.make_workload("seed-mnist-cnn", "cpu")
+    with bv.environment(bv.method_environment("gradvar-chunk-1")):
+        total, grads = bv.method_function("gradvar-chunk-1")(model, x, y, lossfunc, "b")
+    expected_total, expected_grads = bv.run_loop(model, x, y, lossfunc, "b")
+    torch.testing.assert_close(total, expected_total, rtol=1e-4, atol=1e-6)
+    for got, want in zip(grads, expected_grads, strict=True):  # float32 double backward: 1e-5 of the largest
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5 * float(want.abs().max()))
+    monkeypatch.setenv("CUDNN_CONV_WSCAP_DBG", "16")
+    monkeypatch.setenv("GRADVAR_EXT_CHUNK_MIB", "8")
+    monkeypatch.setenv("HOME_OF_SOMETHING_ELSE", "x")
+    recorded = bv.machine("cpu")["environment"]
+    assert recorded["CUDNN_CONV_WSCAP_DBG"] == "16" and recorded["GRADVAR_EXT_CHUNK_MIB"] == "8"
+    assert "HOME_OF_SOMETHING_ELSE" not in recorded
