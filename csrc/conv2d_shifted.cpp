@@ -166,24 +166,32 @@ WeightedConsumer shifted_to_grad_output(const at::Tensor& left_input, std::share
 namespace {
 
 // dX1 [n * groups, f1, s * R * W_out] (positions fastest, rows phase-major for s > 1) folded into
-// images [n, C_in, H, W] (overwritten): s = 1 as a (1 x kw) convolution's columns (col2im / strided
-// views); s > 1 by kw strided-view additions into the zero-padded phase-major images, then the crop.
+// images [n, C_in, H, W] (overwritten) as a (1 x kw) convolution's columns, by the device's col2im
+// or strided views: s = 1 straight into the images (the fold drops the padded rows); s > 1 into
+// the padded rows in phase-major order ([n, C_in, s, R, W]: phase p, row q is padded row
+// q * s + p), then each phase's rows inside the image copied to their places.
 void fold_width(const at::Tensor& cols, at::Tensor images, const ConvGeometry& c, const RowShifts& r) {
   const int64_t n = images.size(0), s = c.stride[0], R = r.phase_rows;
-  if (s == 1) {
-    const auto values = cols.view({n, c.in_channels * c.kernel[1], r.width.positions()});
-    if (unfold_with_im2col(images)) return col2im(values, images, r.width);
-    return fold_strided(values, images, r.width);
+  ConvGeometry w = r.width;
+  at::Tensor phases = images;
+  if (s > 1) {  // the phase-major rows as the image of a (1 x kw) convolution without height padding
+    w.height = w.out_height = s * R;
+    w.padding = {0, c.padding[1]};
+    phases = at::empty({n, c.in_channels, s * R, c.width}, cols.options());
   }
-  at::Tensor padded = at::zeros({n, c.in_channels, R, s, c.width + 2 * c.padding[1]}, cols.options());
-  const auto taps = cols.view({n, c.in_channels, c.kernel[1], s, R, c.out_width});
-  for (int64_t j = 0; j < c.kernel[1]; ++j) {
-    const int64_t left = j * c.dilation[1];
-    padded.slice(4, left, left + c.stride[1] * (c.out_width - 1) + 1, c.stride[1])
-        .add_(taps.select(2, j).permute({0, 1, 3, 2, 4}));  // [n, C, R, s, W_out]
+  const auto values = cols.view({n, c.in_channels * c.kernel[1], w.positions()});
+  if (unfold_with_im2col(images)) {
+    col2im(values, phases, w);
+  } else {
+    fold_strided(values, phases, w);
   }
-  images.copy_(padded.flatten(2, 3).slice(2, c.padding[0], c.padding[0] + c.height).slice(3, c.padding[1],
-                                                                                          c.padding[1] + c.width));
+  if (s == 1) return;
+  const auto by_phase = phases.view({n, c.in_channels, s, R, c.width});
+  for (int64_t p = 0; p < s; ++p) {  // image row h = q * s + p - pad_h, from the first q with h >= 0
+    const int64_t q0 = (c.padding[0] - p + s - 1) / s, h0 = q0 * s + p - c.padding[0];
+    if (h0 >= c.height) continue;
+    images.slice(2, h0, c.height, s).copy_(by_phase.select(2, p).narrow(2, q0, (c.height - h0 + s - 1) / s));
+  }
 }
 
 }  // namespace
