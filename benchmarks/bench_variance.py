@@ -381,7 +381,9 @@ def machine(device: str) -> dict:
 
 
 # Variables besides the library's own (GRADVAR_EXT_*) that change what a run measures: cuDNN's
-# workspace cap (part of every method's GPU peak), cuBLAS's workspaces, the allocator, threads.
+# workspace cap (part of every method's GPU peak), cuBLAS's workspaces, the allocators (glibc's
+# MALLOC_*_ tunables, a preloaded jemalloc / tcmalloc: on the 2-core CPU every method's CNN time
+# moves by 20-25% with them, benchmarks/RESULTS.md), threads.
 _OTHER_KNOBS = (
     "CUDNN_CONV_WSCAP_DBG",
     "CUBLAS_WORKSPACE_CONFIG",
@@ -389,13 +391,16 @@ _OTHER_KNOBS = (
     "PYTORCH_ALLOC_CONF",
     "NVIDIA_TF32_OVERRIDE",
     "OMP_NUM_THREADS",
+    "LD_PRELOAD",
 )
 
 
 def measured_environment() -> dict[str, str]:
     """The knobs set in the shell for this run (every worker inherits them; a method's own, as
     gradvar-chunk-K's, come on top), recorded with the machine so that a table says what it ran under."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("GRADVAR_EXT_") or k in _OTHER_KNOBS}
+    return {
+        k: v for k, v in sorted(os.environ.items()) if k.startswith(("GRADVAR_EXT_", "MALLOC_")) or k in _OTHER_KNOBS
+    }
 
 
 def main() -> int:

@@ -95,7 +95,9 @@ def test_benchmark_chunk_methods_set_the_chunk_budget(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5 * float(want.abs().max()))
     monkeypatch.setenv("CUDNN_CONV_WSCAP_DBG", "16")
     monkeypatch.setenv("GRADVAR_EXT_CHUNK_MIB", "8")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4294967296")
     monkeypatch.setenv("HOME_OF_SOMETHING_ELSE", "x")
     recorded = bv.machine("cpu")["environment"]
     assert recorded["CUDNN_CONV_WSCAP_DBG"] == "16" and recorded["GRADVAR_EXT_CHUNK_MIB"] == "8"
+    assert recorded["MALLOC_TRIM_THRESHOLD_"] == "4294967296"
     assert "HOME_OF_SOMETHING_ELSE" not in recorded
