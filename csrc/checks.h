@@ -18,13 +18,16 @@
 namespace gradvar {
 
 // A knob's value: environment variable `name` when set and not empty (else nullptr), which must
-// be one of `allowed`: else a ValueError "gradvar: <name> must be <allowed_text>, got '<value>'".
-inline const char* env_choice(const char* name, std::initializer_list<const char*> allowed, const char* allowed_text) {
+// be one of `allowed`: else a ValueError "gradvar: <name> must be <allowed_text>, got '<value>'"
+// ("gradvar.<op>: ..." when the op reading it is given).
+inline const char* env_choice(const char* name, std::initializer_list<const char*> allowed, const char* allowed_text,
+                              const char* op = nullptr) {
   const char* value = std::getenv(name);
   if (value == nullptr || *value == '\0') return nullptr;
   const bool known =
       std::any_of(allowed.begin(), allowed.end(), [value](const char* a) { return std::strcmp(value, a) == 0; });
-  TORCH_CHECK_VALUE(known, "gradvar: ", name, " must be ", allowed_text, ", got '", value, "'");
+  TORCH_CHECK_VALUE(known, "gradvar", op != nullptr ? "." : "", op != nullptr ? op : "", ": ", name, " must be ",
+                    allowed_text, ", got '", value, "'");
   return value;
 }
 

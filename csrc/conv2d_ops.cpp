@@ -120,14 +120,13 @@ enum class ConvPath { unfold, implicit, grouped, shifted };
 // elsewhere (CUDA: on an H200 the benchmark CNN ran 1.3x faster with unfold than grouped; on an
 // H100 shifted did not pay, twenty-first session).
 ConvPath conv_path(const char* op, const ConvGeometry& c, const at::Tensor& input) {
-  const char* flag = std::getenv("GRADVAR_EXT_CONV_ALGORITHM");
-  const std::string choice = flag != nullptr ? flag : "";
+  const char* flag = env_choice("GRADVAR_EXT_CONV_ALGORITHM", {"auto", "unfold", "grouped", "implicit", "shifted"},
+                                "auto, unfold, grouped, implicit or shifted", op);
+  const std::string choice = flag != nullptr ? flag : "auto";
   if (choice == "unfold") return ConvPath::unfold;
   if (choice == "implicit") return ConvPath::implicit;
   if (choice == "grouped") return ConvPath::grouped;
   if (choice == "shifted") return ConvPath::shifted;
-  GRADVAR_CHECK(choice.empty() || choice == "auto", op,
-                "GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold, grouped, implicit or shifted, got '", choice, "'");
   const int64_t per_group = c.in_channels / c.groups;
   const bool grouped = input.is_cpu() && input.scalar_type() == at::kFloat && !c.unfold_is_view() &&
                        (per_group >= 8 || (per_group == 1 && c.groups > 1));

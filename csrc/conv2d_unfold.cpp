@@ -87,10 +87,8 @@ void fold_strided(const at::Tensor& cols, at::Tensor& out, const ConvGeometry& c
 // (H100: its tests and compute-sanitizer clean; conv2d_variance float32 152 vs 196 us, 84 vs
 // 109 us on the benchmark CNN's convs). Other devices: the views.
 bool unfold_with_im2col(const at::Tensor& images) {
-  const char* flag = std::getenv("GRADVAR_EXT_UNFOLD");
-  const std::string choice = flag != nullptr ? flag : "";
-  GRADVAR_CHECK(choice.empty() || choice == "im2col" || choice == "strided", "conv2d",
-                "GRADVAR_EXT_UNFOLD must be im2col or strided, got '", choice, "'");
+  const char* flag = env_choice("GRADVAR_EXT_UNFOLD", {"im2col", "strided"}, "im2col or strided", "conv2d");
+  const std::string choice = flag != nullptr ? flag : "im2col";
 #ifdef GRADVAR_WITH_CUDA
   if (images.is_cuda()) return choice != "strided";
 #endif

@@ -360,7 +360,8 @@ def test_unknown_conv_algorithm_is_named(monkeypatch):
     x, go, *conv = ConvCase(2, 8, 4, (6, 6), padding=(1, 1)).args("conv2d_variance", torch.float32)
     with pytest.raises(
         ValueError,
-        match="GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold, grouped, implicit or shifted, got 'winograd'",
+        match=r"^gradvar\.conv2d_variance: GRADVAR_EXT_CONV_ALGORITHM must be auto, unfold, grouped, implicit or "
+        "shifted, got 'winograd'",
     ):
         call("conv2d_variance", x, go, *conv)
 
@@ -370,7 +371,7 @@ def test_unknown_unfolding_is_named(monkeypatch):
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
     monkeypatch.setenv("GRADVAR_EXT_UNFOLD", "fft")
     x, go, *conv = ConvCase(2, 8, 4, (6, 6), padding=(1, 1)).args("conv2d_variance", torch.float32)
-    with pytest.raises(ValueError, match="GRADVAR_EXT_UNFOLD must be im2col or strided, got 'fft'"):
+    with pytest.raises(ValueError, match=r"^gradvar\.conv2d: GRADVAR_EXT_UNFOLD must be im2col or strided, got 'fft'"):
         call("conv2d_variance", x, go, *conv)
 
 
