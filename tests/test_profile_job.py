@@ -1,5 +1,6 @@
-"""benchmarks/profile_job.py's replay of a CUDA allocator trace (--memory), on made-up traces: the
-peak and what was alive at it, by allocation site. (The CUDA run itself needs a GPU.)"""
+"""The benchmarks' helpers: profile_job.py's replay of a CUDA allocator trace (--memory), on made-up
+traces (the peak and what was alive at it, by allocation site; the CUDA run itself needs a GPU),
+and bench_variance.py's environments (a method's knobs, the shell's, the machine record)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import sys
 
 import pytest
 import torch
+
+import gradvar_ext
+
+from helpers import ops_run
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import profile_job  # noqa: E402
@@ -87,8 +92,15 @@ def test_benchmark_chunk_methods_set_the_chunk_budget(monkeypatch):
         with pytest.raises(ValueError, match="gradvar-chunk-K"):
             bv.method_function(bad)
     model, x, y, lossfunc = bv.make_workload("seed-mnist-cnn", "cpu")
-    with bv.environment(bv.method_environment("gradvar-chunk-1")):
-        total, grads = bv.method_function("gradvar-chunk-1")(model, x, y, lossfunc, "b")
+    bmm_calls, results = {}, []
+    for method in ("gradvar", "gradvar-chunk-1"):
+        with bv.environment(bv.method_environment(method)):
+            run = bv.method_function(method)
+            names = ops_run(lambda run=run: results.append(run(model, x, y, lossfunc, "b")))
+        bmm_calls[method] = names.count("aten::bmm")
+    if gradvar_ext.backend() != "reference":  # the reference forms all per-sample gradients at once
+        assert bmm_calls == {"gradvar": 7, "gradvar-chunk-1": 10}
+    total, grads = results[1]
     expected_total, expected_grads = bv.run_loop(model, x, y, lossfunc, "b")
     torch.testing.assert_close(total, expected_total, rtol=1e-4, atol=1e-6)
     for got, want in zip(grads, expected_grads, strict=True):  # float32 double backward: 1e-5 of the largest
