@@ -8,7 +8,6 @@
 #include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 
 #include "checks.h"
