@@ -199,28 +199,30 @@ def ratios_table(skip_tensor_cores: bool) -> None:
 
 def conv_breakdown(top: int = 8) -> None:
     """Where conv2d_variance's GPU time goes, kernel by kernel, for the conv shapes: the default
-    (our im2col kernel, slabs of output rows, all samples in a chunk, where they pay; the sliced
-    accumulate kernel for few columns), chunks of samples with all rows (GRADVAR_EXT_CONV_SLABS=0),
-    padding + strided copies instead of our kernel (GRADVAR_EXT_UNFOLD=strided, the default before
-    the twenty-first session), chunks of samples under a 128 MiB budget (0.67 / 0.58 of bmm in
-    float32 there, 0.45 / 0.46 in float64), a 64 MiB budget, the column accumulate
-    kernel (GRADVAR_EXT_ACCUMULATE=columns), both opt-outs together (the default before the
-    twenty-first session), grouped, and shifted (GRADVAR_EXT_CONV_ALGORITHM=shifted: a bmm per
-    kernel row over images unfolded along their width only) with our kernel, with strided views,
-    and under 64 and 128 MiB budgets (128: 0.54 / 0.58 in float64, where the default reads 0.45 /
-    0.47: the candidate for float64's conv moments; the 64 MiB rows ask how little would do).
+    (float32: our im2col kernel, slabs of output rows, all samples in a chunk, where they pay; the
+    sliced accumulate kernel for few columns; float64: shifted kernel rows in chunks of up to 128
+    MiB since the twenty-fourth session), then unfolded patches (float64's default before): as they
+    come by default, chunks of samples with all rows (GRADVAR_EXT_CONV_SLABS=0), padding + strided
+    copies instead of our kernel (GRADVAR_EXT_UNFOLD=strided, the default before the twenty-first
+    session), chunks of samples under 128 and 64 MiB budgets, the column accumulate kernel
+    (GRADVAR_EXT_ACCUMULATE=columns), both opt-outs together; grouped, and shifted
+    (GRADVAR_EXT_CONV_ALGORITHM=shifted: a bmm per kernel row over images unfolded along their
+    width only; in float64 its chunks take up to 128 MiB) with our kernel, with strided views, and
+    under 64 and 128 MiB budgets. On an H200 (twenty-fourth session) float64's shifted rows read
+    0.51 / 0.53 of bmm, its unfolded ones 0.39 / 0.41; float32's default 0.62 / 0.54.
     The "all" row gives bmm's GPU time on pre-unfolded patches over the path's (the target's ratio).
     Then the backward's products (conv2d_weighted_gradient_products) by path: GPU time, launches."""
     strided, columns = {"GRADVAR_EXT_UNFOLD": "strided"}, {"GRADVAR_EXT_ACCUMULATE": "columns"}
-    shifted = {"GRADVAR_EXT_CONV_ALGORITHM": "shifted"}
+    shifted, unfold = {"GRADVAR_EXT_CONV_ALGORITHM": "shifted"}, {"GRADVAR_EXT_CONV_ALGORITHM": "unfold"}
     paths = (
         ("default", {}),
-        ("samples only", {"GRADVAR_EXT_CONV_SLABS": "0"}),
-        ("strided views", strided),
-        ("samples only, 128 MiB", {"GRADVAR_EXT_CONV_SLABS": "0", "GRADVAR_EXT_CHUNK_MIB": "128"}),
-        ("64 MiB", {"GRADVAR_EXT_CHUNK_MIB": "64"}),
-        ("column accumulate", columns),
-        ("strided views, column accumulate", {**strided, **columns}),
+        ("unfold", unfold),
+        ("unfold, samples only", {**unfold, "GRADVAR_EXT_CONV_SLABS": "0"}),
+        ("unfold, strided views", {**unfold, **strided}),
+        ("unfold, samples only, 128 MiB", {**unfold, "GRADVAR_EXT_CONV_SLABS": "0", "GRADVAR_EXT_CHUNK_MIB": "128"}),
+        ("unfold, 64 MiB", {**unfold, "GRADVAR_EXT_CHUNK_MIB": "64"}),
+        ("unfold, column accumulate", {**unfold, **columns}),
+        ("unfold, strided views, column accumulate", {**unfold, **strided, **columns}),
         ("grouped", {"GRADVAR_EXT_CONV_ALGORITHM": "grouped"}),
         ("shifted", shifted),
         ("shifted, strided views", {**shifted, **strided}),

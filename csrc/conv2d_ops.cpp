@@ -116,9 +116,14 @@ enum class ConvPath { unfold, implicit, grouped, shifted };
 // groups (depthwise): on 2 cores 1.5-9x faster with 16x16 or more output pixels, within 10%
 // either way at 8x8 and below; slower for 1-3 input channels in one group (1.6-2.5x, the seed's
 // MNIST conv included: its patches are small) and 1x1 kernels (benchmarks/RESULTS.md). Unfold
-// elsewhere (CUDA: on an H200 the benchmark CNN ran 1.3x faster with unfold than grouped; on an
-// H100 shifted did not pay, twenty-first session).
-ConvPath conv_path(const char* op, const ConvGeometry& c, const at::Tensor& input) {
+// elsewhere (CUDA: on an H200 the benchmark CNN ran 1.3x faster with unfold than grouped), except
+// the float64 moments on CUDA (moments = true: the second moment, variance and both moments),
+// which go by shifted kernel rows in chunks of up to 128 MiB (shifted_moment_budget): of bmm's
+// throughput in GPU time, the benchmark CNN's 32 -> 64 conv at 32x32 / 64 -> 64 at 16x16 read
+// 0.50 / 0.52 on an H200 (twenty-fourth session) and 0.54 / 0.58 on an H100 (twenty-first) where
+// unfold read 0.39 / 0.41 and 0.45 / 0.47; float32 and the backward's products keep unfold
+// (shifted products: 463 against 380 us, float64 32 -> 64).
+ConvPath conv_path(const char* op, const ConvGeometry& c, const at::Tensor& input, bool moments = false) {
   const char* flag = env_choice("GRADVAR_EXT_CONV_ALGORITHM", {"auto", "unfold", "grouped", "implicit", "shifted"},
                                 "auto, unfold, grouped, implicit or shifted", op);
   const std::string choice = flag != nullptr ? flag : "auto";
@@ -126,10 +131,20 @@ ConvPath conv_path(const char* op, const ConvGeometry& c, const at::Tensor& inpu
   if (choice == "implicit") return ConvPath::implicit;
   if (choice == "grouped") return ConvPath::grouped;
   if (choice == "shifted") return ConvPath::shifted;
+  if (moments && input.is_cuda() && input.scalar_type() == at::kDouble) return ConvPath::shifted;
   const int64_t per_group = c.in_channels / c.groups;
   const bool grouped = input.is_cpu() && input.scalar_type() == at::kFloat && !c.unfold_is_view() &&
                        (per_group >= 8 || (per_group == 1 && c.groups > 1));
   return grouped ? ConvPath::grouped : ConvPath::unfold;
+}
+
+// The moments' shifted_gradients on CUDA in float64 take chunks of up to 128 MiB (conv_path's
+// measurements: with the core's GPU rule, 32 MiB here, 0.36 / 0.44 of bmm on an H200; with 64 MiB
+// 0.41 / 0.52); elsewhere the core's budget. GRADVAR_EXT_CHUNK_MIB still overrides it.
+GradientChunks shifted_moment_gradients(const at::Tensor& input, const at::Tensor& grad_output, const ConvGeometry& c) {
+  auto chunks = shifted_gradients(input, grad_output, c);
+  if (input.is_cuda() && input.scalar_type() == at::kDouble) chunks.budget_bytes = int64_t(128) << 20;
+  return chunks;
 }
 
 // Samples per chunk for the grouped path: oneDNN ran best with <= 16 samples and ~2 MiB of
@@ -223,12 +238,12 @@ at::Tensor conv2d_second_moment(const at::Tensor& input, const at::Tensor& grad_
   const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
                             groups);
   c10::OptionalDeviceGuard guard(input.device());
-  const ConvPath path = conv_path(op, c, input);
+  const ConvPath path = conv_path(op, c, input, /*moments=*/true);
   if (path == ConvPath::grouped) {
     return as_weight(std::get<0>(reduce_gradients(grouped_gradients(input, grad_output, c), nullptr, false)), c);
   }
   if (path == ConvPath::shifted) {
-    const auto moment = std::get<0>(reduce_gradients(shifted_gradients(input, grad_output, c), nullptr, false));
+    const auto moment = std::get<0>(reduce_gradients(shifted_moment_gradients(input, grad_output, c), nullptr, false));
     return as_weight(from_shifted(moment, c), c);
   }
   const auto X = patch_factors(input, c, path == ConvPath::implicit), G = position_factors(grad_output, c);
@@ -241,12 +256,12 @@ at::Tensor conv2d_variance(const at::Tensor& input, const at::Tensor& grad_outpu
   const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
                             groups);
   c10::OptionalDeviceGuard guard(input.device());
-  const ConvPath path = conv_path(op, c, input);
+  const ConvPath path = conv_path(op, c, input, /*moments=*/true);
   if (path == ConvPath::grouped) {
     return as_weight(variance_of_gradients(grouped_gradients(input, grad_output, c)), c);
   }
   if (path == ConvPath::shifted) {
-    return as_weight(from_shifted(variance_of_gradients(shifted_gradients(input, grad_output, c)), c), c);
+    return as_weight(from_shifted(variance_of_gradients(shifted_moment_gradients(input, grad_output, c)), c), c);
   }
   const auto X = patch_factors(input, c, path == ConvPath::implicit), G = position_factors(grad_output, c);
   return as_weight(variance_from_moments(X, G), c);
@@ -259,9 +274,9 @@ std::tuple<at::Tensor, at::Tensor> conv2d_moments(const at::Tensor& input, const
   const auto c = check_conv(op, input, "input", grad_output, "grad_output", kernel_size, stride, padding, dilation,
                             groups);
   c10::OptionalDeviceGuard guard(input.device());
-  const ConvPath path = conv_path(op, c, input);
+  const ConvPath path = conv_path(op, c, input, /*moments=*/true);
   if (path == ConvPath::shifted) {
-    auto [moment, sum] = reduce_gradients(shifted_gradients(input, grad_output, c), nullptr, /*with_sum=*/true);
+    auto [moment, sum] = reduce_gradients(shifted_moment_gradients(input, grad_output, c), nullptr, /*with_sum=*/true);
     return {as_weight(from_shifted(moment, c), c), as_weight(from_shifted(sum, c), c)};
   }
   auto [moment, sum] = path == ConvPath::grouped
