@@ -131,13 +131,15 @@ def test_cuda_conv_matches_reference(op, dtype, conv_algorithm):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", ("conv2d_second_moment", "conv2d_variance", "conv2d_moments"))
 def test_cuda_conv_moments_by_slabs_of_rows(op, dtype, monkeypatch):
-    """The benchmark CNN's 32 -> 64 channel conv at 32 x 32, N = 64 (75 MB of float32 patches):
-    by default float32 goes a slab of 12 output rows at a time (12, 12, 8: one bmm, then 2
-    accumulating baddbmm), all samples in one chunk; float64's slabs would be 5 rows (K = 160
-    positions < 6 O I / (O + I) = 314), too short: chunks of samples, no baddbmm. =5 forces slabs
-    of 5 rows (7 slabs: 6 baddbmm), =0 turns them off. Every way matches the reference."""
-    for name in ("GRADVAR_EXT_CONV_ALGORITHM", "GRADVAR_EXT_FUSED_CUDA", "GRADVAR_EXT_CHUNK_MIB"):
+    """The benchmark CNN's 32 -> 64 channel conv at 32 x 32, N = 64 (75 MB of float32 patches),
+    unfolded (float32's default; float64's moments go by shifted kernel rows by default, below):
+    float32 goes a slab of 12 output rows at a time (12, 12, 8: one bmm, then 2 accumulating
+    baddbmm), all samples in one chunk; float64's slabs would be 5 rows (K = 160 positions <
+    6 O I / (O + I) = 314), too short: chunks of samples, no baddbmm. =5 forces slabs of 5 rows
+    (7 slabs: 6 baddbmm), =0 turns them off. Every way matches the reference."""
+    for name in ("GRADVAR_EXT_FUSED_CUDA", "GRADVAR_EXT_CHUNK_MIB"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "auto" if dtype == torch.float32 else "unfold")
     torch.manual_seed(23)
     case = ConvCase(64, 32, 64, (32, 32), padding=(1, 1))
     args = case.args(op, dtype, device="cuda")
@@ -218,6 +220,43 @@ def test_cuda_conv_ops_by_shifted_kernel_rows(op, dtype, unfold, monkeypatch):
         names = ops_run(lambda: call(op, *args))
         assert names.count("aten::bmm") % 3 == 0 and names.count("aten::bmm") >= 3, names.count("aten::bmm")
         assert "aten::baddbmm_" not in names  # not the slabs of the unfolded path
+        if dtype == torch.float64 and op != "conv2d_cross_moment":
+            # 1.28 MB of scratch a sample: all 64 in one chunk of the moments' 128 MiB; 13 a chunk
+            # (5 chunks) under a forced 16 MiB, which still matches
+            assert names.count("aten::bmm") == 3
+            monkeypatch.setenv("GRADVAR_EXT_CHUNK_MIB", "16")
+            out = []
+            assert ops_run(lambda: out.append(call(op, *args))).count("aten::bmm") == 15
+            assert_conv_cases_match_reference(op, dtype, [cnn])
+
+
+@pytest.mark.parametrize("op", ("conv2d_second_moment", "conv2d_variance", "conv2d_moments"))
+def test_cuda_float64_conv_moments_go_by_shifted_kernel_rows_by_default(op, monkeypatch):
+    """auto on CUDA: the float64 moments by shifted kernel rows (one bmm per kernel row and chunk:
+    the benchmark CNN's conv in one chunk of 128 MiB), float32's by unfolded patches (slabs:
+    baddbmm), and float64's backward products by unfolded patches too (no bmm per kernel row)."""
+    for name in (
+        "GRADVAR_EXT_CONV_ALGORITHM",
+        "GRADVAR_EXT_FUSED_CUDA",
+        "GRADVAR_EXT_CHUNK_MIB",
+        "GRADVAR_EXT_CONV_SLABS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    torch.manual_seed(37)
+    cnn = ConvCase(64, 32, 64, (32, 32), padding=(1, 1))
+    args = cnn.args(op, torch.float64, device="cuda")
+    names = ops_run(lambda: call(op, *args))
+    assert names.count("aten::bmm") == 3 and "aten::baddbmm_" not in names, names
+    assert_conv_cases_match_reference(op, torch.float64, [cnn])
+    names = ops_run(lambda: call(op, *cnn.args(op, torch.float32, device="cuda")))
+    assert "aten::baddbmm_" in names, names
+    product = "conv2d_weighted_gradient_product"
+    args = cnn.args(product, torch.float64, device="cuda")
+    ran = {}
+    for algorithm in ("auto", "unfold", "shifted"):
+        monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", algorithm)
+        ran[algorithm] = [n for n in ops_run(lambda: call(product, *args)) if n.startswith("aten::")]
+    assert ran["auto"] == ran["unfold"] != ran["shifted"]
 
 
 @pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
@@ -570,6 +609,38 @@ def test_cuda_conv_backward_node_matches_pytorch_to_the_second_order(make_layer,
     """gradvar_ext/conv_backward.py's node on cuDNN: the same first and second-order gradients as
     PyTorch's own (tests/test_conv_backward.py)."""
     check_second_order(make_layer, shape, "cuda")
+
+
+def test_cuda_conv_weight_gradients_in_slices_of_the_batch(monkeypatch):
+    """GRADVAR_EXT_CONV_WEIGHT_SAMPLES=10 on cuDNN, the benchmark CNN's 32 -> 64 conv at 32 x 32,
+    N = 64, float64: the node's weight gradients in 7 calls (6 of 10 samples, one of 4), the input
+    gradient one call; the same gradients as PyTorch's node to the second order."""
+    from test_conv_backward import first_and_second_order, two_models
+
+    from gradvar_ext import conv_backward
+
+    monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "10")
+    sizes = []
+    original = conv_backward._backend_backward
+    monkeypatch.setattr(
+        conv_backward, "_backend_backward", lambda g, x, *a: sizes.append((len(x), tuple(a[-1]))) or original(g, x, *a)
+    )
+    shape = (64, 32, 32, 32)
+    model, plain = two_models(lambda: torch.nn.Conv2d(32, 64, 3, padding=1), shape, "cuda")
+    torch.manual_seed(2)
+    x = torch.randn(shape, dtype=torch.float64, device="cuda")
+    y = torch.randn(64, 2, dtype=torch.float64, device="cuda")
+    ours = first_and_second_order(model, x, y)
+    weight_calls = [size for size, need in sizes if need == (False, True, False)]
+    # first order (create_graph); second: through _InputGradient and through the forward's node again
+    assert weight_calls == ([10] * 6 + [4]) * 3, sizes
+    theirs = first_and_second_order(plain, x, y)
+    for a, b in zip(ours[0] + ours[1], theirs[0] + theirs[1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    sizes.clear()
+    x.requires_grad_(True)
+    torch.autograd.grad(model(x).sum(), [x, *model.parameters()])  # no create_graph
+    assert sizes == [(64, (True, False, True))] + [(10, (False, True, False))] * 6 + [(4, (False, True, False))]
 
 
 @pytest.mark.parametrize("backward", ["loss.backward", "collect.backward"])
