@@ -16,7 +16,8 @@ layers, GRADVAR_EXT_CONV_BACKWARD=pytorch, the A/B of gradvar_ext/conv_backward.
 gradvar-micro (gradvar_ext.total_variance in micro-batches of 16: memory bounded by 16 samples;
 gradvar-micro-K: micro-batches of K, e.g. gradvar-micro-64 on a GPU, where 16 is launch-bound),
 gradvar-chunk-K (gradvar with GRADVAR_EXT_CHUNK_MIB=K: what chunks of per-sample gradients, patches
-and products may take; 4 MiB on the CPU, 32 on a GPU by default), loop
+and products may take; 4 MiB on the CPU, 32 on a GPU by default), gradvar-wgrad-K (gradvar with
+GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K: the conv node's weight gradients K samples per backend call), loop
 (per-sample autograd loop: the ground truth every other method is checked against), torch.func
 (vmap of grad), backpack (when installed), opacus (job a only, when installed). Prints a markdown
 table last and writes JSON to benchmarks/results/.
@@ -243,15 +244,15 @@ def _sized(method: str, prefix: str) -> int | None:
 
 def method_function(method: str):
     """METHODS[method]; "gradvar-micro-K": total_variance in micro-batches of K samples;
-    "gradvar-chunk-K": gradvar with chunks of K MiB (method_environment)."""
+    "gradvar-chunk-K" / "gradvar-wgrad-K": gradvar under a knob (method_environment)."""
     if (size := _sized(method, "gradvar-micro-")) is not None:
         return functools.partial(run_gradvar_micro, micro_batch_size=size)
-    if _sized(method, "gradvar-chunk-") is not None:
+    if method_environment(method) and method not in METHOD_ENV:
         return run_gradvar
     if method not in METHODS:
         raise ValueError(
-            f"unknown method {method!r}: one of {', '.join(METHODS)}, gradvar-micro-K (K samples) "
-            "or gradvar-chunk-K (K MiB chunks)"
+            f"unknown method {method!r}: one of {', '.join(METHODS)}, gradvar-micro-K (K samples), "
+            "gradvar-chunk-K (K MiB chunks) or gradvar-wgrad-K (K samples per conv weight-gradient call)"
         )
     return METHODS[method]
 
@@ -259,9 +260,16 @@ def method_function(method: str):
 def method_environment(method: str) -> dict[str, str]:
     """The knobs a method's worker runs under: METHOD_ENV's; for "gradvar-chunk-K",
     GRADVAR_EXT_CHUNK_MIB=K (what the chunks of per-sample gradients, patches and products may
-    take: 4 MiB on the CPU, 32 on a GPU by default), the time / peak-memory trade of one knob."""
-    size = _sized(method, "gradvar-chunk-")
-    return {"GRADVAR_EXT_CHUNK_MIB": str(size)} if size is not None else METHOD_ENV.get(method, {})
+    take: 4 MiB on the CPU, 32 on a GPU by default); for "gradvar-wgrad-K",
+    GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K (samples per backend weight-gradient call in the conv
+    node's backward): the time / peak-memory trade of one knob."""
+    for prefix, knob in (
+        ("gradvar-chunk-", "GRADVAR_EXT_CHUNK_MIB"),
+        ("gradvar-wgrad-", "GRADVAR_EXT_CONV_WEIGHT_SAMPLES"),
+    ):
+        if (size := _sized(method, prefix)) is not None:
+            return {knob: str(size)}
+    return METHOD_ENV.get(method, {})
 
 
 # ---------------------------------------------------------------- one measurement (child process)

@@ -23,7 +23,9 @@ first order: 1-2% slower, the node's Python cost).
 Where: the output of an extended layer that is PyTorch's convolution of exactly the layer's input
 (which requires grad: else there is no input gradient to differentiate), weight and bias
 (``_convolution_of``), outside torch.func transforms, torch.compile and torch.jit tracing.
-``GRADVAR_EXT_CONV_BACKWARD=pytorch`` keeps PyTorch's node (read at each forward).
+``GRADVAR_EXT_CONV_BACKWARD=pytorch`` keeps PyTorch's node (read at each forward);
+``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k`` makes the node's weight gradients k samples a backend call
+(``_weight_call_samples``).
 """
 
 from __future__ import annotations
@@ -121,9 +123,12 @@ class _ConvolutionBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         layer_input, weight = ctx.saved_tensors
-        if not torch.is_grad_enabled():  # no create_graph: PyTorch's own call, all gradients at once
+        if not torch.is_grad_enabled():  # no create_graph: the backend's own call, all gradients at once
             need = [_executes(ctx, i) for i in (1, 2, 3)]
-            return None, *_backend_backward(grad, layer_input, weight, ctx.conv, need), None
+            if not need[1] or _weight_call_samples(layer_input) >= len(layer_input):
+                return None, *_backend_backward(grad, layer_input, weight, ctx.conv, need), None
+            grad_input, _, grad_bias = _backend_backward(grad, layer_input, weight, ctx.conv, [need[0], False, need[2]])
+            return None, grad_input, _weight_gradient(layer_input, grad, weight, ctx.conv), grad_bias, None
         grad_input = grad_weight = grad_bias = None
         if _executes(ctx, 1):
             grad_input = _InputGradient.apply(grad, weight, layer_input.shape, ctx.conv)
@@ -144,9 +149,34 @@ def _backend_backward(grad: Tensor, layer_input: Tensor, weight: Tensor, conv: t
     )
 
 
+def _weight_call_samples(layer_input: Tensor) -> int:
+    """Samples per backend weight-gradient call: ``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k`` (read at
+    each call; unset or 0: the whole batch). Why a knob: on the benchmark CNN's 32 -> 64 conv at
+    32x32 (N = 64, float32) cuDNN's heuristics pick an FFT weight gradient whose workspace grows
+    with the batch: 214 MB of the 330 MB peak of its job (b) on an H200 were allocated inside that
+    call (twenty-fourth session); slices bound it. Whether they lower the peak, and at what cost
+    in time, is not measured yet: the whole batch stays the default."""
+    samples = len(layer_input)
+    flag = os.environ.get("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "")
+    if not flag:
+        return samples
+    if not flag.isdigit():
+        raise ValueError(
+            "gradvar_ext: GRADVAR_EXT_CONV_WEIGHT_SAMPLES must be a whole number of samples "
+            f"(0: the whole batch), got {flag!r}"
+        )
+    return samples if int(flag) == 0 else min(int(flag), samples)
+
+
 def _weight_gradient(layer_input: Tensor, grad: Tensor, weight: Tensor, conv: tuple) -> Tensor:
-    """sum_n over positions of grad x unfold(layer_input): the backend's weight gradient."""
-    return _backend_backward(grad, layer_input, weight, conv, [False, True, False])[1]
+    """sum_n over positions of grad x unfold(layer_input): the backend's weight gradient, in
+    slices of the batch (_weight_call_samples) summed."""
+    samples, k = len(layer_input), _weight_call_samples(layer_input)
+    parts = [
+        _backend_backward(grad[s : s + k], layer_input[s : s + k], weight, conv, [False, True, False])[1]
+        for s in range(0, samples, k)
+    ]
+    return sum(parts[1:], parts[0])
 
 
 class _InputGradient(torch.autograd.Function):

@@ -278,3 +278,48 @@ def test_a_traced_extended_model_saves():
     traced = torch.jit.trace(model, x, check_trace=False)
     torch.jit.save(traced, io.BytesIO())
     torch.testing.assert_close(traced(x), model(x))
+
+
+@pytest.mark.parametrize("samples", ["1", "2"])
+@pytest.mark.parametrize("make_layer,shape", LAYERS, ids=IDS)
+def test_weight_gradients_in_slices_of_the_batch_match_pytorch(make_layer, shape, samples, monkeypatch):
+    """GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k: the node's weight gradients come from backend calls on k
+    samples at a time, summed (a bound on cuDNN's FFT workspace, which grows with the batch). The
+    same gradients as PyTorch's to the second order, and without create_graph too, where the input
+    and bias gradients stay one call."""
+    monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", samples)
+    sizes = []
+    original = conv_backward._backend_backward
+    monkeypatch.setattr(
+        conv_backward, "_backend_backward", lambda g, x, *a: sizes.append((len(x), tuple(a[-1]))) or original(g, x, *a)
+    )
+    check_second_order(make_layer, shape)
+    k, n = int(samples), shape[0]
+    weight_only = [size for size, need in sizes if need == (False, True, False)]
+    assert weight_only and all(size == k for size in weight_only[: n // k]) and sum(weight_only) % n == 0
+    model, plain = two_models(make_layer, shape)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    sizes.clear()
+    ours = torch.autograd.grad(model(x).square().sum(), [x, *model.parameters()])
+    theirs = torch.autograd.grad(plain(x).square().sum(), [x, *plain.parameters()])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    bias = model[1].bias is not None
+    if k >= n:  # one slice: the backend's one call for all three
+        assert sizes == [(n, (True, True, bias))]
+    else:
+        slices = [(min(s + k, n) - s, (False, True, False)) for s in range(0, n, k)]
+        assert sizes == [(n, (True, False, bias)), *slices]
+
+
+def test_weight_gradients_take_the_whole_batch_by_default(monkeypatch):
+    """Unset (or 0), one backend call for the whole batch; k, slices of k; a bad value is named."""
+    x = torch.randn(6, 3, 7, 6, dtype=torch.float64)
+    for flag in ("", "0"):
+        monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", flag)
+        assert conv_backward._weight_call_samples(x) == 6
+    monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "4")
+    assert conv_backward._weight_call_samples(x) == 4
+    monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "-1")
+    with pytest.raises(ValueError, match=r"GRADVAR_EXT_CONV_WEIGHT_SAMPLES must be a whole number .* got '-1'"):
+        conv_backward._weight_call_samples(x)

@@ -77,6 +77,31 @@ def test_benchmark_environment_puts_back_what_the_shell_set(monkeypatch):
     assert "GRADVAR_EXT_CONV_SLABS" not in os.environ
 
 
+def test_benchmark_weight_slice_methods_set_the_knob():
+    """bench_variance.py's "gradvar-wgrad-K": the front end under GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K;
+    on the benchmark CNN (N = 64) more backend convolution_backward calls than the default, the
+    same numbers."""
+    import bench_variance as bv
+
+    assert bv.method_environment("gradvar-wgrad-16") == {"GRADVAR_EXT_CONV_WEIGHT_SAMPLES": "16"}
+    assert bv.method_function("gradvar-wgrad-16") is bv.run_gradvar
+    with pytest.raises(ValueError, match="gradvar-wgrad-K"):
+        bv.method_function("gradvar-wgrad-0")
+    model, x, y, lossfunc = bv.make_workload("cnn", "cpu")
+    calls, results = {}, []
+    for method in ("gradvar", "gradvar-wgrad-16"):
+        with bv.environment(bv.method_environment(method)):
+            run = bv.method_function(method)
+            names = ops_run(lambda run=run: results.append(run(model, x, y, lossfunc, "b")))
+        calls[method] = names.count("aten::convolution_backward")
+    # the 2 conv layers whose input requires grad: each one weight-gradient call (4 slices: 3 more)
+    # and one call for all three gradients (input and bias in one, the weight in 4 slices: 4 more)
+    assert calls["gradvar-wgrad-16"] == calls["gradvar"] + 2 * (3 + 4), calls
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
+    for got, want in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
 def test_benchmark_chunk_methods_set_the_chunk_budget(monkeypatch):
     """bench_variance.py's "gradvar-chunk-K": the front end under GRADVAR_EXT_CHUNK_MIB=K (the
     workers' environment), the same numbers as the per-sample loop at 1 MiB chunks (the seed's
