@@ -127,7 +127,11 @@ class _ConvolutionBackward(torch.autograd.Function):
             need = [_executes(ctx, i) for i in (1, 2, 3)]
             if not need[1] or _weight_call_samples(layer_input) >= len(layer_input):
                 return None, *_backend_backward(grad, layer_input, weight, ctx.conv, need), None
-            grad_input, _, grad_bias = _backend_backward(grad, layer_input, weight, ctx.conv, [need[0], False, need[2]])
+            grad_input = grad_bias = None
+            if need[0] or need[2]:
+                grad_input, _, grad_bias = _backend_backward(
+                    grad, layer_input, weight, ctx.conv, [need[0], False, need[2]]
+                )
             return None, grad_input, _weight_gradient(layer_input, grad, weight, ctx.conv), grad_bias, None
         grad_input = grad_weight = grad_bias = None
         if _executes(ctx, 1):

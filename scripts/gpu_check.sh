@@ -20,8 +20,13 @@
 # profiled call's peak (CUDA allocator history); SKIP_JOB_B=1 ends after the profile.
 # WSCAP_MIB=16 adds job (b) on the CNN with cuDNN's workspaces capped (CUDNN_CONV_WSCAP_DBG=16;
 # WSCAP_WORKLOADS / WSCAP_METHODS: which; default floor gradvar gradvar-pytorch-conv torch.func).
+# On the H200's PyTorch 2.11 (twenty-fourth session) the cap moved no method's peak.
 # SKIP_PROFILE=1 skips the profile of job (b) (90 s), SKIP_SWEEP=1 the CNN sweep (~90 s); the sweep runs before job (a), so that a
 # call cut short loses job (a) first. CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
+# On an H200 (twenty-fourth session, PART=core with sanitizers: 491 s): build 28 s, the CUDA
+# tests 333 s (534 tests, 6 workers), the tensor-core tests 35 s, example 6 s, ratios + breakdown
+# 13 s, sanitizers 57 s; PART=bench with the profile (--memory), job (b) on the CNN (7 methods)
+# and WSCAP_MIB: 100 s. A device start took ~35 s.
 # On an H200 (fourteenth session, SKIP_PROFILE=1 SKIP_SWEEP=1 SKIP_JOB_A=1 WORKLOADS="cnn seq": 388 s
 # in all): build 36 s, CUDA tests 135 s (300 tests in 6 pytest-xdist workers; 14 workers were
 # slower: 295 of 325 in 140 s), the tensor-core tests 36 s, example 5 s, fused benchmark ~30 s,

@@ -310,6 +310,11 @@ def test_weight_gradients_in_slices_of_the_batch_match_pytorch(make_layer, shape
     else:
         slices = [(min(s + k, n) - s, (False, True, False)) for s in range(0, n, k)]
         assert sizes == [(n, (True, False, bias)), *slices]
+        if not bias:  # the weight alone: its slices, no call for the input
+            sizes.clear()
+            (weight_grad,) = torch.autograd.grad(model(x).square().sum(), [model[1].weight])
+            assert sizes == slices
+            torch.testing.assert_close(weight_grad, theirs[1], rtol=1e-10, atol=1e-12)
 
 
 def test_weight_gradients_take_the_whole_batch_by_default(monkeypatch):
