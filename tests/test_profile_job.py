@@ -77,6 +77,21 @@ def test_benchmark_environment_puts_back_what_the_shell_set(monkeypatch):
     assert "GRADVAR_EXT_CONV_SLABS" not in os.environ
 
 
+def run_methods(workload: str, methods: tuple[str, ...], op: str) -> tuple[dict, list]:
+    """Job (b) of bench_variance.py's workload under each method's knobs: how many times each ran
+    the ATen op ``op``, and the results."""
+    import bench_variance as bv
+
+    model, x, y, lossfunc = bv.make_workload(workload, "cpu")
+    counts, results = {}, []
+    for method in methods:
+        with bv.environment(bv.method_environment(method)):
+            run = bv.method_function(method)
+            names = ops_run(lambda run=run: results.append(run(model, x, y, lossfunc, "b")))
+        counts[method] = names.count(op)
+    return counts, results
+
+
 def test_benchmark_weight_slice_methods_set_the_knob():
     """bench_variance.py's "gradvar-wgrad-K": the front end under GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K;
     on the benchmark CNN (N = 64) more backend convolution_backward calls than the default, the
@@ -87,13 +102,7 @@ def test_benchmark_weight_slice_methods_set_the_knob():
     assert bv.method_function("gradvar-wgrad-16") is bv.run_gradvar
     with pytest.raises(ValueError, match="gradvar-wgrad-K"):
         bv.method_function("gradvar-wgrad-0")
-    model, x, y, lossfunc = bv.make_workload("cnn", "cpu")
-    calls, results = {}, []
-    for method in ("gradvar", "gradvar-wgrad-16"):
-        with bv.environment(bv.method_environment(method)):
-            run = bv.method_function(method)
-            names = ops_run(lambda run=run: results.append(run(model, x, y, lossfunc, "b")))
-        calls[method] = names.count("aten::convolution_backward")
+    calls, results = run_methods("cnn", ("gradvar", "gradvar-wgrad-16"), "aten::convolution_backward")
     # the 2 conv layers whose input requires grad: each one weight-gradient call (4 slices: 3 more)
     # and one call for all three gradients (input and bias in one, the weight in 4 slices: 4 more)
     assert calls["gradvar-wgrad-16"] == calls["gradvar"] + 2 * (3 + 4), calls
@@ -116,13 +125,8 @@ def test_benchmark_chunk_methods_set_the_chunk_budget(monkeypatch):
     for bad in ("gradvar-chunk-0", "gradvar-chunk-", "gradvar-chunk-1.5"):
         with pytest.raises(ValueError, match="gradvar-chunk-K"):
             bv.method_function(bad)
+    bmm_calls, results = run_methods("seed-mnist-cnn", ("gradvar", "gradvar-chunk-1"), "aten::bmm")
     model, x, y, lossfunc = bv.make_workload("seed-mnist-cnn", "cpu")
-    bmm_calls, results = {}, []
-    for method in ("gradvar", "gradvar-chunk-1"):
-        with bv.environment(bv.method_environment(method)):
-            run = bv.method_function(method)
-            names = ops_run(lambda run=run: results.append(run(model, x, y, lossfunc, "b")))
-        bmm_calls[method] = names.count("aten::bmm")
     if gradvar_ext.backend() != "reference":  # the reference forms all per-sample gradients at once
         assert bmm_calls == {"gradvar": 7, "gradvar-chunk-1": 10}
     total, grads = results[1]
