@@ -117,7 +117,8 @@ enum class ConvPath { unfold, implicit, grouped, shifted };
 // either way at 8x8 and below; slower for 1-3 input channels in one group (1.6-2.5x, the seed's
 // MNIST conv included: its patches are small) and 1x1 kernels (benchmarks/RESULTS.md). Unfold
 // elsewhere (CUDA: on an H200 the benchmark CNN ran 1.3x faster with unfold than grouped), except
-// the float64 moments on CUDA (moments = true: the second moment, variance and both moments),
+// the float64 moments on CUDA (moments = true: the second moment, variance and both moments;
+// not for a 1x1 stride-1 kernel, whose unfolding is a view),
 // which go by shifted kernel rows in chunks of up to 128 MiB (shifted_moment_budget): of bmm's
 // throughput in GPU time, the benchmark CNN's 32 -> 64 conv at 32x32 / 64 -> 64 at 16x16 read
 // 0.50 / 0.52 on an H200 (twenty-fourth session) and 0.54 / 0.58 on an H100 (twenty-first) where
@@ -131,7 +132,9 @@ ConvPath conv_path(const char* op, const ConvGeometry& c, const at::Tensor& inpu
   if (choice == "implicit") return ConvPath::implicit;
   if (choice == "grouped") return ConvPath::grouped;
   if (choice == "shifted") return ConvPath::shifted;
-  if (moments && input.is_cuda() && input.scalar_type() == at::kDouble) return ConvPath::shifted;
+  if (moments && input.is_cuda() && input.scalar_type() == at::kDouble && !c.unfold_is_view()) {
+    return ConvPath::shifted;  // (a 1x1 stride-1 kernel's patches are the image itself: no copy to save)
+  }
   const int64_t per_group = c.in_channels / c.groups;
   const bool grouped = input.is_cpu() && input.scalar_type() == at::kFloat && !c.unfold_is_view() &&
                        (per_group >= 8 || (per_group == 1 && c.groups > 1));

@@ -234,7 +234,8 @@ def test_cuda_conv_ops_by_shifted_kernel_rows(op, dtype, unfold, monkeypatch):
 def test_cuda_float64_conv_moments_go_by_shifted_kernel_rows_by_default(op, monkeypatch):
     """auto on CUDA: the float64 moments by shifted kernel rows (one bmm per kernel row and chunk:
     the benchmark CNN's conv in one chunk of 128 MiB), float32's by unfolded patches (slabs:
-    baddbmm), and float64's backward products by unfolded patches too (no bmm per kernel row)."""
+    baddbmm), and float64's backward products and a 1x1 kernel's moments by unfolded patches too
+    (the same ATen ops as under GRADVAR_EXT_CONV_ALGORITHM=unfold)."""
     for name in (
         "GRADVAR_EXT_CONV_ALGORITHM",
         "GRADVAR_EXT_FUSED_CUDA",
@@ -250,13 +251,15 @@ def test_cuda_float64_conv_moments_go_by_shifted_kernel_rows_by_default(op, monk
     assert_conv_cases_match_reference(op, torch.float64, [cnn])
     names = ops_run(lambda: call(op, *cnn.args(op, torch.float32, device="cuda")))
     assert "aten::baddbmm_" in names, names
-    product = "conv2d_weighted_gradient_product"
-    args = cnn.args(product, torch.float64, device="cuda")
-    ran = {}
-    for algorithm in ("auto", "unfold", "shifted"):
-        monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", algorithm)
-        ran[algorithm] = [n for n in ops_run(lambda: call(product, *args)) if n.startswith("aten::")]
-    assert ran["auto"] == ran["unfold"] != ran["shifted"]
+    # the products, and a 1x1 stride-1 kernel's moments (its unfolding is a view), as unfold
+    pointwise = ConvCase(8, 16, 32, (8, 8), kernel=(1, 1))
+    for name, case in (("conv2d_weighted_gradient_product", cnn), (op, pointwise)):
+        args = case.args(name, torch.float64, device="cuda")
+        ran = {}
+        for algorithm in ("auto", "unfold", "shifted"):
+            monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", algorithm)
+            ran[algorithm] = [n for n in ops_run(lambda n=name, a=args: call(n, *a)) if n.startswith("aten::")]
+        assert ran["auto"] == ran["unfold"] != ran["shifted"], name
 
 
 @pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=str)
