@@ -117,13 +117,13 @@ enum class ConvPath { unfold, implicit, grouped, shifted };
 // either way at 8x8 and below; slower for 1-3 input channels in one group (1.6-2.5x, the seed's
 // MNIST conv included: its patches are small) and 1x1 kernels (benchmarks/RESULTS.md). Unfold
 // elsewhere (CUDA: on an H200 the benchmark CNN ran 1.3x faster with unfold than grouped), except
-// the float64 moments on CUDA (moments = true: the second moment, variance and both moments;
-// not for a 1x1 stride-1 kernel, whose unfolding is a view),
-// which go by shifted kernel rows in chunks of up to 128 MiB (shifted_moment_budget): of bmm's
-// throughput in GPU time, the benchmark CNN's 32 -> 64 conv at 32x32 / 64 -> 64 at 16x16 read
-// 0.50 / 0.52 on an H200 (twenty-fourth session) and 0.54 / 0.58 on an H100 (twenty-first) where
-// unfold read 0.39 / 0.41 and 0.45 / 0.47; float32 and the backward's products keep unfold
-// (shifted products: 463 against 380 us, float64 32 -> 64).
+// the float64 moments on CUDA (moments = true: the second moment, variance and both moments; not
+// a 1x1 stride-1 kernel, whose unfolding is a view), which go by shifted kernel rows in chunks of
+// up to 128 MiB (shifted_moment_gradients): of bmm's throughput in GPU time, the benchmark CNN's
+// 32 -> 64 conv at 32x32 / 64 -> 64 at 16x16 read 0.50 / 0.52 on an H200 (twenty-fourth session)
+// and 0.54 / 0.58 on an H100 (twenty-first) where unfold read 0.39 / 0.41 and 0.45 / 0.47;
+// float32 and the backward's products keep unfold (shifted products: 463 against 380 us, float64
+// 32 -> 64).
 ConvPath conv_path(const char* op, const ConvGeometry& c, const at::Tensor& input, bool moments = false) {
   const char* flag = env_choice("GRADVAR_EXT_CONV_ALGORITHM", {"auto", "unfold", "grouped", "implicit", "shifted"},
                                 "auto, unfold, grouped, implicit or shifted", op);
