@@ -606,6 +606,28 @@ def test_cuda_chunk_holds_sixteen_samples_of_large_gradients(monkeypatch):
     assert 15 * 8 <= scratch_mb <= 16 * 8 + 1, scratch_mb
 
 
+def test_cuda_float64_conv_moments_scratch_stays_within_128_mib(monkeypatch):
+    """The float64 conv moments' default on CUDA (shifted kernel rows) takes chunks of up to 128
+    MiB: on the benchmark CNN's 32 -> 64 conv at 32x32 (1.25 MiB of scratch a sample) the
+    variance's scratch stays under 128 MiB and the same at N = 256 and 512 (the CPU's twin of
+    this bound: 99.7 MiB at N = 256 under GRADVAR_EXT_CHUNK_MIB=128)."""
+    for name in ("GRADVAR_EXT_CONV_ALGORITHM", "GRADVAR_EXT_CHUNK_MIB", "GRADVAR_EXT_FUSED_CUDA"):
+        monkeypatch.delenv(name, raising=False)
+    scratch = {}
+    for n in (256, 512):
+        x = torch.randn(n, 32, 32, 32, device="cuda", dtype=torch.float64)
+        go = torch.randn(n, 64, 32, 32, device="cuda", dtype=torch.float64)
+        torch.ops.gradvar.conv2d_variance(x, go, [3, 3], [1, 1], [1, 1], [1, 1], 1)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.ops.gradvar.conv2d_variance(x, go, [3, 3], [1, 1], [1, 1], [1, 1], 1)
+        torch.cuda.synchronize()
+        scratch[n] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del x, go
+    assert scratch[256] <= 129 and abs(scratch[512] - scratch[256]) <= 8, scratch
+
+
 # ---------------------------------------------------------------- the front end on CUDA
 @pytest.mark.parametrize("make_layer,shape", CONV_LAYERS, ids=CONV_LAYER_IDS)
 def test_cuda_conv_backward_node_matches_pytorch_to_the_second_order(make_layer, shape):
