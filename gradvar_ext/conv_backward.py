@@ -125,14 +125,15 @@ class _ConvolutionBackward(torch.autograd.Function):
         layer_input, weight = ctx.saved_tensors
         if not torch.is_grad_enabled():  # no create_graph: the backend's own call, all gradients at once
             need = [_executes(ctx, i) for i in (1, 2, 3)]
-            if not need[1] or _weight_call_samples(layer_input) >= len(layer_input):
+            samples = _weight_call_samples(layer_input)
+            if not need[1] or samples >= len(layer_input):
                 return None, *_backend_backward(grad, layer_input, weight, ctx.conv, need), None
             grad_input = grad_bias = None
             if need[0] or need[2]:
                 grad_input, _, grad_bias = _backend_backward(
                     grad, layer_input, weight, ctx.conv, [need[0], False, need[2]]
                 )
-            return None, grad_input, _weight_gradient(layer_input, grad, weight, ctx.conv), grad_bias, None
+            return None, grad_input, _weight_gradient(layer_input, grad, weight, ctx.conv, samples), grad_bias, None
         grad_input = grad_weight = grad_bias = None
         if _executes(ctx, 1):
             grad_input = _InputGradient.apply(grad, weight, layer_input.shape, ctx.conv)
@@ -172,13 +173,13 @@ def _weight_call_samples(layer_input: Tensor) -> int:
     return samples if int(flag) == 0 else min(int(flag), samples)
 
 
-def _weight_gradient(layer_input: Tensor, grad: Tensor, weight: Tensor, conv: tuple) -> Tensor:
+def _weight_gradient(layer_input: Tensor, grad: Tensor, weight: Tensor, conv: tuple, k: int | None = None) -> Tensor:
     """sum_n over positions of grad x unfold(layer_input): the backend's weight gradient, in
-    slices of the batch (_weight_call_samples) summed."""
-    samples, k = len(layer_input), _weight_call_samples(layer_input)
+    slices of k samples (default: _weight_call_samples) summed."""
+    k = _weight_call_samples(layer_input) if k is None else k
     parts = [
         _backend_backward(grad[s : s + k], layer_input[s : s + k], weight, conv, [False, True, False])[1]
-        for s in range(0, samples, k)
+        for s in range(0, len(layer_input), k)
     ]
     return sum(parts[1:], parts[0])
 

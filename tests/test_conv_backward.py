@@ -280,6 +280,16 @@ def test_a_traced_extended_model_saves():
     torch.testing.assert_close(traced(x), model(x))
 
 
+def record_backend_calls(monkeypatch) -> list[tuple[int, tuple]]:
+    """(samples, output mask) of every backend convolution_backward call the node makes from now on."""
+    calls = []
+    original = conv_backward._backend_backward
+    monkeypatch.setattr(
+        conv_backward, "_backend_backward", lambda g, x, *a: calls.append((len(x), tuple(a[-1]))) or original(g, x, *a)
+    )
+    return calls
+
+
 @pytest.mark.parametrize("samples", ["1", "2"])
 @pytest.mark.parametrize("make_layer,shape", LAYERS, ids=IDS)
 def test_weight_gradients_in_slices_of_the_batch_match_pytorch(make_layer, shape, samples, monkeypatch):
@@ -288,11 +298,7 @@ def test_weight_gradients_in_slices_of_the_batch_match_pytorch(make_layer, shape
     same gradients as PyTorch's to the second order, and without create_graph too, where the input
     and bias gradients stay one call."""
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", samples)
-    sizes = []
-    original = conv_backward._backend_backward
-    monkeypatch.setattr(
-        conv_backward, "_backend_backward", lambda g, x, *a: sizes.append((len(x), tuple(a[-1]))) or original(g, x, *a)
-    )
+    sizes = record_backend_calls(monkeypatch)
     check_second_order(make_layer, shape)
     k, n = int(samples), shape[0]
     weight_only = [size for size, need in sizes if need == (False, True, False)]

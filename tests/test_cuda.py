@@ -640,16 +640,10 @@ def test_cuda_conv_weight_gradients_in_slices_of_the_batch(monkeypatch):
     """GRADVAR_EXT_CONV_WEIGHT_SAMPLES=10 on cuDNN, the benchmark CNN's 32 -> 64 conv at 32 x 32,
     N = 64, float64: the node's weight gradients in 7 calls (6 of 10 samples, one of 4), the input
     gradient one call; the same gradients as PyTorch's node to the second order."""
-    from test_conv_backward import first_and_second_order, two_models
-
-    from gradvar_ext import conv_backward
+    from test_conv_backward import first_and_second_order, record_backend_calls, two_models
 
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "10")
-    sizes = []
-    original = conv_backward._backend_backward
-    monkeypatch.setattr(
-        conv_backward, "_backend_backward", lambda g, x, *a: sizes.append((len(x), tuple(a[-1]))) or original(g, x, *a)
-    )
+    sizes = record_backend_calls(monkeypatch)
     shape = (64, 32, 32, 32)
     model, plain = two_models(lambda: torch.nn.Conv2d(32, 64, 3, padding=1), shape, "cuda")
     torch.manual_seed(2)
