@@ -25,7 +25,8 @@ Where: the output of an extended layer that is PyTorch's convolution of exactly 
 (``_convolution_of``), outside torch.func transforms, torch.compile and torch.jit tracing.
 ``GRADVAR_EXT_CONV_BACKWARD=pytorch`` keeps PyTorch's node (read at each forward);
 ``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k`` makes the node's weight gradients k samples a backend call
-(``_weight_call_samples``).
+(``_weight_call_samples``; on the CPU the weight-only calls take slices of 8 MiB of operands by
+default, a bound on oneDNN's copies of them).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class _ConvolutionBackward(torch.autograd.Function):
         layer_input, weight = ctx.saved_tensors
         if not torch.is_grad_enabled():  # no create_graph: the backend's own call, all gradients at once
             need = [_executes(ctx, i) for i in (1, 2, 3)]
-            samples = _weight_call_samples(layer_input)
+            samples = _weight_call_samples(layer_input, grad, by_default=False)
             if not need[1] or samples >= len(layer_input):
                 return None, *_backend_backward(grad, layer_input, weight, ctx.conv, need), None
             grad_input = grad_bias = None
@@ -154,29 +155,43 @@ def _backend_backward(grad: Tensor, layer_input: Tensor, weight: Tensor, conv: t
     )
 
 
-def _weight_call_samples(layer_input: Tensor) -> int:
+# The operands (an input and an output gradient, sliced by sample) of one of the node's CPU
+# weight-gradient calls, by default: oneDNN reorders both into copies, so a whole-batch call held
+# 24 MB of copies at the benchmark CNN's job (b) peak (the 32 -> 64 conv at 32x32, N = 64: 384 KiB
+# a sample); in 8 MiB slices (21 samples), with the products' grouped chunks in 4 MiB
+# (csrc/conv2d_ops.cpp, Budget::core), the peak fell 116.6 -> 111.0 MB at the same time, below
+# the per-sample loop's 114.3 (benchmarks/RESULTS.md, twenty-fifth session).
+CPU_WEIGHT_CALL_BYTES = 8 << 20
+
+
+def _weight_call_samples(layer_input: Tensor, grad: Tensor, by_default: bool = True) -> int:
     """Samples per backend weight-gradient call: ``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k`` (read at
-    each call; unset or 0: the whole batch). Why a knob: on the benchmark CNN's 32 -> 64 conv at
-    32x32 (N = 64, float32) cuDNN's heuristics pick an FFT weight gradient whose workspace grows
-    with the batch: 214 MB of the 330 MB peak of its job (b) on an H200 were allocated inside that
-    call (twenty-fourth session); slices bound it. Whether they lower the peak, and at what cost
-    in time, is not measured yet: the whole batch stays the default."""
+    each call; 0: the whole batch); unset, on the CPU as many as keep the call's operands within
+    CPU_WEIGHT_CALL_BYTES (where ``by_default``: the weight-only calls; the no-grad path's one call
+    for all three gradients stays whole, as PyTorch's: splitting it reorders the output gradient
+    twice, 10% of the CNN's job (b)), elsewhere the whole batch. On a GPU the slices are opt-in:
+    on the benchmark CNN's 32 -> 64 conv at 32x32 (N = 64, float32) cuDNN picks an FFT weight
+    gradient whose workspace grows with the batch (214 MB of the 330 MB peak of its job (b) on an
+    H200, twenty-fourth session), but what slicing costs in time there is not measured yet."""
     samples = len(layer_input)
     flag = os.environ.get("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "")
-    if not flag:
-        return samples
-    if not flag.isdigit():
+    if flag and not flag.isdigit():
         raise ValueError(
             "gradvar_ext: GRADVAR_EXT_CONV_WEIGHT_SAMPLES must be a whole number of samples "
             f"(0: the whole batch), got {flag!r}"
         )
-    return samples if int(flag) == 0 else min(int(flag), samples)
+    if flag:
+        return samples if int(flag) == 0 else min(int(flag), samples)
+    if not by_default or layer_input.device.type != "cpu" or samples == 0:
+        return samples
+    per_sample = (layer_input[0].numel() + grad[0].numel()) * layer_input.element_size()
+    return max(1, min(samples, CPU_WEIGHT_CALL_BYTES // max(1, per_sample)))
 
 
 def _weight_gradient(layer_input: Tensor, grad: Tensor, weight: Tensor, conv: tuple, k: int | None = None) -> Tensor:
     """sum_n over positions of grad x unfold(layer_input): the backend's weight gradient, in
     slices of k samples (default: _weight_call_samples) summed."""
-    k = _weight_call_samples(layer_input) if k is None else k
+    k = _weight_call_samples(layer_input, grad) if k is None else k
     parts = [
         _backend_backward(grad[s : s + k], layer_input[s : s + k], weight, conv, [False, True, False])[1]
         for s in range(0, len(layer_input), k)

@@ -323,14 +323,48 @@ def test_weight_gradients_in_slices_of_the_batch_match_pytorch(make_layer, shape
             torch.testing.assert_close(weight_grad, theirs[1], rtol=1e-10, atol=1e-12)
 
 
-def test_weight_gradients_take_the_whole_batch_by_default(monkeypatch):
-    """Unset (or 0), one backend call for the whole batch; k, slices of k; a bad value is named."""
-    x = torch.randn(6, 3, 7, 6, dtype=torch.float64)
-    for flag in ("", "0"):
-        monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", flag)
-        assert conv_backward._weight_call_samples(x) == 6
+def test_weight_gradient_slices_by_default_and_by_the_knob(monkeypatch):
+    """Unset: on the CPU, as many samples as keep a call's operands (input and output gradient)
+    within CPU_WEIGHT_CALL_BYTES, but the no-grad path's one call for all three gradients stays
+    whole; off the CPU the whole batch. 0: the whole batch; k: slices of k; a bad value is named."""
+    x, grad = torch.randn(64, 32, 32, 32), torch.randn(64, 64, 32, 32)  # 384 KiB a sample: the CNN's layer 2
+    monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", raising=False)
+    assert conv_backward.CPU_WEIGHT_CALL_BYTES == 8 << 20
+    assert conv_backward._weight_call_samples(x, grad) == 21  # 8 MiB // 384 KiB
+    assert conv_backward._weight_call_samples(x[:8], grad[:8]) == 8  # a small batch: one call
+    assert conv_backward._weight_call_samples(x, grad, by_default=False) == 64
+    on_meta = torch.empty(64, 32, 32, 32, device="meta"), torch.empty(64, 64, 32, 32, device="meta")
+    assert conv_backward._weight_call_samples(*on_meta) == 64  # a GPU's: whole until measured
+    huge = torch.empty(3, 512, 64, 64)  # 8 MiB a sample, so 16 MiB of operands: one at a time
+    assert conv_backward._weight_call_samples(huge, huge) == 1
+    monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "0")
+    assert conv_backward._weight_call_samples(x, grad) == 64
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "4")
-    assert conv_backward._weight_call_samples(x) == 4
+    assert conv_backward._weight_call_samples(x, grad) == 4
+    assert conv_backward._weight_call_samples(x, grad, by_default=False) == 4  # asked for: everywhere
+    assert conv_backward._weight_call_samples(*on_meta) == 4
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "-1")
     with pytest.raises(ValueError, match=r"GRADVAR_EXT_CONV_WEIGHT_SAMPLES must be a whole number .* got '-1'"):
-        conv_backward._weight_call_samples(x)
+        conv_backward._weight_call_samples(x, grad)
+
+
+@pytest.mark.parametrize("make_layer,shape", LAYERS, ids=IDS)
+def test_default_weight_slices_match_pytorch(make_layer, shape, monkeypatch):
+    """The default CPU rule with a budget of two samples' operands: the weight-only calls (the
+    create_graph path's and _InputGradient's) in slices of 2, the no-grad path's one call whole;
+    PyTorch's gradients to the second order."""
+    monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", raising=False)
+    model, _ = two_models(make_layer, shape)
+    x = torch.randn(shape, dtype=torch.float64)
+    output = model[1](x)  # the conv's output (model: tanh, conv, tanh, flatten, linear)
+    monkeypatch.setattr(conv_backward, "CPU_WEIGHT_CALL_BYTES", 2 * (x[0].numel() + output[0].numel()) * 8)
+    sizes = record_backend_calls(monkeypatch)
+    check_second_order(make_layer, shape)
+    n = shape[0]
+    weight_only = [size for size, need in sizes if need == (False, True, False)]
+    assert weight_only and all(size == 2 for size in weight_only[: n // 2]) and sum(weight_only) % n == 0
+    assert all(size == n for size, need in sizes if need != (False, True, False))
+    sizes.clear()
+    x.requires_grad_(True)
+    torch.autograd.grad(model(x).square().sum(), [x, *model.parameters()])  # no create_graph
+    assert sizes == [(n, (True, True, model[1].bias is not None))]

@@ -639,7 +639,8 @@ def test_cuda_conv_backward_node_matches_pytorch_to_the_second_order(make_layer,
 def test_cuda_conv_weight_gradients_in_slices_of_the_batch(monkeypatch):
     """GRADVAR_EXT_CONV_WEIGHT_SAMPLES=10 on cuDNN, the benchmark CNN's 32 -> 64 conv at 32 x 32,
     N = 64, float64: the node's weight gradients in 7 calls (6 of 10 samples, one of 4), the input
-    gradient one call; the same gradients as PyTorch's node to the second order."""
+    gradient one call; the same gradients as PyTorch's node to the second order. Unset, every call
+    takes the whole batch on a GPU."""
     from test_conv_backward import first_and_second_order, record_backend_calls, two_models
 
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "10")
@@ -660,6 +661,10 @@ def test_cuda_conv_weight_gradients_in_slices_of_the_batch(monkeypatch):
     x.requires_grad_(True)
     torch.autograd.grad(model(x).sum(), [x, *model.parameters()])  # no create_graph
     assert sizes == [(64, (True, False, True))] + [(10, (False, True, False))] * 6 + [(4, (False, True, False))]
+    monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES")  # unset: whole on a GPU (the CPU's slices: not measured here)
+    sizes.clear()
+    first_and_second_order(model, x.detach(), y)
+    assert sizes and all(size == 64 for size, _ in sizes), sizes
 
 
 @pytest.mark.parametrize("backward", ["loss.backward", "collect.backward"])
