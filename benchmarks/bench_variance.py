@@ -17,7 +17,8 @@ gradvar-micro (gradvar_ext.total_variance in micro-batches of 16: memory bounded
 gradvar-micro-K: micro-batches of K, e.g. gradvar-micro-64 on a GPU, where 16 is launch-bound),
 gradvar-chunk-K (gradvar with GRADVAR_EXT_CHUNK_MIB=K: what chunks of per-sample gradients, patches
 and products may take; 4 MiB on the CPU, 32 on a GPU by default), gradvar-wgrad-K (gradvar with
-GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K: the conv node's weight gradients K samples per backend call), loop
+GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K: the conv node's weight gradients K samples per backend call),
+gradvar-wmib-K (GRADVAR_EXT_CONV_WEIGHT_MIB=K: its weight-only calls K MiB of operands each), loop
 (per-sample autograd loop: the ground truth every other method is checked against), torch.func
 (vmap of grad), backpack (when installed), opacus (job a only, when installed). Prints a markdown
 table last and writes JSON to benchmarks/results/.
@@ -244,7 +245,8 @@ def _sized(method: str, prefix: str) -> int | None:
 
 def method_function(method: str):
     """METHODS[method]; "gradvar-micro-K": total_variance in micro-batches of K samples;
-    "gradvar-chunk-K" / "gradvar-wgrad-K": gradvar under a knob (method_environment)."""
+    "gradvar-chunk-K" / "gradvar-wgrad-K" / "gradvar-wmib-K": gradvar under a knob
+    (method_environment)."""
     if (size := _sized(method, "gradvar-micro-")) is not None:
         return functools.partial(run_gradvar_micro, micro_batch_size=size)
     if method_environment(method) and method not in METHOD_ENV:
@@ -252,7 +254,8 @@ def method_function(method: str):
     if method not in METHODS:
         raise ValueError(
             f"unknown method {method!r}: one of {', '.join(METHODS)}, gradvar-micro-K (K samples), "
-            "gradvar-chunk-K (K MiB chunks) or gradvar-wgrad-K (K samples per conv weight-gradient call)"
+            "gradvar-chunk-K (K MiB chunks), gradvar-wgrad-K (K samples per conv weight-gradient call) or "
+            "gradvar-wmib-K (K MiB of operands per conv weight-only gradient call)"
         )
     return METHODS[method]
 
@@ -262,10 +265,13 @@ def method_environment(method: str) -> dict[str, str]:
     GRADVAR_EXT_CHUNK_MIB=K (what the chunks of per-sample gradients, patches and products may
     take: 4 MiB on the CPU, 32 on a GPU by default); for "gradvar-wgrad-K",
     GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K (samples per backend weight-gradient call in the conv
-    node's backward): the time / peak-memory trade of one knob."""
+    node's backward); for "gradvar-wmib-K", GRADVAR_EXT_CONV_WEIGHT_MIB=K (the node's weight-only
+    calls in slices of at most K MiB of operands: 8 on the CPU by default, whole on a GPU): the
+    time / peak-memory trade of one knob."""
     for prefix, knob in (
         ("gradvar-chunk-", "GRADVAR_EXT_CHUNK_MIB"),
         ("gradvar-wgrad-", "GRADVAR_EXT_CONV_WEIGHT_SAMPLES"),
+        ("gradvar-wmib-", "GRADVAR_EXT_CONV_WEIGHT_MIB"),
     ):
         if (size := _sized(method, prefix)) is not None:
             return {knob: str(size)}

@@ -24,9 +24,9 @@ Where: the output of an extended layer that is PyTorch's convolution of exactly 
 (which requires grad: else there is no input gradient to differentiate), weight and bias
 (``_convolution_of``), outside torch.func transforms, torch.compile and torch.jit tracing.
 ``GRADVAR_EXT_CONV_BACKWARD=pytorch`` keeps PyTorch's node (read at each forward);
-``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k`` makes the node's weight gradients k samples a backend call
-(``_weight_call_samples``; on the CPU the weight-only calls take slices of 8 MiB of operands by
-default, a bound on oneDNN's copies of them).
+``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k`` makes the node's weight gradients k samples a backend call;
+``GRADVAR_EXT_CONV_WEIGHT_MIB=m`` its weight-only calls slices of at most m MiB of operands, on the
+CPU 8 by default, a bound on oneDNN's copies of them (``_weight_call_samples``).
 """
 
 from __future__ import annotations
@@ -156,36 +156,45 @@ def _backend_backward(grad: Tensor, layer_input: Tensor, weight: Tensor, conv: t
 
 
 # The operands (an input and an output gradient, sliced by sample) of one of the node's CPU
-# weight-gradient calls, by default: oneDNN reorders both into copies, so a whole-batch call held
-# 24 MB of copies at the benchmark CNN's job (b) peak (the 32 -> 64 conv at 32x32, N = 64: 384 KiB
-# a sample); in 8 MiB slices (21 samples), with the products' grouped chunks in 4 MiB
+# weight-only gradient calls, by default: oneDNN reorders both into copies, so a whole-batch call
+# held 24 MB of copies at the benchmark CNN's job (b) peak (the 32 -> 64 conv at 32x32, N = 64:
+# 384 KiB a sample); in 8 MiB slices (21 samples), with the products' grouped chunks in 4 MiB
 # (csrc/conv2d_ops.cpp, Budget::core), the peak fell 116.6 -> 111.0 MB at the same time, below
 # the per-sample loop's 114.3 (benchmarks/RESULTS.md, twenty-fifth session).
 CPU_WEIGHT_CALL_BYTES = 8 << 20
 
 
+def _whole_number(name: str, meaning: str) -> int | None:
+    """The environment variable ``name`` as a whole number (read at each call), None when unset."""
+    flag = os.environ.get(name, "")
+    if not flag:
+        return None
+    if not flag.isdigit():
+        raise ValueError(f"gradvar_ext: {name} must be a whole number of {meaning} (0: the whole batch), got {flag!r}")
+    return int(flag)
+
+
 def _weight_call_samples(layer_input: Tensor, grad: Tensor, by_default: bool = True) -> int:
-    """Samples per backend weight-gradient call: ``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k`` (read at
-    each call; 0: the whole batch); unset, on the CPU as many as keep the call's operands within
-    CPU_WEIGHT_CALL_BYTES (where ``by_default``: the weight-only calls; the no-grad path's one call
-    for all three gradients stays whole, as PyTorch's: splitting it reorders the output gradient
-    twice, 10% of the CNN's job (b)), elsewhere the whole batch. On a GPU the slices are opt-in:
-    on the benchmark CNN's 32 -> 64 conv at 32x32 (N = 64, float32) cuDNN picks an FFT weight
-    gradient whose workspace grows with the batch (214 MB of the 330 MB peak of its job (b) on an
-    H200, twenty-fourth session), but what slicing costs in time there is not measured yet."""
+    """Samples per backend weight-gradient call. ``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k``: k, in
+    every call that computes the weight's gradient (0: the whole batch). Else, for the weight-only
+    calls (``by_default``), as many as keep a call's operands within a budget:
+    ``GRADVAR_EXT_CONV_WEIGHT_MIB=m`` MiB on any device (0: the whole batch), by default
+    CPU_WEIGHT_CALL_BYTES on the CPU and the whole batch on a GPU; the no-grad path's one call
+    for all three gradients stays whole, as PyTorch's (splitting it reorders the output gradient
+    twice: 10% of the CNN's job (b) on the CPU). On a GPU the slices are opt-in: on the benchmark
+    CNN's 32 -> 64 conv at 32x32 (N = 64, float32) cuDNN picks an FFT weight gradient whose
+    workspace grows with the batch (214 MB of the 330 MB peak of its job (b) on an H200,
+    twenty-fourth session), but what slicing costs in time there is not measured yet."""
     samples = len(layer_input)
-    flag = os.environ.get("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "")
-    if flag and not flag.isdigit():
-        raise ValueError(
-            "gradvar_ext: GRADVAR_EXT_CONV_WEIGHT_SAMPLES must be a whole number of samples "
-            f"(0: the whole batch), got {flag!r}"
-        )
-    if flag:
-        return samples if int(flag) == 0 else min(int(flag), samples)
-    if not by_default or layer_input.device.type != "cpu" or samples == 0:
+    k = _whole_number("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "samples")
+    if k is not None:
+        return samples if k == 0 else min(k, samples)
+    mib = _whole_number("GRADVAR_EXT_CONV_WEIGHT_MIB", "MiB")
+    budget = mib << 20 if mib is not None else CPU_WEIGHT_CALL_BYTES if layer_input.device.type == "cpu" else 0
+    if not by_default or budget == 0 or samples == 0:
         return samples
     per_sample = (layer_input[0].numel() + grad[0].numel()) * layer_input.element_size()
-    return max(1, min(samples, CPU_WEIGHT_CALL_BYTES // max(1, per_sample)))
+    return max(1, min(samples, budget // max(1, per_sample)))
 
 
 def _weight_gradient(layer_input: Tensor, grad: Tensor, weight: Tensor, conv: tuple, k: int | None = None) -> Tensor:

@@ -323,12 +323,15 @@ def test_weight_gradients_in_slices_of_the_batch_match_pytorch(make_layer, shape
             torch.testing.assert_close(weight_grad, theirs[1], rtol=1e-10, atol=1e-12)
 
 
-def test_weight_gradient_slices_by_default_and_by_the_knob(monkeypatch):
+def test_weight_gradient_slices_by_default_and_by_the_knobs(monkeypatch):
     """Unset: on the CPU, as many samples as keep a call's operands (input and output gradient)
     within CPU_WEIGHT_CALL_BYTES, but the no-grad path's one call for all three gradients stays
-    whole; off the CPU the whole batch. 0: the whole batch; k: slices of k; a bad value is named."""
+    whole; off the CPU the whole batch. GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k: slices of k everywhere
+    (0: the whole batch); GRADVAR_EXT_CONV_WEIGHT_MIB=m: the rule with m MiB on any device (0:
+    whole); a bad value is named."""
     x, grad = torch.randn(64, 32, 32, 32), torch.randn(64, 64, 32, 32)  # 384 KiB a sample: the CNN's layer 2
     monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", raising=False)
+    monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_MIB", raising=False)
     assert conv_backward.CPU_WEIGHT_CALL_BYTES == 8 << 20
     assert conv_backward._weight_call_samples(x, grad) == 21  # 8 MiB // 384 KiB
     assert conv_backward._weight_call_samples(x[:8], grad[:8]) == 8  # a small batch: one call
@@ -343,8 +346,20 @@ def test_weight_gradient_slices_by_default_and_by_the_knob(monkeypatch):
     assert conv_backward._weight_call_samples(x, grad) == 4
     assert conv_backward._weight_call_samples(x, grad, by_default=False) == 4  # asked for: everywhere
     assert conv_backward._weight_call_samples(*on_meta) == 4
+    monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_MIB", "4")  # the samples knob wins
+    assert conv_backward._weight_call_samples(x, grad) == 4
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "-1")
     with pytest.raises(ValueError, match=r"GRADVAR_EXT_CONV_WEIGHT_SAMPLES must be a whole number .* got '-1'"):
+        conv_backward._weight_call_samples(x, grad)
+    monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES")
+    assert conv_backward._weight_call_samples(x, grad) == 10  # 4 MiB // 384 KiB, the weight-only calls
+    assert conv_backward._weight_call_samples(x, grad, by_default=False) == 64
+    monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_MIB", "8")
+    assert conv_backward._weight_call_samples(*on_meta) == 21  # the CPU's rule, on any device
+    monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_MIB", "0")
+    assert conv_backward._weight_call_samples(x, grad) == 64
+    monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_MIB", "8M")
+    with pytest.raises(ValueError, match=r"GRADVAR_EXT_CONV_WEIGHT_MIB must be a whole number of MiB .* got '8M'"):
         conv_backward._weight_call_samples(x, grad)
 
 
@@ -354,6 +369,7 @@ def test_default_weight_slices_match_pytorch(make_layer, shape, monkeypatch):
     create_graph path's and _InputGradient's) in slices of 2, the no-grad path's one call whole;
     PyTorch's gradients to the second order."""
     monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", raising=False)
+    monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_MIB", raising=False)
     model, _ = two_models(make_layer, shape)
     x = torch.randn(shape, dtype=torch.float64)
     output = model[1](x)  # the conv's output (model: tanh, conv, tanh, flatten, linear)

@@ -100,6 +100,8 @@ def test_benchmark_weight_slice_methods_set_the_knob():
 
     assert bv.method_environment("gradvar-wgrad-16") == {"GRADVAR_EXT_CONV_WEIGHT_SAMPLES": "16"}
     assert bv.method_function("gradvar-wgrad-16") is bv.run_gradvar
+    assert bv.method_environment("gradvar-wmib-32") == {"GRADVAR_EXT_CONV_WEIGHT_MIB": "32"}
+    assert bv.method_function("gradvar-wmib-32") is bv.run_gradvar
     with pytest.raises(ValueError, match="gradvar-wgrad-K"):
         bv.method_function("gradvar-wgrad-0")
     calls, results = run_methods("cnn", ("gradvar", "gradvar-wgrad-16"), "aten::convolution_backward")
