@@ -1,7 +1,7 @@
 """A small run of every CUDA kernel, default and fused paths (CUDA cores, tensor cores; the fused
 products with either fused moments; the fused squared norms with "1"; the unfold / fold kernels,
 the default, over all rows and slabs; the sliced accumulate kernel, the default for few columns,
-forced, with the shifted conv moments), for compute-sanitizer."""
+forced, with the shifted conv moments; the opt-in wide accumulate kernel), for compute-sanitizer."""
 
 import os
 
@@ -70,5 +70,15 @@ for fused in ("0", "1", "tensor_cores"):
             )
             del os.environ["GRADVAR_EXT_ACCUMULATE"], os.environ["GRADVAR_EXT_CONV_ALGORITHM"]
             del os.environ["GRADVAR_EXT_UNFOLD"]
+            # the wide accumulate kernel (16-byte loads): whole packs, g once (the variance) and
+            # both read (a cross moment); 33 columns a row of 2: no whole packs in float32
+            os.environ["GRADVAR_EXT_ACCUMULATE"] = "wide"
+            xw = torch.randn(9, 3, 36, device="cuda", dtype=dtype)
+            for gw in (
+                torch.randn(9, 3, 40, device="cuda", dtype=dtype),
+                torch.randn(9, 3, 33, device="cuda", dtype=dtype),
+            ):
+                gv.linear_variance(xw, gw), gv.linear_cross_moment(xw, gw, xw * 2, gw * 3)
+            del os.environ["GRADVAR_EXT_ACCUMULATE"]
 torch.cuda.synchronize()
 print("sanitize case done")

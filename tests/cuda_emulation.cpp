@@ -96,15 +96,27 @@ void run_grid_with_barriers(dim3 grid, int64_t grid_cap, unsigned threads, Kerne
   }
 }
 
+// kernel: 0 the column kernel, 1 the sliced one, 2 the wide one (the column kernel where it does not fit).
 template <typename T>
-void accumulate(const T* g, const T* gb, T* moment, T* sum, int64_t rows, int64_t F, bool sliced,
+void accumulate(const T* g, const T* gb, T* moment, T* sum, int64_t rows, int64_t F, int64_t kernel,
                 int64_t grid_cap) {
   if (F == 0) return;  // as the host side
   using namespace gradvar::reduce;
-  if (sliced) {  // the host side's grids (reduce_kernels.cu)
+  if (kernel == 1) {  // the host side's grids (reduce_kernels.cu)
     run_grid_with_barriers(dim3(accumulate_sliced_blocks(F)), grid_cap, kAccumulateThreads, [&] {
       accumulate_products_sliced_kernel<T, kSlicedColumns, kSlices>(g, gb, moment, sum, rows, F);
     });
+  } else if (kernel == 2 && accumulate_wide_fits<T>(g, gb, moment, sum, F)) {
+    run_grid(
+        dim3(accumulate_wide_blocks<T>(F)), grid_cap,
+        [&] {
+          if (g == gb) {
+            accumulate_products_wide_kernel<T, true>(g, gb, moment, sum, rows, F);
+          } else {
+            accumulate_products_wide_kernel<T, false>(g, gb, moment, sum, rows, F);
+          }
+        },
+        kAccumulateThreads);
   } else {
     run_grid(
         dim3(accumulate_blocks(F)), grid_cap, [&] { accumulate_products_kernel<T>(g, gb, moment, sum, rows, F); },
@@ -153,13 +165,14 @@ void col2im_f64(const double* cols, double* image, const int64_t* g, int64_t ima
                 int64_t grid_cap) {
   col2im(cols, image, g, images, out_height, grid_cap);
 }
-// moment += sum_k g * gb, sum += sum_k g (sum may be null) over g, gb [rows, F]; sliced: the sliced kernel.
+// moment += sum_k g * gb, sum += sum_k g (sum may be null) over g, gb [rows, F]; kernel: 0 columns,
+// 1 sliced, 2 wide (accumulate() above).
 void accumulate_f32(const float* g, const float* gb, float* moment, float* sum, int64_t rows, int64_t F,
-                    int64_t sliced, int64_t grid_cap) {
-  accumulate(g, gb, moment, sum, rows, F, sliced != 0, grid_cap);
+                    int64_t kernel, int64_t grid_cap) {
+  accumulate(g, gb, moment, sum, rows, F, kernel, grid_cap);
 }
 void accumulate_f64(const double* g, const double* gb, double* moment, double* sum, int64_t rows, int64_t F,
-                    int64_t sliced, int64_t grid_cap) {
-  accumulate(g, gb, moment, sum, rows, F, sliced != 0, grid_cap);
+                    int64_t kernel, int64_t grid_cap) {
+  accumulate(g, gb, moment, sum, rows, F, kernel, grid_cap);
 }
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conv_samples import (
@@ -325,13 +327,14 @@ def test_implicit_patches_match_reference(op, dtype, monkeypatch):
     assert torch.autograd.gradgradcheck(lambda a, b: call(op, a, b, *conv), (x, go))
 
 
-@pytest.mark.parametrize("accumulate", ["columns", "sliced"])
+@pytest.mark.parametrize("accumulate", ["columns", "sliced", "wide"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_accumulate_kernels_match_reference(accumulate, dtype, monkeypatch):
     """GRADVAR_EXT_ACCUMULATE=sliced (8 threads a column, their partial sums added in a fixed
-    order) and =columns (one thread a column) forced: the chunked moments (Linear with positions,
-    conv, cross moments, a chunk of one sample, more columns than one grid pass, 65 535 blocks of
-    32) match the reference, and a second run gives the same bits."""
+    order), =columns (one thread a column) and =wide (16 bytes of columns a thread; the column
+    kernel where the columns are no whole packs) forced: the chunked moments (Linear with
+    positions, conv, cross moments, a chunk of one sample, more columns than one grid pass, 65 535
+    blocks of 32) match the reference, and a second run gives the same bits."""
     monkeypatch.setenv("GRADVAR_EXT_ACCUMULATE", accumulate)
     monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "0")
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
@@ -366,11 +369,30 @@ def test_cuda_accumulate_kernel_by_default_follows_the_columns(monkeypatch):
         assert_matches(out[0], want, torch.float32, None)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_wide_accumulate_gives_the_column_kernels_bits(dtype, monkeypatch):
+    """GRADVAR_EXT_ACCUMULATE=wide runs the wide kernel where the columns are whole 16-byte packs
+    (its g-once variant for the moments, both reads for the cross moment) and gives the column
+    kernel's bits (the same summation order); columns that are no whole packs take the column kernel."""
+    monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "0")
+    torch.manual_seed(43)
+    for op, features in (("linear_variance", 512), ("linear_cross_moment", 256), ("linear_second_moment", 255)):
+        args = Case(16, (8,), 130, features).args(op, dtype, device="cuda")
+        out = {}
+        for accumulate in ("columns", "wide"):
+            monkeypatch.setenv("GRADVAR_EXT_ACCUMULATE", accumulate)
+            run = functools.partial(call, op, *args)
+            names = _cuda_kernels_of(lambda run=run, out=out, a=accumulate: out.setdefault(a, run()))
+            wide = any("accumulate_products_wide_kernel" in n for n in names)
+            assert wide == (accumulate == "wide" and features * 130 % (16 // args[0].element_size()) == 0), names
+        assert torch.equal(out["wide"], out["columns"]), op
+
+
 def test_cuda_unknown_accumulate_kernel_is_named(monkeypatch):
     monkeypatch.setenv("GRADVAR_EXT_ACCUMULATE", "atomic")
     monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "0")
     x, g = torch.randn(4, 3, 6, device="cuda"), torch.randn(4, 3, 5, device="cuda")
-    with pytest.raises(ValueError, match="GRADVAR_EXT_ACCUMULATE must be columns or sliced, got 'atomic'"):
+    with pytest.raises(ValueError, match="GRADVAR_EXT_ACCUMULATE must be columns, sliced or wide, got 'atomic'"):
         call("linear_second_moment", x, g)
 
 

@@ -111,16 +111,28 @@ def test_emulated_kernels_leave_empty_inputs_alone(kernels):
     assert emulated_col2im(kernels, case, torch.randn(0, case.c_in * 9, 9), 0).numel() == 0
 
 
+ACCUMULATE_KERNELS = {"columns": 0, "sliced": 1, "wide": 2}  # cuda_emulation.cpp's accumulate(kernel=)
+
+
+def emulated_accumulate(kernels, kernel, g, gb, moment, total, grid_cap):
+    """moment += sum_k g * gb, total += sum_k g (total None: no sum), in place, by the kernel named."""
+    rows, columns = g.shape
+    getattr(kernels, f"accumulate_{_suffix(g.dtype)}")(
+        _ptr(g), _ptr(gb), _ptr(moment), None if total is None else _ptr(total), ctypes.c_int64(rows),
+        ctypes.c_int64(columns), ctypes.c_int64(ACCUMULATE_KERNELS[kernel]), ctypes.c_int64(grid_cap),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("grid_cap", [0, 1, 2], ids=["launch-grid", "1-block-grid", "2-block-grid"])
-@pytest.mark.parametrize("sliced", [False, True], ids=["columns", "sliced"])
+@pytest.mark.parametrize("kernel", list(ACCUMULATE_KERNELS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_emulated_accumulate_kernels_match_torch(dtype, sliced, grid_cap, kernels):
+def test_emulated_accumulate_kernels_match_torch(dtype, kernel, grid_cap, kernels):
     """moment += sum_k g * gb and sum += sum_k g (or no sum), onto what the accumulators held, for
-    fewer rows than slices, a partial slice, tiles of 32 columns and partial tiles, the cross
+    fewer rows than slices, a partial slice, tiles of 32 columns and partial tiles, whole and
+    partial 16-byte packs (the wide kernel: the column kernel where they do not fit), the cross
     moment's distinct gb; run twice, the same bits (a fixed summation order)."""
     torch.manual_seed(2)
-    run = getattr(kernels, f"accumulate_{_suffix(dtype)}")
-    for rows, columns in ((1, 5), (7, 31), (8, 32), (13, 33), (64, 100), (3, 257)):
+    for rows, columns in ((1, 5), (7, 31), (8, 32), (13, 33), (64, 100), (3, 257), (5, 64), (9, 36)):
         for cross, with_sum in ((False, True), (True, True), (False, False)):
             g = torch.randn(rows, columns, dtype=dtype)
             gb = torch.randn(rows, columns, dtype=dtype) if cross else g
@@ -128,12 +140,27 @@ def test_emulated_accumulate_kernels_match_torch(dtype, sliced, grid_cap, kernel
             results = []
             for _ in range(2):
                 moment, total = start_m.clone(), start_s.clone()
-                run(
-                    _ptr(g), _ptr(gb), _ptr(moment), _ptr(total) if with_sum else None, ctypes.c_int64(rows),
-                    ctypes.c_int64(columns), ctypes.c_int64(int(sliced)), ctypes.c_int64(grid_cap),
-                )  # fmt: skip
+                emulated_accumulate(kernels, kernel, g, gb, moment, total if with_sum else None, grid_cap)
                 results.append((moment, total))
             moment, total = results[0]
             torch.testing.assert_close(moment, start_m + (g * gb).sum(0))
             torch.testing.assert_close(total, start_s + g.sum(0) if with_sum else start_s, rtol=1e-5, atol=1e-5)
             assert torch.equal(results[1][0], moment) and torch.equal(results[1][1], total)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_emulated_wide_accumulate_gives_the_column_kernels_bits(dtype, kernels):
+    """The wide kernel sums each column's rows in the column kernel's order: the same bits, with
+    g read once (gb is g) or both read (a cross moment), over more packs than one grid pass."""
+    torch.manual_seed(3)
+    columns = 256 * 2 * (16 // torch.empty(0, dtype=dtype).element_size()) + 8  # 2 blocks of packs, and more
+    for cross in (False, True):
+        g = torch.randn(11, columns, dtype=dtype)
+        gb = torch.randn(11, columns, dtype=dtype) if cross else g
+        out = {}
+        for kernel in ("columns", "wide"):
+            torch.manual_seed(4)  # the same starting accumulators for both
+            moment, total = torch.randn(columns, dtype=dtype), torch.randn(columns, dtype=dtype)
+            emulated_accumulate(kernels, kernel, g, gb, moment, total, grid_cap=1)
+            out[kernel] = (moment, total)
+        assert torch.equal(out["wide"][0], out["columns"][0]) and torch.equal(out["wide"][1], out["columns"][1])

@@ -16,11 +16,16 @@
 namespace gradvar {
 namespace {
 
-// Which accumulate kernel for F columns: GRADVAR_EXT_ACCUMULATE=sliced or columns (one thread a
-// column) forces one; unset, the sliced kernel for few columns (reduce::sliced_by_default).
-bool accumulate_sliced(int64_t F) {
-  const char* flag = env_choice("GRADVAR_EXT_ACCUMULATE", {"columns", "sliced"}, "columns or sliced");
-  return flag == nullptr ? reduce::sliced_by_default(F) : std::strcmp(flag, "sliced") == 0;
+// Which accumulate kernel for F columns: GRADVAR_EXT_ACCUMULATE=sliced, columns (one thread a
+// column) or wide (16 bytes of columns a thread, where it fits; opt-in, not yet timed) forces
+// one; unset, the sliced kernel for few columns (reduce::sliced_by_default), else the column one.
+enum class Accumulate { columns, sliced, wide };
+Accumulate accumulate_kernel(int64_t F) {
+  const char* flag = env_choice("GRADVAR_EXT_ACCUMULATE", {"columns", "sliced", "wide"}, "columns, sliced or wide");
+  if (flag == nullptr) return reduce::sliced_by_default(F) ? Accumulate::sliced : Accumulate::columns;
+  return std::strcmp(flag, "sliced") == 0 ? Accumulate::sliced
+         : std::strcmp(flag, "wide") == 0 ? Accumulate::wide
+                                          : Accumulate::columns;
 }
 
 // out[k * out_stride] = sum_j a[k, j] * b[k, j]. One block per row k, tree reduction in shared memory.
@@ -48,7 +53,8 @@ void accumulate_products_cuda(at::Tensor& moment, at::Tensor& sum, const at::Ten
   if (F == 0) return;
   using reduce::kAccumulateThreads;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (accumulate_sliced(F)) {
+  const Accumulate kernel = accumulate_kernel(F);
+  if (kernel == Accumulate::sliced) {
     const unsigned blocks = reduce::accumulate_sliced_blocks(F);
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "accumulate_products_cuda", [&] {
       reduce::accumulate_products_sliced_kernel<scalar_t, reduce::kSlicedColumns, reduce::kSlices>
@@ -59,8 +65,24 @@ void accumulate_products_cuda(at::Tensor& moment, at::Tensor& sum, const at::Ten
     });
     return;
   }
-  const unsigned blocks = reduce::accumulate_blocks(F);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "accumulate_products_cuda", [&] {
+    scalar_t* sum_data = sum.defined() ? sum.mutable_data_ptr<scalar_t>() : nullptr;
+    if (kernel == Accumulate::wide &&
+        reduce::accumulate_wide_fits<scalar_t>(g.const_data_ptr(), gb.const_data_ptr(), moment.const_data_ptr(),
+                                               sum_data, F)) {
+      const unsigned wide_blocks = reduce::accumulate_wide_blocks<scalar_t>(F);
+      const auto* gb_data = gb.const_data_ptr<scalar_t>();
+      if (gb_data == g.const_data_ptr<scalar_t>()) {
+        reduce::accumulate_products_wide_kernel<scalar_t, true><<<wide_blocks, kAccumulateThreads, 0, stream>>>(
+            g.const_data_ptr<scalar_t>(), gb_data, moment.mutable_data_ptr<scalar_t>(), sum_data, rows, F);
+      } else {
+        reduce::accumulate_products_wide_kernel<scalar_t, false><<<wide_blocks, kAccumulateThreads, 0, stream>>>(
+            g.const_data_ptr<scalar_t>(), gb_data, moment.mutable_data_ptr<scalar_t>(), sum_data, rows, F);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const unsigned blocks = reduce::accumulate_blocks(F);
     reduce::accumulate_products_kernel<scalar_t><<<blocks, kAccumulateThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), gb.const_data_ptr<scalar_t>(), moment.mutable_data_ptr<scalar_t>(),
         sum.defined() ? sum.mutable_data_ptr<scalar_t>() : nullptr, rows, F);

@@ -20,6 +20,19 @@ inline unsigned accumulate_blocks(int64_t F) {
 inline unsigned accumulate_sliced_blocks(int64_t F) {
   return static_cast<unsigned>(std::min<int64_t>((F + kSlicedColumns - 1) / kSlicedColumns, 65535));
 }
+// The wide kernel: kAccumulateThreads a block, 16 bytes of adjacent columns a thread.
+template <typename scalar_t>
+constexpr int kWideColumns = 16 / static_cast<int>(sizeof(scalar_t));
+template <typename scalar_t>
+inline unsigned accumulate_wide_blocks(int64_t F) {
+  return accumulate_blocks(F / kWideColumns<scalar_t>);
+}
+// Whether the wide kernel applies: whole packs of 16 bytes, every pointer 16-byte aligned (sum may be null).
+template <typename scalar_t>
+inline bool accumulate_wide_fits(const void* g, const void* gb, const void* moment, const void* sum, int64_t F) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  return F % kWideColumns<scalar_t> == 0 && aligned(g) && aligned(gb) && aligned(moment) && aligned(sum);
+}
 // The default: the sliced kernel when the one-thread-a-column grid would have under 512 blocks
 // (~4 a multiprocessor on an H100), the column kernel above. On an H100 (twenty-first session)
 // the sliced one was 2-9% faster on every conv2d_variance of the benchmark CNN (18 432 and
@@ -43,6 +56,51 @@ __global__ void accumulate_products_kernel(const scalar_t* __restrict__ g, const
     }
     moment[j] += m;
     if (sum != nullptr) sum[j] += s;
+  }
+}
+
+// The column kernel with 16 bytes of adjacent columns a thread (2 float64 / 4 float32: one
+// vector load per row), rows unrolled by 4 (more loads in flight), and g read once where gb is g
+// (kSame: the second moment and the variance; the cross moment reads both). Each column's rows
+// are summed in the column kernel's order, so the results are its bits. Why: at float64 N = 128,
+// T = 64, 512 -> 512 (2 MiB of gradients a sample) the column kernel read its chunks at ~2.2
+// TB/s on an H200 (0.152 of the chunked path's 0.268 ms; bmm alone 0.132), which left that
+// shape at 0.48-0.49 of bmm. Opt-in (GRADVAR_EXT_ACCUMULATE=wide) until timed on a GPU; where it
+// does not fit (accumulate_wide_fits) the column kernel runs.
+template <typename scalar_t, int kWidth>
+struct alignas(sizeof(scalar_t) * kWidth) Pack {
+  scalar_t v[kWidth];
+};
+
+template <typename scalar_t, bool kSame>
+__global__ void accumulate_products_wide_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ gb,
+                                                scalar_t* __restrict__ moment, scalar_t* __restrict__ sum,
+                                                int64_t rows, int64_t F) {
+  constexpr int kWidth = kWideColumns<scalar_t>;
+  using P = Pack<scalar_t, kWidth>;
+  const int64_t packs = F / kWidth;
+  const P* g_packs = reinterpret_cast<const P*>(g);
+  const P* gb_packs = reinterpret_cast<const P*>(gb);
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < packs; p += int64_t(gridDim.x) * blockDim.x) {
+    scalar_t m[kWidth], s[kWidth];
+    for (int c = 0; c < kWidth; ++c) m[c] = s[c] = 0;
+#pragma unroll 4
+    for (int64_t k = 0; k < rows; ++k) {
+      const P v = g_packs[k * packs + p];
+      const P w = kSame ? v : gb_packs[k * packs + p];
+      for (int c = 0; c < kWidth; ++c) {
+        m[c] += v.v[c] * w.v[c];
+        s[c] += v.v[c];
+      }
+    }
+    P out = reinterpret_cast<const P*>(moment)[p];
+    for (int c = 0; c < kWidth; ++c) out.v[c] += m[c];
+    reinterpret_cast<P*>(moment)[p] = out;
+    if (sum != nullptr) {
+      out = reinterpret_cast<const P*>(sum)[p];
+      for (int c = 0; c < kWidth; ++c) out.v[c] += s[c];
+      reinterpret_cast<P*>(sum)[p] = out;
+    }
   }
 }
 
