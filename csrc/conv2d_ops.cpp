@@ -154,19 +154,12 @@ GradientChunks shifted_moment_gradients(const at::Tensor& input, const at::Tenso
 // per-sample gradients per convolution (measured on 2 cores), and with that many rather than
 // what the core's CPU budget (4 MiB) allows: its own budget is 16 MiB (the benchmark CNN's
 // layers' moments and products 1.05-1.25x faster than with 4 MiB; benchmarks/RESULTS.md). GPUs
-// keep the core's budget. The products (the moments' backward: Budget::core) keep the
-// core's budget too: they run in the double backward, at the job's peak, beside their input-sized
-// results, and their 16 MiB chunks held ~8 MB of oneDNN's reorders there (the benchmark CNN's
-// job (b), N = 64: peak 117.9 -> 111.0 MB with the conv node's sliced weight gradients, at the
-// same time: 144 ms; benchmarks/RESULTS.md, twenty-fifth session).
+// keep the core's budget, and so do the products (grouped_product_gradients).
 int64_t grouped_max_chunk(const ConvGeometry& c, const at::Tensor& input) {
   const int64_t bytes = c.out_channels * c.patch() * static_cast<int64_t>(input.element_size());
   return std::clamp<int64_t>((int64_t(2) << 20) / std::max<int64_t>(1, bytes), 1, 16);
 }
-enum class Budget { grouped, core };  // grouped_gradients' chunk budget: the moments' 16 MiB, or the core's
-int64_t grouped_budget_bytes(const at::Tensor& input, Budget budget) {
-  return input.is_cpu() && budget == Budget::grouped ? int64_t(16) << 20 : 0;
-}
+int64_t grouped_budget_bytes(const at::Tensor& input) { return input.is_cpu() ? int64_t(16) << 20 : 0; }
 
 // n samples' weight-shaped tensors as the weight of one grouped convolution: [n * C_out, C_in/groups, kh, kw].
 std::vector<int64_t> grouped_weight_shape(int64_t n, const ConvGeometry& c) {
@@ -176,8 +169,7 @@ std::vector<int64_t> grouped_weight_shape(int64_t n, const ConvGeometry& c) {
 // g_n for samples [start, start + n) as the weight gradient of one grouped convolution:
 // input [1, n*C_in, H, W], grad_output [1, n*C_out, H_out, W_out], groups n*groups ->
 // [n*C_out, C_in/groups, kh, kw] = [n * groups, C_out/groups, patch].
-GradientChunks grouped_gradients(const at::Tensor& input, const at::Tensor& grad_output, const ConvGeometry& c,
-                                 Budget budget = Budget::grouped) {
+GradientChunks grouped_gradients(const at::Tensor& input, const at::Tensor& grad_output, const ConvGeometry& c) {
   const auto x = input.contiguous(), go = grad_output.contiguous();
   const int64_t rows = c.out_channels / c.groups;
   const int64_t scratch = 2 * c.out_channels * c.patch() + c.in_channels * c.height * c.width +
@@ -193,7 +185,19 @@ GradientChunks grouped_gradients(const at::Tensor& input, const at::Tensor& grad
                               /*transposed=*/false, /*output_padding=*/{0, 0}, n * c.groups, {false, true, false});
                           return std::get<1>(grads).contiguous().view({n * c.groups, rows, c.patch()});
                         },
-                        grouped_budget_bytes(x, budget)};
+                        grouped_budget_bytes(x)};
+}
+
+// The products' (the moments' backward) g_n on the grouped path, in chunks of the core's budget
+// (4 MiB on the CPU), not the moments' 16 MiB: they run in the double backward, at the job's peak,
+// beside their input-sized results, where 16 MiB chunks held ~8 MB of oneDNN's reorders (the
+// benchmark CNN's job (b), N = 64: peak 117.9 -> 111.0 MB with the conv node's sliced weight
+// gradients, at the same time; benchmarks/RESULTS.md, twenty-fifth session).
+GradientChunks grouped_product_gradients(const at::Tensor& input, const at::Tensor& grad_output,
+                                         const ConvGeometry& c) {
+  auto chunks = grouped_gradients(input, grad_output, c);
+  chunks.budget_bytes = 0;
+  return chunks;
 }
 
 // Takes h_n (weight-shaped) and writes, per sample, the transposed convolution of
@@ -403,7 +407,7 @@ at::Tensor conv2d_weighted_gradient_product(const at::Tensor& left, const at::Te
   const auto W = weight.reshape({c.groups, c.out_channels / c.groups, c.patch()});
   if (path == ConvPath::grouped) {
     at::Tensor out = at::empty((to_input ? input : grad_output).sizes(), input.options());
-    apply_weighted_gradients(grouped_gradients(input, grad_output, c, Budget::core), W, C,
+    apply_weighted_gradients(grouped_product_gradients(input, grad_output, c), W, C,
                              {to_input ? grouped_to_input(left, out, c) : grouped_to_grad_output(left, out, c)});
     return out;
   }
@@ -451,7 +455,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weighted_gradient_products(
   at::Tensor to_input = at::empty(input.sizes(), input.options());
   at::Tensor to_grad_output = at::empty(grad_output.sizes(), grad_output.options());
   if (path == ConvPath::grouped) {
-    apply_weighted_gradients(grouped_gradients(input, grad_output, c, Budget::core), W, C,
+    apply_weighted_gradients(grouped_product_gradients(input, grad_output, c), W, C,
                              {grouped_to_input(left_grad_output, to_input, c),
                               grouped_to_grad_output(left_input, to_grad_output, c)});
     return {to_input, to_grad_output};

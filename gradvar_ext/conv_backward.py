@@ -159,7 +159,7 @@ def _backend_backward(grad: Tensor, layer_input: Tensor, weight: Tensor, conv: t
 # weight-only gradient calls, by default: oneDNN reorders both into copies, so a whole-batch call
 # held 24 MB of copies at the benchmark CNN's job (b) peak (the 32 -> 64 conv at 32x32, N = 64:
 # 384 KiB a sample); in 8 MiB slices (21 samples), with the products' grouped chunks in 4 MiB
-# (csrc/conv2d_ops.cpp, Budget::core), the peak fell 116.6 -> 111.0 MB at the same time, below
+# (csrc/conv2d_ops.cpp, grouped_product_gradients), the peak fell 116.6 -> 111.0 MB at the same time, below
 # the per-sample loop's 114.3 (benchmarks/RESULTS.md, twenty-fifth session).
 CPU_WEIGHT_CALL_BYTES = 8 << 20
 

@@ -160,7 +160,7 @@ def test_benchmark_cnn_job_b_peaks_below_the_per_sample_loop():
     """The benchmark CNN's job (b) (variance, total variance and its gradient) on the whole batch
     of 64, float32: below the per-sample loop's peak (the leanest peer there), by the benchmark's
     own measurement. What it takes (twenty-fifth session): the products' grouped chunks within the
-    core's 4 MiB (csrc/conv2d_ops.cpp, Budget::core) and the conv node's weight gradients in 8 MiB
+    core's 4 MiB (csrc/conv2d_ops.cpp, grouped_product_gradients) and the conv node's weight gradients in 8 MiB
     slices (conv_backward.CPU_WEIGHT_CALL_BYTES): 111.0 MB against the loop's 114.3 (117.9 before)."""
     import bench_variance as bv
     import torch
