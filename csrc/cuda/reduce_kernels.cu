@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "../checks.h"
 #include "../outer_product_stats.h"
@@ -66,26 +67,20 @@ void accumulate_products_cuda(at::Tensor& moment, at::Tensor& sum, const at::Ten
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "accumulate_products_cuda", [&] {
+    const scalar_t *g_data = g.const_data_ptr<scalar_t>(), *gb_data = gb.const_data_ptr<scalar_t>();
+    scalar_t* moment_data = moment.mutable_data_ptr<scalar_t>();
     scalar_t* sum_data = sum.defined() ? sum.mutable_data_ptr<scalar_t>() : nullptr;
-    if (kernel == Accumulate::wide &&
-        reduce::accumulate_wide_fits<scalar_t>(g.const_data_ptr(), gb.const_data_ptr(), moment.const_data_ptr(),
-                                               sum_data, F)) {
-      const unsigned wide_blocks = reduce::accumulate_wide_blocks<scalar_t>(F);
-      const auto* gb_data = gb.const_data_ptr<scalar_t>();
-      if (gb_data == g.const_data_ptr<scalar_t>()) {
-        reduce::accumulate_products_wide_kernel<scalar_t, true><<<wide_blocks, kAccumulateThreads, 0, stream>>>(
-            g.const_data_ptr<scalar_t>(), gb_data, moment.mutable_data_ptr<scalar_t>(), sum_data, rows, F);
-      } else {
-        reduce::accumulate_products_wide_kernel<scalar_t, false><<<wide_blocks, kAccumulateThreads, 0, stream>>>(
-            g.const_data_ptr<scalar_t>(), gb_data, moment.mutable_data_ptr<scalar_t>(), sum_data, rows, F);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
+    if (kernel == Accumulate::wide && reduce::accumulate_wide_fits<scalar_t>(g_data, gb_data, moment_data, sum_data, F)) {
+      const unsigned blocks = reduce::accumulate_wide_blocks<scalar_t>(F);
+      const auto launch = [&](auto same) {  // g read once (same: gb is g) or both read
+        reduce::accumulate_products_wide_kernel<scalar_t, decltype(same)::value>
+            <<<blocks, kAccumulateThreads, 0, stream>>>(g_data, gb_data, moment_data, sum_data, rows, F);
+      };
+      gb_data == g_data ? launch(std::true_type{}) : launch(std::false_type{});
+    } else {
+      reduce::accumulate_products_kernel<scalar_t><<<reduce::accumulate_blocks(F), kAccumulateThreads, 0, stream>>>(
+          g_data, gb_data, moment_data, sum_data, rows, F);
     }
-    const unsigned blocks = reduce::accumulate_blocks(F);
-    reduce::accumulate_products_kernel<scalar_t><<<blocks, kAccumulateThreads, 0, stream>>>(
-        g.const_data_ptr<scalar_t>(), gb.const_data_ptr<scalar_t>(), moment.mutable_data_ptr<scalar_t>(),
-        sum.defined() ? sum.mutable_data_ptr<scalar_t>() : nullptr, rows, F);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
