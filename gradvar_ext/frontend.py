@@ -20,7 +20,9 @@ them into the layer's statistics and let them go (a layer used several times in 
 waits for all its calls), so a backward holds no batch of layer inputs and output gradients to
 its end. The statistics are set on the parameters when the block exits. Nothing is stored on
 the modules. The same forward hook gives an extended convolution's output a backward node of
-ours (``conv_backward.py``: same gradients, a leaner double backward).
+ours (``conv_backward.py``: same gradients, a leaner double backward), and a forward hook on
+every ``nn.ReLU`` and ``nn.MaxPool2d`` does so for theirs (``piecewise_backward.py``: no zeros in
+the double backward).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from . import conv_backward
+from . import conv_backward, piecewise_backward
 from .layer_statistics import describe, layer_data, statistics
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -165,6 +167,9 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
 def extend(module: nn.Module) -> nn.Module:
     """Instrument every Linear, Conv1d and Conv2d layer of ``module``; returns ``module`` itself.
 
+    Every ``nn.ReLU`` (not in-place) and ``nn.MaxPool2d`` gets a forward hook too, which gives
+    its output a backward node whose double backward forms no zeros (``piecewise_backward.py``;
+    the same gradients; ``GRADVAR_EXT_PIECEWISE_BACKWARD=pytorch`` keeps PyTorch's).
     Raises TypeError for a layer with trainable parameters of an unsupported type (freeze it with
     ``requires_grad_(False)`` to extend the rest). Extending twice is harmless; :func:`unextend`
     removes the hooks.
@@ -177,6 +182,9 @@ def extend(module: nn.Module) -> nn.Module:
             if not _hook_keys(sub):
                 sub.register_forward_hook(_on_forward, with_kwargs=True)
             _EXTENDED.add(sub)
+        elif isinstance(sub, piecewise_backward.PIECEWISE):
+            if not _hook_keys(sub):
+                sub.register_forward_hook(_on_piecewise_forward, with_kwargs=True)
         elif _trainable(sub):
             supported = ", ".join(t.__name__ for t in SUPPORTED)
             raise TypeError(
@@ -205,12 +213,12 @@ def unextend(module: nn.Module) -> nn.Module:
             "call it after the block exits"
         )
     for sub in module.modules():
-        if not isinstance(sub, SUPPORTED):
-            continue
         for key in _hook_keys(sub):
             del sub._forward_hooks[key]
             sub._forward_hooks_with_kwargs.pop(key, None)
             sub._forward_hooks_always_called.pop(key, None)
+        if not isinstance(sub, SUPPORTED):
+            continue
         for call in _CALLS.pop(sub, ()):
             call.input, call.extended = None, False
         _EXTENDED.discard(sub)
@@ -219,8 +227,13 @@ def unextend(module: nn.Module) -> nn.Module:
 
 
 def _hook_keys(module: nn.Module) -> list:
-    """The keys of extend's forward hook among the module's (a deep copy keeps them)."""
-    return [key for key, hook in module._forward_hooks.items() if hook is _on_forward]
+    """The keys of extend's forward hooks among the module's (a deep copy keeps them)."""
+    return [key for key, hook in module._forward_hooks.items() if hook is _on_forward or hook is _on_piecewise_forward]
+
+
+def _on_piecewise_forward(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
+    """The forward hook of an ``nn.ReLU`` or ``nn.MaxPool2d``: its output with our backward node, or None."""
+    return piecewise_backward.reroute(module, args[0] if args else kwargs["input"], output)
 
 
 def _on_forward(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
