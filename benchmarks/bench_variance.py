@@ -13,6 +13,8 @@ gradvar-shifted (asked for by name: the conv moments and products by a bmm per k
 width-unfolded images, GRADVAR_EXT_CONV_ALGORITHM=shifted),
 gradvar-pytorch-conv (asked for by name: gradvar with PyTorch's own backward node for the conv
 layers, GRADVAR_EXT_CONV_BACKWARD=pytorch, the A/B of gradvar_ext/conv_backward.py),
+gradvar-pytorch-piecewise (likewise for the ReLU and max pooling layers,
+GRADVAR_EXT_PIECEWISE_BACKWARD=pytorch, the A/B of gradvar_ext/piecewise_backward.py),
 gradvar-micro (gradvar_ext.total_variance in micro-batches of 16: memory bounded by 16 samples;
 gradvar-micro-K: micro-batches of K, e.g. gradvar-micro-64 on a GPU, where 16 is launch-bound),
 gradvar-chunk-K (gradvar with GRADVAR_EXT_CHUNK_MIB=K: what chunks of per-sample gradients, patches
@@ -205,6 +207,7 @@ METHODS = {
     "gradvar-strided": run_gradvar,
     "gradvar-shifted": run_gradvar,
     "gradvar-pytorch-conv": run_gradvar,
+    "gradvar-pytorch-piecewise": run_gradvar,
     "gradvar-micro": run_gradvar_micro,
     "loop": run_loop,
     "torch.func": run_torch_func,
@@ -218,6 +221,7 @@ METHOD_ENV = {
     "gradvar-strided": {"GRADVAR_EXT_UNFOLD": "strided"},
     "gradvar-shifted": {"GRADVAR_EXT_CONV_ALGORITHM": "shifted"},
     "gradvar-pytorch-conv": {"GRADVAR_EXT_CONV_BACKWARD": "pytorch"},
+    "gradvar-pytorch-piecewise": {"GRADVAR_EXT_PIECEWISE_BACKWARD": "pytorch"},
 }
 
 

@@ -17,6 +17,9 @@ from conv_samples import (
 from test_conv_backward import IDS as CONV_LAYER_IDS
 from test_conv_backward import LAYERS as CONV_LAYERS
 from test_conv_backward import check_second_order
+from test_piecewise_backward import IDS as PIECEWISE_IDS
+from test_piecewise_backward import MODELS as PIECEWISE_MODELS
+from test_piecewise_backward import check_second_order as check_piecewise_second_order
 
 import gradvar_ext
 
@@ -656,6 +659,16 @@ def test_cuda_conv_backward_node_matches_pytorch_to_the_second_order(make_layer,
     """gradvar_ext/conv_backward.py's node on cuDNN: the same first and second-order gradients as
     PyTorch's own (tests/test_conv_backward.py)."""
     check_second_order(make_layer, shape, "cuda")
+
+
+@pytest.mark.parametrize("make_model,shape,nodes", PIECEWISE_MODELS, ids=PIECEWISE_IDS)
+def test_cuda_piecewise_nodes_match_pytorch_to_the_second_order(make_model, shape, nodes, monkeypatch):
+    """gradvar_ext/piecewise_backward.py's ReLU and max pooling nodes on CUDA (every layer's, small
+    as they are): the same first and second-order gradients as PyTorch's nodes."""
+    from gradvar_ext import piecewise_backward
+
+    monkeypatch.setattr(piecewise_backward, "MIN_ZEROS_BYTES", 0)
+    check_piecewise_second_order(make_model, shape, nodes, "cuda")
 
 
 def test_cuda_conv_weight_gradients_in_slices_of_the_batch(monkeypatch):
