@@ -201,11 +201,16 @@ def test_statistics_only_backward_forms_no_weight_gradient(monkeypatch):
     total = sum(p.variance.sum() for p in model.parameters())
     grads = torch.autograd.grad(total, list(model.parameters()))
     gv.clear(model)
-    # the per-sample loop on the plain model, its gradient of the total variance
-    plain = gv.unextend(copy.deepcopy(model))
+    assert_matches_the_loop(gv.unextend(copy.deepcopy(model)), x, y, lossfunc, total, grads)
+
+
+def assert_matches_the_loop(plain, x, y, lossfunc, total, grads):
+    """``total`` (a total variance) and ``grads`` (its gradient w.r.t. the parameters) against the
+    per-sample loop's on ``plain``, the model without gradvar's hooks."""
     params = list(plain.parameters())
     rows = [
-        torch.autograd.grad(lossfunc(plain(x[i : i + 1]), y[i : i + 1]), params, create_graph=True) for i in range(4)
+        torch.autograd.grad(lossfunc(plain(x[i : i + 1]), y[i : i + 1]), params, create_graph=True)
+        for i in range(len(x))
     ]
     want = sum(torch.stack([r[k] for r in rows]).var(0, unbiased=False).sum() for k in range(len(params)))
     torch.testing.assert_close(total.detach(), want.detach(), rtol=1e-10, atol=0)
@@ -234,7 +239,11 @@ def test_torch_func_transforms_keep_pytorchs_node():
     extended model gives PyTorch's per-sample gradients."""
     torch.manual_seed(0)
     model = gv.extend(nn.Sequential(nn.Tanh(), nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 1)).double())
-    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    check_vmap_of_grad_is_pytorchs(model, torch.randn(3, 2, 4, 4, dtype=torch.float64))
+
+
+def check_vmap_of_grad_is_pytorchs(model, x):
+    """Per-sample gradients of an extended model by torch.func (vmap of grad) = its plain copy's by autograd."""
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def loss(p, xi):
@@ -242,7 +251,7 @@ def test_torch_func_transforms_keep_pytorchs_node():
 
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
     plain = gv.unextend(copy.deepcopy(model))
-    for i in range(3):
+    for i in range(len(x)):
         want = torch.autograd.grad(plain(x[i : i + 1]).sum(), list(plain.parameters()))
         for name, w in zip(params, want):
             torch.testing.assert_close(per_sample[name][i], w)
@@ -271,10 +280,15 @@ def test_activation_checkpointing_recomputes_through_the_node(use_reentrant):
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace", "ignore:`torch.jit.save")
 def test_a_traced_extended_model_saves():
     """torch.jit.trace records no Python node (a traced module with one cannot be saved)."""
+    check_traced_model_saves(
+        gv.extend(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Conv2d(3, 2, 3))), torch.randn(2, 2, 8, 8)
+    )
+
+
+def check_traced_model_saves(model, x):
+    """torch.jit.trace of an extended model saves, and the traced model computes what the model does."""
     import io
 
-    model = gv.extend(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Conv2d(3, 2, 3)))
-    x = torch.randn(2, 2, 8, 8)
     traced = torch.jit.trace(model, x, check_trace=False)
     torch.jit.save(traced, io.BytesIO())
     torch.testing.assert_close(traced(x), model(x))

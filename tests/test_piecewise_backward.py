@@ -5,10 +5,10 @@ a double backward."""
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
+from test_conv_backward import assert_matches_the_loop, check_traced_model_saves, check_vmap_of_grad_is_pytorchs
 from torch import nn
 
 import gradvar_ext as gv
@@ -229,28 +229,13 @@ def test_torch_func_transforms_keep_pytorchs_node():
     extended model gives PyTorch's per-sample gradients."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3, 1))
-    model = gv.extend(model.double())
-    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def loss(p, xi):
-        return torch.func.functional_call(model, p, (xi.unsqueeze(0),)).sum()
-
-    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
-    plain = gv.unextend(copy.deepcopy(model))
-    for i in range(5):
-        want = torch.autograd.grad(plain(x[i : i + 1]).sum(), list(plain.parameters()))
-        for name, w in zip(params, want):
-            torch.testing.assert_close(per_sample[name][i], w)
+    check_vmap_of_grad_is_pytorchs(gv.extend(model.double()), torch.randn(5, 2, 4, 4, dtype=torch.float64))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace", "ignore:`torch.jit.save")
 def test_a_traced_extended_model_saves():
-    model = gv.extend(nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3, 2)))
-    x = torch.randn(2, 2, 4, 4)
-    traced = torch.jit.trace(model, x, check_trace=False)
-    torch.jit.save(traced, io.BytesIO())
-    torch.testing.assert_close(traced(x), model(x))
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3, 2))
+    check_traced_model_saves(gv.extend(model), torch.randn(2, 2, 4, 4))
 
 
 def test_extend_twice_and_unextend():
@@ -287,14 +272,7 @@ def test_statistics_and_their_gradient_match_the_per_sample_loop(with_grad):
     total = sum(p.variance.sum() for p in model.parameters())
     grads = torch.autograd.grad(total, list(model.parameters()))
     gv.clear(model)
-    params = list(plain.parameters())
-    rows = [
-        torch.autograd.grad(lossfunc(plain(x[i : i + 1]), y[i : i + 1]), params, create_graph=True) for i in range(4)
-    ]
-    want = sum(torch.stack([r[k] for r in rows]).var(0, unbiased=False).sum() for k in range(len(params)))
-    torch.testing.assert_close(total.detach(), want.detach(), rtol=1e-10, atol=0)
-    for a, b in zip(grads, torch.autograd.grad(want, params)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert_matches_the_loop(plain, x, y, lossfunc, total, grads)
 
 
 def test_reroute_leaves_other_outputs_alone():
