@@ -1,17 +1,20 @@
 """Randomly drawn small models (MLPs, Linear layers on sequences, Conv1d / Conv2d stacks with random
-stride, padding, padding mode, dilation, groups and bias) through every way of getting the
-statistics, against the per-sample loop: the combinations the hand-written cases do not list.
-A seed per case, so a failure names one model to rerun."""
+stride, padding, padding mode, dilation, groups and bias, Tanh or ReLU, max pooling) through every
+way of getting the statistics, against the per-sample loop: the combinations the hand-written
+cases do not list. A seed per case, so a failure names one model to rerun. The ReLU and max
+pooling layers get our backward nodes (gradvar_ext/piecewise_backward.py) small as they are."""
 
 from __future__ import annotations
 
 import random
+from unittest import mock
 
 import pytest
 import torch
 from torch import nn
 
 import gradvar_ext as gv
+from gradvar_ext import piecewise_backward
 
 PATHS = ("loss.backward", "collect.backward", "total_variance", "total_variance-micro")
 CASES = 48
@@ -39,8 +42,15 @@ def random_conv_stack(rng: random.Random, two_d: bool, n: int):
             nn.Sequential(*layers, conv)(torch.zeros(1, *shape, dtype=torch.float64).to(conv.weight.dtype))
         except RuntimeError:  # too small an input for this kernel, padding mode and dilation
             continue
-        layers += [conv, nn.Tanh()]
+        layers += [conv, rng.choice([nn.Tanh(), nn.ReLU()])]
         channels = conv.out_channels
+        if two_d and rng.random() < 0.6:
+            pool = nn.MaxPool2d(2, stride=rng.randint(1, 2), ceil_mode=rng.random() < 0.5)
+            try:
+                nn.Sequential(*layers, pool)(torch.zeros(1, *shape))
+                layers.append(pool)
+            except RuntimeError:  # too small an input to pool
+                pass
     return layers + [nn.Flatten()], torch.randn(n, *shape)
 
 
@@ -93,6 +103,11 @@ def test_random_model_statistics_and_gradient_of_total_variance_match_the_loop(s
 
 def check_random_model(seed: int, device: str) -> None:
     """Model ``seed`` on ``device`` through one of the four ways (by seed), against the loop."""
+    with mock.patch.object(piecewise_backward, "MIN_ZEROS_BYTES", 0):
+        check_drawn_model(seed, device)
+
+
+def check_drawn_model(seed: int, device: str) -> None:
     model, x, y, lossfunc, rng = random_model(seed, device)
     path, create_graph = PATHS[seed % len(PATHS)], rng.random() < 0.5
     per_sample, total, total_grad = loop_total_variance(model, x, y, lossfunc)
