@@ -1,6 +1,6 @@
-"""Extended models' nn.ReLU and nn.MaxPool2d backward nodes (gradvar_ext/piecewise_backward.py):
-the same gradients as PyTorch's to every order, where they apply and only there, and no zeros in
-a double backward."""
+"""Extended models' ReLU, LeakyReLU, Hardtanh / ReLU6 and max pooling backward nodes
+(gradvar_ext/piecewise_backward.py): the same gradients as PyTorch's to every order, where they
+apply and only there, and no zeros in a double backward."""
 
 from __future__ import annotations
 
@@ -14,13 +14,30 @@ from torch import nn
 import gradvar_ext as gv
 from gradvar_ext import piecewise_backward
 
-RELU, POOL = "_ReLUBackwardBackward", "_MaxPool2dBackwardBackward"
-PYTORCHS = {RELU: "ReluBackward0", POOL: "MaxPool2DWithIndicesBackward0"}
+OURS = "_PiecewiseBackwardBackward"
+RELU, LEAKY, HARDTANH, POOL = "relu", "leaky_relu", "hardtanh", "max_pool"  # the layers' kinds
+PYTORCHS = {
+    RELU: "ReluBackward0",
+    LEAKY: "LeakyReluBackward0",
+    HARDTANH: "HardtanhBackward0",
+    POOL: "MaxPool2DWithIndicesBackward0",
+}
 NONE = "NoneType"  # an output without a gradient (a ReLU on the data)
 
-# (model, input shape, its ReLU and max pooling layers' nodes): a ReLU between layers (its input
+
+def ours(kinds: list[str]) -> list[str]:
+    """The nodes of layers of these kinds with ours applied (no gradient: none)."""
+    return [kind if kind == NONE else OURS for kind in kinds]
+
+
+def pytorchs(kinds: list[str]) -> list[str]:
+    return [PYTORCHS.get(kind, kind) for kind in kinds]
+
+
+# (model, input shape, the kinds of its piecewise layers): a ReLU between layers (its input
 # requires grad), max pooling with its options (stride, padding, dilation, ceil_mode), a ReLU
-# first in the model (on the data: no gradient, nothing to route) and twice in a row.
+# first in the model (on the data: no gradient, nothing to route) and twice in a row, LeakyReLU,
+# ReLU6 and Hardtanh with their own bounds.
 MODELS = [
     (lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)), (7, 5), [RELU]),
     (
@@ -45,8 +62,21 @@ MODELS = [
         (6, 5),
         [NONE, RELU, RELU],
     ),
+    (
+        lambda: nn.Sequential(
+            nn.Linear(5, 6),
+            nn.LeakyReLU(0.2),
+            nn.Linear(6, 6),
+            nn.ReLU6(),
+            nn.Linear(6, 6),
+            nn.Hardtanh(-0.3, 0.5),
+            nn.Linear(6, 3),
+        ),  # fmt: skip
+        (8, 5),
+        [LEAKY, HARDTANH, HARDTANH],
+    ),
 ]
-IDS = ["mlp", "cnn", "pool-options", "relu-first-and-twice"]
+IDS = ["mlp", "cnn", "pool-options", "relu-first-and-twice", "leaky-relu6-hardtanh"]
 
 
 @pytest.fixture(autouse=True)
@@ -87,10 +117,10 @@ def check_second_order(make_model, shape, nodes, device="cpu"):
     model = gv.extend(copy.deepcopy(plain))
     x = torch.randn(shape, dtype=torch.float64, device=device) + 0.1  # the data: no exact zeros at the kinks
     y = torch.randn(shape[0], 3, dtype=torch.float64, device=device)
-    assert piecewise_nodes(model, x) == nodes
-    assert piecewise_nodes(plain, x) == [PYTORCHS.get(node, node) for node in nodes]
-    ours, theirs = first_and_second_order(model, x, y), first_and_second_order(plain, x, y)
-    for a, b in zip(ours[0] + ours[1], theirs[0] + theirs[1]):
+    assert piecewise_nodes(model, x) == ours(nodes)
+    assert piecewise_nodes(plain, x) == pytorchs(nodes)
+    got, want = first_and_second_order(model, x, y), first_and_second_order(plain, x, y)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
@@ -112,8 +142,9 @@ def test_the_double_backward_forms_no_zeros(monkeypatch):
     zeros_like and carry the zeros back; ours have no such derivative to form. Same gradients."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)
-    )
+        nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 1), nn.LeakyReLU(0.1), nn.Conv2d(4, 4, 1),
+        nn.ReLU6(), nn.Flatten(), nn.Linear(16, 3),
+    )  # fmt: skip
     model = gv.extend(model.double())
     x, y = torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     results, zeros = {}, {}
@@ -121,7 +152,7 @@ def test_the_double_backward_forms_no_zeros(monkeypatch):
         monkeypatch.setenv("GRADVAR_EXT_PIECEWISE_BACKWARD", choice)
         zeros[choice] = count_zeros(lambda: first_and_second_order(model, x, y))
         results[choice] = first_and_second_order(model, x, y)
-    assert zeros["pytorch"] - zeros["gradvar"] == 3, zeros  # one per layer (the loss's and our ops' stay)
+    assert zeros["pytorch"] - zeros["gradvar"] == 4, zeros  # one per layer (the loss's and our ops' stay)
     for a, b in zip(results["gradvar"][1], results["pytorch"][1]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
@@ -130,17 +161,19 @@ def test_where_it_applies():
     torch.manual_seed(0)
     x = torch.randn(3, 4, requires_grad=True)
     images = torch.randn(2, 3, 4, 4, requires_grad=True)
-    assert piecewise_nodes(gv.extend(nn.Sequential(nn.ReLU())), x) == [RELU]  # a leaf that requires grad
+    assert piecewise_nodes(gv.extend(nn.Sequential(nn.ReLU())), x) == [OURS]  # a leaf that requires grad
     assert piecewise_nodes(gv.extend(nn.Sequential(nn.ReLU())), x.detach()) == [NONE]  # no gradient at all
     assert piecewise_nodes(gv.extend(nn.Sequential(nn.Tanh(), nn.ReLU(inplace=True))), x) == [PYTORCHS[RELU]]
     with torch.no_grad():
         assert piecewise_nodes(gv.extend(nn.Sequential(nn.ReLU())), x) == [NONE]
     pool = gv.extend(nn.MaxPool2d(2, return_indices=True))  # a tuple: left as it is
     assert type(pool(images)[0].grad_fn).__name__ == PYTORCHS[POOL]
-    assert type(gv.extend(nn.MaxPool2d(2))(images).grad_fn).__name__ == POOL
+    assert type(gv.extend(nn.MaxPool2d(2))(images).grad_fn).__name__ == OURS
+    for inplace in (nn.LeakyReLU(inplace=True), nn.ReLU6(inplace=True), nn.Hardtanh(inplace=True)):
+        assert type(gv.extend(inplace)(torch.tanh(x)).grad_fn).__name__ != OURS
     # called by keyword, and an nn.ReLU subclass
     relu = gv.extend(type("MyReLU", (nn.ReLU,), {})())
-    assert type(relu(input=x).grad_fn).__name__ == RELU
+    assert type(relu(input=x).grad_fn).__name__ == OURS
 
 
 def test_only_where_the_zeros_would_be_large(monkeypatch):
@@ -152,8 +185,8 @@ def test_only_where_the_zeros_would_be_large(monkeypatch):
     small = torch.randn(4, 4, 128, 127, requires_grad=True)  # 4 * 4 * 128 * 127 floats: just below 1 MiB
     large = torch.randn(4, 4, 128, 128, requires_grad=True)  # 1 MiB; pooled: 256 KiB, the zeros are its input's
     assert piecewise_nodes(model, small) == [PYTORCHS[RELU], PYTORCHS[POOL]]
-    assert piecewise_nodes(model, large) == [RELU, POOL]
-    assert piecewise_nodes(model, large.double()[:, :, :64]) == [RELU, POOL]  # bytes, not elements
+    assert piecewise_nodes(model, large) == [OURS, OURS]
+    assert piecewise_nodes(model, large.double()[:, :, :64]) == [OURS, OURS]  # bytes, not elements
 
 
 def test_switched_off_by_the_environment(monkeypatch):
@@ -194,7 +227,7 @@ def test_a_tensor_hook_on_the_output_gets_its_gradient():
     torch.testing.assert_close(received[-1], torch.ones(2, 3))
 
 
-@pytest.mark.parametrize("make", [nn.ReLU, lambda: nn.MaxPool2d(2)])
+@pytest.mark.parametrize("make", [nn.ReLU, nn.LeakyReLU, nn.ReLU6, lambda: nn.MaxPool2d(2)])
 def test_in_place_changes_of_what_the_node_saved_are_caught_as_by_pytorch(make):
     """The nodes save aliases of what PyTorch's save (the ReLU's output, the pooling's input):
     changing it in place before the backward is the error PyTorch raises."""
@@ -208,7 +241,9 @@ def test_in_place_changes_of_what_the_node_saved_are_caught_as_by_pytorch(make):
             out.sum().backward()
 
 
-@pytest.mark.parametrize("layer", [nn.ReLU(), nn.MaxPool2d(2, stride=1, padding=1)])
+@pytest.mark.parametrize(
+    "layer", [nn.ReLU(), nn.LeakyReLU(0.1), nn.Hardtanh(-0.5, 0.5), nn.MaxPool2d(2, stride=1, padding=1)]
+)
 def test_gradcheck_and_gradgradcheck_through_the_node(layer):
     layer = gv.extend(layer)
     torch.manual_seed(0)
@@ -217,7 +252,7 @@ def test_gradcheck_and_gradgradcheck_through_the_node(layer):
 
     def f(x):
         out = layer(x * 1.0)
-        assert type(out.grad_fn).__name__ in (RELU, POOL)
+        assert type(out.grad_fn).__name__ == OURS
         return out.square()
 
     assert torch.autograd.gradcheck(f, (x,))
@@ -243,7 +278,7 @@ def test_extend_twice_and_unextend():
     model = gv.extend(gv.extend(nn.Sequential(nn.Conv2d(2, 3, 3), relu, pool)))
     assert len(relu._forward_hooks) == len(pool._forward_hooks) == 1
     x = torch.randn(2, 2, 6, 6)
-    assert piecewise_nodes(model, x) == [RELU, POOL]
+    assert piecewise_nodes(model, x) == [OURS, OURS]
     gv.unextend(model)
     assert len(relu._forward_hooks) == len(pool._forward_hooks) == 0
     assert piecewise_nodes(model, x) == [PYTORCHS[RELU], PYTORCHS[POOL]]
@@ -262,7 +297,7 @@ def test_statistics_and_their_gradient_match_the_per_sample_loop(with_grad):
     model = gv.extend(copy.deepcopy(plain))
     x, y = torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     lossfunc = nn.MSELoss(reduction="sum")
-    assert piecewise_nodes(model, x) == [RELU, RELU, POOL]
+    assert piecewise_nodes(model, x) == [OURS, OURS, OURS]
     with gv.collect(gv.Variance()) as stats:
         loss = lossfunc(model(x), y)
         if with_grad:
@@ -284,5 +319,8 @@ def test_reroute_leaves_other_outputs_alone():
     assert piecewise_backward.reroute(relu, (x,), torch.relu(x)) is None  # not a tensor input
     assert piecewise_backward.reroute(pool, x, torch.relu(x)) is None  # not a max pooling's node
     assert piecewise_backward.reroute(pool, x, nn.functional.max_pool2d(x * 2, 2)) is None
-    assert type(piecewise_backward.reroute(relu, x, torch.relu(x)).grad_fn).__name__ == RELU
-    assert type(piecewise_backward.reroute(pool, x, nn.functional.max_pool2d(x, 2)).grad_fn).__name__ == POOL
+    assert type(piecewise_backward.reroute(relu, x, torch.relu(x)).grad_fn).__name__ == OURS
+    assert type(piecewise_backward.reroute(pool, x, nn.functional.max_pool2d(x, 2)).grad_fn).__name__ == OURS
+    leaky = nn.LeakyReLU(0.1)
+    assert piecewise_backward.reroute(leaky, x, nn.functional.leaky_relu(x * 2, 0.1)) is None
+    assert piecewise_backward.reroute(leaky, x, torch.relu(x)) is None

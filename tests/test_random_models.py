@@ -1,8 +1,9 @@
 """Randomly drawn small models (MLPs, Linear layers on sequences, Conv1d / Conv2d stacks with random
-stride, padding, padding mode, dilation, groups and bias, Tanh or ReLU, max pooling) through every
-way of getting the statistics, against the per-sample loop: the combinations the hand-written
-cases do not list. A seed per case, so a failure names one model to rerun. The ReLU and max
-pooling layers get our backward nodes (gradvar_ext/piecewise_backward.py) small as they are."""
+stride, padding, padding mode, dilation, groups and bias, Tanh, ReLU, LeakyReLU or ReLU6, max
+pooling) through every way of getting the statistics, against the per-sample loop: the
+combinations the hand-written cases do not list. A seed per case, so a failure names one model to
+rerun. The piecewise-linear layers get our backward nodes (gradvar_ext/piecewise_backward.py),
+small as they are."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def random_conv_stack(rng: random.Random, two_d: bool, n: int):
             nn.Sequential(*layers, conv)(torch.zeros(1, *shape, dtype=torch.float64).to(conv.weight.dtype))
         except RuntimeError:  # too small an input for this kernel, padding mode and dilation
             continue
-        layers += [conv, rng.choice([nn.Tanh(), nn.ReLU()])]
+        layers += [conv, rng.choice([nn.Tanh(), nn.ReLU(), nn.LeakyReLU(0.1)])]
         channels = conv.out_channels
         if two_d and rng.random() < 0.6:
             pool = nn.MaxPool2d(2, stride=rng.randint(1, 2), ceil_mode=rng.random() < 0.5)
@@ -62,7 +63,10 @@ def random_model(seed: int, device: str = "cpu"):
         widths = [rng.randint(1, 6) for _ in range(rng.randint(2, 4))]
         layers = []
         for a, b in zip(widths, widths[1:]):
-            layers += [nn.Linear(a, b, bias=rng.random() < 0.7), rng.choice([nn.Tanh(), nn.ReLU(), nn.Identity()])]
+            layers += [
+                nn.Linear(a, b, bias=rng.random() < 0.7),
+                rng.choice([nn.Tanh(), nn.ReLU(), nn.ReLU6(), nn.Identity()]),
+            ]
         positions = () if kind == "mlp" else (rng.randint(1, 4),)
         layers.append(nn.Flatten())
         x = torch.randn(n, *positions, widths[0])
