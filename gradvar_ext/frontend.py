@@ -21,7 +21,7 @@ waits for all its calls), so a backward holds no batch of layer inputs and outpu
 its end. The statistics are set on the parameters when the block exits. Nothing is stored on
 the modules. The same forward hook gives an extended convolution's output a backward node of
 ours (``conv_backward.py``: same gradients, a leaner double backward), and a forward hook on
-every ReLU, LeakyReLU, Hardtanh / ReLU6 and MaxPool2d layer does so for theirs
+every ReLU, LeakyReLU, Hardtanh / ReLU6 and (adaptive) max pooling layer does so for theirs
 (``piecewise_backward.py``: no zeros in the double backward).
 """
 
@@ -167,10 +167,11 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
 def extend(module: nn.Module) -> nn.Module:
     """Instrument every Linear, Conv1d and Conv2d layer of ``module``; returns ``module`` itself.
 
-    Every ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.Hardtanh`` (``nn.ReLU6``) and ``nn.MaxPool2d`` gets
-    a forward hook too, which gives its output a backward node whose double backward forms no
-    zeros (``piecewise_backward.py``; the same gradients; ``GRADVAR_EXT_PIECEWISE_BACKWARD=pytorch``
-    keeps PyTorch's).
+    Every ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.Hardtanh`` (``nn.ReLU6``), ``nn.MaxPool2d`` and
+    ``nn.AdaptiveMaxPool2d`` gets a forward hook too, which gives its output a backward node whose
+    double backward forms no zeros (``piecewise_backward.py``; the same gradients;
+    ``GRADVAR_EXT_PIECEWISE_BACKWARD=pytorch`` keeps PyTorch's).
+
     Raises TypeError for a layer with trainable parameters of an unsupported type (freeze it with
     ``requires_grad_(False)`` to extend the rest). Extending twice is harmless; :func:`unextend`
     removes the hooks.

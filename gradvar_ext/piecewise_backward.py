@@ -1,11 +1,13 @@
-"""An extended model's ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.Hardtanh`` (``nn.ReLU6``) and
-``nn.MaxPool2d`` backward as nodes of ours, whose own backward forms no zeros.
+"""An extended model's ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.Hardtanh`` (``nn.ReLU6``),
+``nn.MaxPool2d`` and ``nn.AdaptiveMaxPool2d`` backward as nodes of ours, whose own backward forms
+no zeros.
 
 Why: these layers are piecewise linear: their backward routes the gradient by a pattern that is
 constant near almost every input (the activations' masks, max pooling's indices). PyTorch
 records it as one kernel of the gradient and a saved tensor: ``threshold_backward(grad, result,
 0)`` (the saved ``result`` is the ReLU's output), ``leaky_relu_backward`` / ``hardtanh_backward``
-of the input, ``max_pool2d_with_indices_backward(grad, self, ..., indices)``. Differentiated
+of the input, ``max_pool2d_with_indices_backward(grad, self, ..., indices)`` (and the adaptive
+pooling's). Differentiated
 again (the gradient of the variance, a double backward), their derivative w.r.t. that saved
 tensor is ``zeros_like``: a tensor of zeros the size of the activation, which autograd carries
 back through the graph of the forward (the layers before it, their weight gradients) to add
@@ -20,7 +22,8 @@ saves: its backward is the same one kernel, with the saved tensor outside the gr
 backward differentiates it w.r.t. ``grad`` alone. The second derivative the zeros stood for is 0
 wherever it is defined: the gradients are the same values, to any order.
 
-Where: such a layer (not in-place; max pooling without ``return_indices``) whose output is
+Where: such a layer (not in-place; max pooling without ``return_indices``; the 1d poolings are
+2d ones behind a squeeze, and keep PyTorch's nodes) whose output is
 PyTorch's op of exactly the layer's input (which requires grad) and carries no tensor hook,
 outside torch.func transforms, torch.compile and torch.jit tracing, and whose zeros (input-sized)
 would take at least ``MIN_ZEROS_BYTES``.
@@ -37,7 +40,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-PIECEWISE = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.MaxPool2d)  # nn.ReLU6 is an nn.Hardtanh
+PIECEWISE = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.MaxPool2d, nn.AdaptiveMaxPool2d)  # nn.ReLU6 is an nn.Hardtanh
 
 # Below this size of the zeros PyTorch's node would form (the layer's input's), the node's Python
 # time costs more than the zeros: the seed's MNIST CNN (its ReLU's input 368 KB, N = 32; 2 CPU
@@ -87,11 +90,16 @@ def _max_pool(node, layer_input, output):
     return _max_pool_backward, (layer_input, node._saved_result1), (*map(list, arguments), node._saved_ceil_mode)
 
 
+def _adaptive_max_pool(node, layer_input, output):
+    return torch.ops.aten.adaptive_max_pool2d_backward, (layer_input, node._saved_result1), ()
+
+
 _LAYERS = (  # (layer type, PyTorch's node of its output, ours)
     (nn.ReLU, "ReluBackward0", _relu),
     (nn.LeakyReLU, "LeakyReluBackward0", _leaky_relu),
     (nn.Hardtanh, "HardtanhBackward0", _hardtanh),
     (nn.MaxPool2d, "MaxPool2DWithIndicesBackward0", _max_pool),
+    (nn.AdaptiveMaxPool2d, "AdaptiveMaxPool2DBackward0", _adaptive_max_pool),
 )
 
 

@@ -15,12 +15,13 @@ import gradvar_ext as gv
 from gradvar_ext import piecewise_backward
 
 OURS = "_PiecewiseBackwardBackward"
-RELU, LEAKY, HARDTANH, POOL = "relu", "leaky_relu", "hardtanh", "max_pool"  # the layers' kinds
+RELU, LEAKY, HARDTANH, POOL, ADAPTIVE = "relu", "leaky_relu", "hardtanh", "max_pool", "adaptive_max_pool"  # kinds
 PYTORCHS = {
     RELU: "ReluBackward0",
     LEAKY: "LeakyReluBackward0",
     HARDTANH: "HardtanhBackward0",
     POOL: "MaxPool2DWithIndicesBackward0",
+    ADAPTIVE: "AdaptiveMaxPool2DBackward0",
 }
 NONE = "NoneType"  # an output without a gradient (a ReLU on the data)
 
@@ -51,11 +52,12 @@ MODELS = [
             nn.MaxPool2d(3, stride=2, padding=1, dilation=1, ceil_mode=True),
             nn.Tanh(),
             nn.MaxPool2d((2, 1), dilation=(1, 2)),
+            nn.AdaptiveMaxPool2d((2, 3)),
             nn.Flatten(),
-            nn.Linear(24, 3),
+            nn.Linear(18, 3),
         ),
         (3, 2, 7, 7),
-        [POOL, POOL],
+        [POOL, POOL, ADAPTIVE],
     ),
     (
         lambda: nn.Sequential(nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.ReLU(), nn.Linear(4, 3)),
@@ -143,7 +145,7 @@ def test_the_double_backward_forms_no_zeros(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 1), nn.LeakyReLU(0.1), nn.Conv2d(4, 4, 1),
-        nn.ReLU6(), nn.Flatten(), nn.Linear(16, 3),
+        nn.ReLU6(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4, 3),
     )  # fmt: skip
     model = gv.extend(model.double())
     x, y = torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
@@ -152,7 +154,7 @@ def test_the_double_backward_forms_no_zeros(monkeypatch):
         monkeypatch.setenv("GRADVAR_EXT_PIECEWISE_BACKWARD", choice)
         zeros[choice] = count_zeros(lambda: first_and_second_order(model, x, y))
         results[choice] = first_and_second_order(model, x, y)
-    assert zeros["pytorch"] - zeros["gradvar"] == 4, zeros  # one per layer (the loss's and our ops' stay)
+    assert zeros["pytorch"] - zeros["gradvar"] == 5, zeros  # one per layer (the loss's and our ops' stay)
     for a, b in zip(results["gradvar"][1], results["pytorch"][1]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
@@ -227,7 +229,9 @@ def test_a_tensor_hook_on_the_output_gets_its_gradient():
     torch.testing.assert_close(received[-1], torch.ones(2, 3))
 
 
-@pytest.mark.parametrize("make", [nn.ReLU, nn.LeakyReLU, nn.ReLU6, lambda: nn.MaxPool2d(2)])
+@pytest.mark.parametrize(
+    "make", [nn.ReLU, nn.LeakyReLU, nn.ReLU6, lambda: nn.MaxPool2d(2), lambda: nn.AdaptiveMaxPool2d(3)]
+)
 def test_in_place_changes_of_what_the_node_saved_are_caught_as_by_pytorch(make):
     """The nodes save aliases of what PyTorch's save (the ReLU's output, the pooling's input):
     changing it in place before the backward is the error PyTorch raises."""
@@ -242,7 +246,14 @@ def test_in_place_changes_of_what_the_node_saved_are_caught_as_by_pytorch(make):
 
 
 @pytest.mark.parametrize(
-    "layer", [nn.ReLU(), nn.LeakyReLU(0.1), nn.Hardtanh(-0.5, 0.5), nn.MaxPool2d(2, stride=1, padding=1)]
+    "layer",
+    [
+        nn.ReLU(),
+        nn.LeakyReLU(0.1),
+        nn.Hardtanh(-0.5, 0.5),
+        nn.MaxPool2d(2, stride=1, padding=1),
+        nn.AdaptiveMaxPool2d(3),
+    ],
 )
 def test_gradcheck_and_gradgradcheck_through_the_node(layer):
     layer = gv.extend(layer)
