@@ -13,8 +13,8 @@ gradvar-shifted (asked for by name: the conv moments and products by a bmm per k
 width-unfolded images, GRADVAR_EXT_CONV_ALGORITHM=shifted),
 gradvar-pytorch-conv (asked for by name: gradvar with PyTorch's own backward node for the conv
 layers, GRADVAR_EXT_CONV_BACKWARD=pytorch, the A/B of gradvar_ext/conv_backward.py),
-gradvar-pytorch-piecewise (likewise for the ReLU and max pooling layers,
-GRADVAR_EXT_PIECEWISE_BACKWARD=pytorch, the A/B of gradvar_ext/piecewise_backward.py),
+gradvar-pytorch-piecewise (likewise for the piecewise-linear layers, ReLU, LeakyReLU, Hardtanh
+and max pooling, GRADVAR_EXT_PIECEWISE_BACKWARD=pytorch, the A/B of gradvar_ext/piecewise_backward.py),
 gradvar-micro (gradvar_ext.total_variance in micro-batches of 16: memory bounded by 16 samples;
 gradvar-micro-K: micro-batches of K, e.g. gradvar-micro-64 on a GPU, where 16 is launch-bound),
 gradvar-chunk-K (gradvar with GRADVAR_EXT_CHUNK_MIB=K: what chunks of per-sample gradients, patches
