@@ -261,20 +261,32 @@ def check_vmap_of_grad_is_pytorchs(model, x):
 def test_activation_checkpointing_recomputes_through_the_node(use_reentrant):
     """torch.utils.checkpoint reruns the forward (and extend's hook, so the node) in the backward:
     the gradients are PyTorch's."""
+    torch.manual_seed(0)
+    check_checkpointing(
+        nn.Sequential(nn.Tanh(), nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3)), use_reentrant
+    )
+
+
+def check_checkpointing(body, use_reentrant):
+    """``body`` (float64) under torch.utils.checkpoint, extended against plain: the gradients of
+    the input and parameters, and (non-reentrant) a double backward through it."""
     from torch.utils.checkpoint import checkpoint
 
-    torch.manual_seed(0)
-    body = nn.Sequential(nn.Tanh(), nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3)).double()
-    plain = copy.deepcopy(body)
-    gv.extend(body)
+    plain = body.double()
+    body = gv.extend(copy.deepcopy(plain))
     x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
     results = []
     for m in (body, plain):
         xi = x.clone().requires_grad_(True)
         checkpoint(m, xi * 1.0, use_reentrant=use_reentrant).square().sum().backward()  # reentrant: no .grad()
         results.append([xi.grad, *(p.grad for p in m.parameters())])
+        if not use_reentrant:
+            out = checkpoint(m, x * 1.0, use_reentrant=False).square().sum()
+            grads = torch.autograd.grad(out, list(m.parameters()), create_graph=True)
+            results[-1] += torch.autograd.grad(sum(g.square().sum() for g in grads), list(m.parameters()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+    return body
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace", "ignore:`torch.jit.save")
