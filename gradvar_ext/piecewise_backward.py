@@ -66,9 +66,10 @@ def _node_of_input(output: Tensor, layer_input: Tensor, node_name: str):
     return node if node.next_functions[0] == (edge.node, edge.output_nr) else None
 
 
-# Per layer type: (PyTorch's node, what our node's backward is) -> (kernel, saved tensors,
-# other arguments), the backward being kernel(grad, *saved, *arguments); the arguments are read
-# from PyTorch's node (private attributes, which a later PyTorch may rename: then its node stays).
+# Per layer type, from PyTorch's node and the layer's input and output: our node's (kernel, saved
+# tensors, other arguments), its backward being kernel(grad, *saved, *arguments); the arguments
+# are read from PyTorch's node (private attributes, which a later PyTorch may rename: then its
+# node stays).
 def _relu(node, layer_input, output):
     return torch.ops.aten.threshold_backward, (output,), (0,)
 
