@@ -40,13 +40,28 @@ from torch import Tensor, nn
 # The autograd internals the node relies on (tested with PyTorch 2.13 and 2.14, and 2.11 on an
 # H200); without them, PyTorch's node stays.
 _INTERNALS = hasattr(torch._C, "_will_engine_execute_node") and hasattr(torch._C._functorch, "peek_interpreter_stack")
+_PEEK_INTERPRETER_STACK = getattr(torch._C._functorch, "peek_interpreter_stack", None)
 
 
-def _enabled() -> bool:
-    choice = os.environ.get("GRADVAR_EXT_CONV_BACKWARD", "gradvar")
+def ours_chosen(variable: str) -> bool:
+    """Whether the environment variable ``variable`` (read at each forward) leaves our node on:
+    ``gradvar`` (the default) or ``pytorch`` (PyTorch's node)."""
+    choice = os.environ.get(variable, "gradvar")
     if choice not in ("gradvar", "pytorch"):
-        raise ValueError(f"gradvar_ext: GRADVAR_EXT_CONV_BACKWARD must be 'gradvar' or 'pytorch', got {choice!r}")
+        raise ValueError(f"gradvar_ext: {variable} must be 'gradvar' or 'pytorch', got {choice!r}")
     return choice == "gradvar"
+
+
+def plain_autograd() -> bool:
+    """Whether a Python autograd node may stand in for PyTorch's here: not under torch.compile,
+    torch.jit tracing (a traced model must not call Python functions: torch.jit.save) or a
+    torch.func transform (which a PyTorch without peek_interpreter_stack cannot tell: no)."""
+    return (
+        _PEEK_INTERPRETER_STACK is not None
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and _PEEK_INTERPRETER_STACK() is None
+    )
 
 
 def _convolution_of(output: Tensor, layer_input: Tensor, module: nn.Module) -> tuple | None:
@@ -78,10 +93,8 @@ def reroute(module: nn.Module, layer_input, output: Tensor) -> Tensor:
         or type(layer_input) is not Tensor
         or not layer_input.requires_grad
         or not _INTERNALS
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()  # a traced model must not call Python functions (torch.jit.save)
-        or torch._C._functorch.peek_interpreter_stack() is not None
-        or not _enabled()
+        or not plain_autograd()
+        or not ours_chosen("GRADVAR_EXT_CONV_BACKWARD")
     ):
         return output
     conv = _convolution_of(output, layer_input, module)

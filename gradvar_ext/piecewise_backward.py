@@ -35,10 +35,10 @@ double backward to save) pays for nothing: 2-4% of the benchmark CNN's job (a).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor, nn
+
+from .conv_backward import ours_chosen, plain_autograd
 
 PIECEWISE = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.MaxPool2d, nn.AdaptiveMaxPool2d)  # nn.ReLU6 is an nn.Hardtanh
 
@@ -47,13 +47,6 @@ PIECEWISE = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.MaxPool2d, nn.AdaptiveMaxPoo
 # cores) took 11% longer for job (a) and 3% for job (b) with both its layers rerouted
 # (twenty-sixth session).
 MIN_ZEROS_BYTES = 1 << 20
-
-
-def _enabled() -> bool:
-    choice = os.environ.get("GRADVAR_EXT_PIECEWISE_BACKWARD", "gradvar")
-    if choice not in ("gradvar", "pytorch"):
-        raise ValueError(f"gradvar_ext: GRADVAR_EXT_PIECEWISE_BACKWARD must be 'gradvar' or 'pytorch', got {choice!r}")
-    return choice == "gradvar"
 
 
 def _node_of_input(output: Tensor, layer_input: Tensor, node_name: str):
@@ -112,10 +105,8 @@ def reroute(module: nn.Module, layer_input, output) -> Tensor | None:
         or type(layer_input) is not Tensor
         or not (layer_input.requires_grad and torch.is_grad_enabled())
         or getattr(module, "inplace", False)  # its output is its input, changed: PyTorch's node stays
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()  # a traced model must not call Python functions (torch.jit.save)
-        or torch._C._functorch.peek_interpreter_stack() is not None
-        or not _enabled()
+        or not plain_autograd()
+        or not ours_chosen("GRADVAR_EXT_PIECEWISE_BACKWARD")
         or layer_input.numel() * layer_input.element_size() < MIN_ZEROS_BYTES
     ):
         return None

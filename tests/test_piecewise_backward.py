@@ -206,6 +206,16 @@ def test_switched_off_by_the_environment(monkeypatch):
         model(x)
 
 
+def test_a_pytorch_that_cannot_tell_torch_func_transforms_keeps_pytorchs_nodes(monkeypatch):
+    """Without torch._C._functorch.peek_interpreter_stack a forward under vmap cannot be told
+    apart: PyTorch's nodes stay, no error."""
+    from gradvar_ext import conv_backward
+
+    monkeypatch.setattr(conv_backward, "_PEEK_INTERPRETER_STACK", None)
+    model = gv.extend(nn.Sequential(nn.Tanh(), nn.ReLU(), nn.MaxPool2d(2)))
+    assert piecewise_nodes(model, torch.randn(2, 3, 4, 4, requires_grad=True)) == [PYTORCHS[RELU], PYTORCHS[POOL]]
+
+
 @pytest.mark.parametrize(
     "layer,op", [(nn.ReLU(), torch.relu), (nn.MaxPool2d(2), lambda t: nn.functional.max_pool2d(t, 2))]
 )
