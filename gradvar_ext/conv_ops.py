@@ -147,7 +147,7 @@ def _weight_shape(x, go, conv):
 def _batch_l2_backward(ctx, grad):
     x, go = ctx.saved_tensors
     need, conv = ctx.needs_input_grad, ctx.conv
-    ones = x.new_ones(_weight_shape(x, go, conv))
+    ones = x.new_ones(()).expand(_weight_shape(x, go, conv))  # one value: no GEMM with it where T = 1
     w = grad.reshape(-1, 1, 1, 1)
     grad_x = 2 * _wgp(w * go, x, go, ones, conv, True) if need[0] else None
     grad_go = 2 * _wgp(w * x, x, go, ones, conv, False) if need[1] else None

@@ -69,3 +69,23 @@ def ops_run(fn) -> list[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     return [e.name for e in prof.events()]
+
+
+def check_uniform_weight(op: str, args: tuple, at: int, gemms_saved: int | None) -> None:
+    """A products op given, as its weight (``args[at]``), one value expanded (stride 0: what the
+    gradient of ``variance.sum()`` is): the results of the same weight made dense, and, where the
+    per-sample gradients are rank one (T = 1), ``gemms_saved`` fewer bmm (a row sum instead; None:
+    not counted)."""
+    value = torch.tensor(0.37, dtype=args[at].dtype, device=args[at].device)
+    uniform = value.expand(args[at].shape)
+    runs = {}
+    for name, weight in (("uniform", uniform), ("dense", uniform.contiguous())):
+        with_weight = (*args[:at], weight, *args[at + 1 :])
+        out = []
+        names = ops_run(lambda with_weight=with_weight, out=out: out.append(call(op, *with_weight)))
+        runs[name] = (out[0] if isinstance(out[0], tuple) else (out[0],), names.count("aten::bmm"))
+    rtol, atol = (1e-10, 1e-12) if args[at].dtype == torch.float64 else (1e-5, 1e-6)
+    for got, want in zip(runs["uniform"][0], runs["dense"][0], strict=True):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol * float(want.abs().max()))
+    if gemms_saved is not None and gradvar_ext.backend() != "reference":
+        assert runs["dense"][1] - runs["uniform"][1] == gemms_saved, runs

@@ -19,7 +19,7 @@ from torch import nn
 import gradvar_ext
 from gradvar_ext import conv_ops, reference
 
-from helpers import assert_matches, call, check_variance_and_its_gradients, ops_run
+from helpers import assert_matches, call, check_uniform_weight, check_variance_and_its_gradients, ops_run
 
 DTYPES = (torch.float64, torch.float32)
 
@@ -204,6 +204,26 @@ def test_products_by_shifted_kernel_rows(op, case, unfold, monkeypatch):
         names = ops_run(lambda args=args, out=out: out.append(call(op, *args)))
         assert (names.count("aten::bmm"), names.count("aten::baddbmm_")) == (bmm, baddbmm)
         assert_matches(out[0], reference.OPS[op](*args), torch.float64)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ConvCase(5, 3, 4, (3, 3)),
+        ConvCase(4, 4, 6, (4, 3), kernel=(4, 3), groups=2),
+        ConvCase(3, 2, 3, (5, 6), padding=(1, 2)),
+    ],
+    ids=str,
+)
+def test_products_of_a_uniform_weight_equal_the_dense_weights(case, conv_algorithm):
+    """A conv weight of one value expanded (stride 0: the gradient of ``variance.sum()`` and the
+    squared norms' weight of ones) gives the dense weight's products; on one output pixel (T = 1,
+    rank-one g_n) the unfolding path forms each product with a row sum instead of its GEMM."""
+    torch.manual_seed(14)
+    unfolded = conv_algorithm.startswith("unfold")
+    saved = 1 if unfolded and case.out_hw == (1, 1) else 0
+    for op, at in (("conv2d_weighted_gradient_products", 4), ("conv2d_weighted_gradient_product", 3)):
+        check_uniform_weight(op, case.args(op, torch.float64), at, 2 * saved if op.endswith("products") else saved)
 
 
 @pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the slabs are the compiled kernels'")

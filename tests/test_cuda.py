@@ -23,7 +23,7 @@ from test_piecewise_backward import check_second_order as check_piecewise_second
 
 import gradvar_ext
 
-from helpers import assert_matches, call, expected, ops_run, scale_for
+from helpers import assert_matches, call, check_uniform_weight, expected, ops_run, scale_for
 from samples import ALL_CASES, GRAD_CASES, MULTI_CHUNK_CASES, OPS, Case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -765,3 +765,18 @@ def test_cuda_half_precision_is_promoted_to_float32():
         exact = torch.ops.gradvar.linear_variance(x, g)
     assert exact.dtype == torch.float32
     assert torch.equal(exact, torch.ops.gradvar.linear_variance(x, g))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_products_of_a_uniform_weight_equal_the_dense_weights(dtype):
+    """As on the CPU (test_ops / test_conv2d): a weight of one value expanded (stride 0) gives the
+    dense weight's products, a row sum instead of a GEMM where g_n is rank one (T = 1). The front
+    end hands CUDA ops dense weights (``ops.scaled``); the squared norms' backward hands them this."""
+    torch.manual_seed(15)
+    for case, saved in ((Case(6, (), 5, 4), 1), (Case(4, (3,), 5, 4), 0)):
+        for op, at in (("weighted_gradient_products", 4), ("weighted_gradient_product", 3)):
+            args = tuple(a.to(dtype) if a is not None else a for a in case.args(op, torch.float64, device="cuda"))
+            check_uniform_weight(op, args, at, 2 * saved if op.endswith("products") else saved)
+    conv = ConvCase(5, 3, 4, (3, 3))
+    args = conv.args("conv2d_weighted_gradient_products", torch.float64, device="cuda")
+    check_uniform_weight("conv2d_weighted_gradient_products", args, 4, None)  # CUDA's conv path: its own choice

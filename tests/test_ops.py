@@ -8,7 +8,7 @@ import torch
 import gradvar_ext
 from gradvar_ext import ops, reference
 
-from helpers import assert_matches, call, check_variance_and_its_gradients, expected, scale_for
+from helpers import assert_matches, call, check_uniform_weight, check_variance_and_its_gradients, expected, scale_for
 from samples import ALL_CASES, GRAD_CASES, MIDDLES, MULTI_CHUNK_CASES, N_VALUES, OPS, Case
 
 DTYPES = (torch.float64, torch.float32)
@@ -213,3 +213,39 @@ def test_variance_from_moments_equals_the_variance_op_with_its_gradients(case):
                 torch.randn(3, 2, dtype=torch.float64, requires_grad=True),
             ),
         )
+
+
+# ---------------------------------------------------------------- a uniform weight: variance.sum()'s gradient
+@pytest.mark.parametrize("centered", [True, False], ids=["center", "no-center"])
+@pytest.mark.parametrize("case", [Case(6, (), 5, 4), Case(5, (), 4, 3, contiguous=False), Case(4, (3,), 5, 4)], ids=str)
+def test_products_of_a_uniform_weight_equal_the_dense_weights(case, centered):
+    """A weight of one value expanded (stride 0) gives the dense weight's products; without middle
+    dims (rank-one g_n) each product is a row sum instead of its GEMM."""
+    torch.manual_seed(12)
+    saved = 0 if case.middle else 1
+    for op, at in (("weighted_gradient_products", 4), ("weighted_gradient_product", 3)):
+        args = case.args(op, torch.float64)
+        if not centered:
+            args = (*args[:-1], None)
+        check_uniform_weight(op, args, at, 2 * saved if op.endswith("products") else saved)
+
+
+@pytest.mark.parametrize("case", [Case(6, (), 40, 30), Case(4, (3,), 40, 30)], ids=str)
+@pytest.mark.parametrize(
+    "statistic", [ops.linear_variance_by_moments, gradvar_ext.linear_variance, gradvar_ext.linear_second_moment]
+)
+def test_gradients_of_a_summed_statistic_equal_those_of_a_dense_upstream(statistic, case):
+    """``statistic(x, g).sum()`` hands its backward one value expanded, which stays one (``scaled``)
+    into the products: first and second derivatives equal to those of the same upstream made dense."""
+    torch.manual_seed(13)
+    x, g = case.args("linear_variance", torch.float64, requires_grad=True)
+    assert ops.scaled(torch.ones(()).expand(40, 30), 2.0).stride() == (0, 0)  # 1200 elements: kept expanded
+    grads = []
+    for total in (lambda s: s.sum(), lambda s: (s * torch.ones_like(s)).sum()):
+        grads.append(torch.autograd.grad(total(statistic(x, g)), (x, g), create_graph=True))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * float(b.detach().abs().max()))
+    probes = [torch.randn_like(t) for t in grads[0]]
+    second = [torch.autograd.grad(first, (x, g), probes) for first in grads]
+    for a, b in zip(*second, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * float(b.detach().abs().max()))
