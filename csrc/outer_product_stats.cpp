@@ -469,7 +469,7 @@ static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P
       // A weight uniform within each group (stride 0: an expanded scalar, what the gradient of
       // variance.sum() is): (Z * Q) W is that value times the row sums of Z * Q, [groups, N, 1],
       // no GEMM (the MLP's job (b) on 2 CPU cores: 25 GEMMs, not 30; 13.9 -> 12.1 ms).
-      const bool uniform = w.stride(1) == 0 && w.stride(2) == 0;
+      const bool uniform = w.numel() > 0 && w.stride(1) == 0 && w.stride(2) == 0;
       const auto scaled = uniform ? (z * q).sum(2, /*keepdim=*/true).mul_(w.narrow(1, 0, 1).narrow(2, 0, 1))
                                   : at::bmm(z * q, w);
       if (c.defined()) {

@@ -249,3 +249,17 @@ def test_gradients_of_a_summed_statistic_equal_those_of_a_dense_upstream(statist
     second = [torch.autograd.grad(first, (x, g), probes) for first in grads]
     for a, b in zip(*second, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * float(b.detach().abs().max()))
+
+
+@pytest.mark.parametrize("fin, fout", [(0, 3), (3, 0)])
+def test_products_of_a_uniform_weight_with_no_features(fin, fout):
+    """A layer with no input or no output features: an expanded weight of no elements gives the
+    dense one's (empty or zero) products, no error from the uniform weight's row sum."""
+    x, g = torch.randn(4, fin, dtype=torch.float64), torch.randn(4, fout, dtype=torch.float64)
+    uniform = torch.ones((), dtype=torch.float64).expand(fout, fin)
+    for got, want in zip(
+        torch.ops.gradvar.weighted_gradient_products(g, x, x, g, uniform, None),
+        torch.ops.gradvar.weighted_gradient_products(g, x, x, g, uniform.contiguous(), None),
+        strict=True,
+    ):
+        assert got.shape == want.shape and torch.equal(got, torch.zeros_like(want))
