@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# The autograd internals the node relies on (tested with PyTorch 2.13 and 2.14, and 2.11 on an
-# H200); without them, PyTorch's node stays.
-_INTERNALS = hasattr(torch._C, "_will_engine_execute_node") and hasattr(torch._C._functorch, "peek_interpreter_stack")
+# The autograd internals the nodes rely on (tested with PyTorch 2.13 and 2.14, and 2.11 on an
+# H200); without them, PyTorch's nodes stay: the conv node's `_executes` needs
+# _will_engine_execute_node, and plain_autograd() (every node) peek_interpreter_stack.
+_INTERNALS = hasattr(torch._C, "_will_engine_execute_node")
 _PEEK_INTERPRETER_STACK = getattr(torch._C._functorch, "peek_interpreter_stack", None)
 
 
