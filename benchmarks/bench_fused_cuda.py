@@ -299,9 +299,11 @@ def chunk_budgets() -> None:
     """The chunked path (bmm, then the accumulate kernel reading the chunk back) under chunk
     budgets GRADVAR_EXT_CHUNK_MIB: does a chunk small enough to stay in L2 (50 MB on an H100)
     bring it past 50% of bmm, where the default's 32 MiB gave 45-48% (float64, T = 64-128)? Each
-    with the default accumulate kernel and the opt-in wide one (GRADVAR_EXT_ACCUMULATE=wide: 16
-    bytes of columns a thread, g read once; not yet timed): on an H200 the column kernel took
-    0.152 of the chunked path's 0.268 ms at float64 128x64x512 (bmm 0.132)."""
+    with the column kernel (GRADVAR_EXT_ACCUMULATE=columns, the default for many columns until
+    the twenty-eighth session) and the default's (sliced below 512 x 256 columns, else wide: 16
+    bytes of columns a thread, g read once): on an H200 the column kernel took 0.152 of the
+    chunked path's 0.268 ms at float64 128x64x512 (bmm 0.132); on an H100 the wide one brought
+    that shape from 0.48 to 0.56 of bmm at 128 MiB."""
     calls = []
     for dtype, n, t, i, o in BUDGET_SHAPES:
         x = torch.randn(n, t, i, device="cuda", dtype=dtype)
@@ -329,8 +331,10 @@ def chunk_budgets() -> None:
     rows = []
     for label, bmm, call in calls:
         bmm_gpu, _, _ = gpu_time(bmm)
-        for accumulate in ("default", "wide"):  # the accumulate kernel: the default's, or the opt-in wide one
-            env = {"GRADVAR_EXT_FUSED_CUDA": "0"} | ({"GRADVAR_EXT_ACCUMULATE": "wide"} if accumulate == "wide" else {})
+        for accumulate in ("columns", "default"):  # the accumulate kernel: the column one, or the default's
+            env = {"GRADVAR_EXT_FUSED_CUDA": "0"} | (
+                {"GRADVAR_EXT_ACCUMULATE": "columns"} if accumulate == "columns" else {}
+            )
             with environment(env):
                 cells, gpu = under_flags(call, "GRADVAR_EXT_CHUNK_MIB", BUDGETS_MIB)
             ratios = " / ".join(f"{bmm_gpu / g:.2f}" for g in gpu)

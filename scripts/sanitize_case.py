@@ -1,7 +1,7 @@
 """A small run of every CUDA kernel, default and fused paths (CUDA cores, tensor cores; the fused
 products with either fused moments; the fused squared norms with "1"; the unfold / fold kernels,
 the default, over all rows and slabs; the sliced accumulate kernel, the default for few columns,
-forced, with the shifted conv moments; the opt-in wide accumulate kernel), for compute-sanitizer."""
+forced, with the shifted conv moments; the wide accumulate kernel, forced), for compute-sanitizer."""
 
 import os
 

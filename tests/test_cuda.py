@@ -356,18 +356,20 @@ def test_cuda_accumulate_kernels_match_reference(accumulate, dtype, monkeypatch)
 
 def test_cuda_accumulate_kernel_by_default_follows_the_columns(monkeypatch):
     """Unset, chunks of fewer than 512 * 256 columns (the benchmark CNN's convs) take the sliced
-    kernel, more (a 512 x 512 Linear layer's) the column kernel; either matches the reference."""
+    kernel, more (a 512 x 512 Linear layer's) the wide kernel where they are whole 16-byte packs
+    and the column kernel where they are not; each matches the reference."""
     monkeypatch.delenv("GRADVAR_EXT_ACCUMULATE", raising=False)
     monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "0")
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
     torch.manual_seed(41)
-    for features, sliced in ((511, True), (512, False)):
-        case = Case(4, (3,), 256, features)  # 256 * features columns
+    kernels = ("accumulate_products_sliced_kernel", "accumulate_products_wide_kernel", "accumulate_products_kernel")
+    for inputs, features, kernel in ((256, 511, 0), (256, 512, 1), (257, 513, 2)):
+        case = Case(4, (3,), inputs, features)  # inputs * features columns (257 * 513: odd, no whole packs)
         args = case.args("linear_second_moment", torch.float32, device="cuda")
         out = []
         names = _cuda_kernels_of(lambda args=args, out=out: out.append(call("linear_second_moment", *args)))
-        assert any("accumulate_products_sliced_kernel" in n for n in names) == sliced, names
-        assert any("accumulate_products_kernel" in n for n in names) == (not sliced), names
+        ran = [any(k in n for n in names) for k in kernels]
+        assert ran == [k == kernel for k in range(3)], names
         want = expected("linear_second_moment", *(a.cpu() for a in args))
         assert_matches(out[0], want, torch.float32, None)
 

@@ -18,12 +18,12 @@ namespace gradvar {
 namespace {
 
 // Which accumulate kernel for F columns: GRADVAR_EXT_ACCUMULATE=sliced, columns (one thread a
-// column) or wide (16 bytes of columns a thread, where it fits; opt-in, not yet timed) forces
-// one; unset, the sliced kernel for few columns (reduce::sliced_by_default), else the column one.
+// column) or wide (16 bytes of columns a thread, where it fits) forces one; unset, the sliced
+// kernel for few columns (reduce::sliced_by_default), else the wide one.
 enum class Accumulate { columns, sliced, wide };
 Accumulate accumulate_kernel(int64_t F) {
   const char* flag = env_choice("GRADVAR_EXT_ACCUMULATE", {"columns", "sliced", "wide"}, "columns, sliced or wide");
-  if (flag == nullptr) return reduce::sliced_by_default(F) ? Accumulate::sliced : Accumulate::columns;
+  if (flag == nullptr) return reduce::sliced_by_default(F) ? Accumulate::sliced : Accumulate::wide;
   return std::strcmp(flag, "sliced") == 0 ? Accumulate::sliced
          : std::strcmp(flag, "wide") == 0 ? Accumulate::wide
                                           : Accumulate::columns;

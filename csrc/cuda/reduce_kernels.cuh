@@ -34,9 +34,13 @@ inline bool accumulate_wide_fits(const void* g, const void* gb, const void* mome
   return F % kWideColumns<scalar_t> == 0 && aligned(g) && aligned(gb) && aligned(moment) && aligned(sum);
 }
 // The default: the sliced kernel when the one-thread-a-column grid would have under 512 blocks
-// (~4 a multiprocessor on an H100), the column kernel above. On an H100 (twenty-first session)
-// the sliced one was 2-9% faster on every conv2d_variance of the benchmark CNN (18 432 and
-// 36 864 columns, 72 and 144 blocks of the column kernel); many columns were not timed.
+// (~4 a multiprocessor on an H100), the wide kernel above (the column kernel where it does not
+// fit). On an H100 (twenty-first session) the sliced one was 2-9% faster on every
+// conv2d_variance of the benchmark CNN (18 432 and 36 864 columns, 72 and 144 blocks of the
+// column kernel); on an H100 (twenty-eighth session) the wide one took 4-13% less GPU time than
+// the column kernel on the chunked float64 Linear shapes at every budget from 16 MiB up and
+// 1-3% less on float32 32 x 256 x 768 -> 768, while it was 2-5% slower than the sliced one on the
+// CNN's convs (hence the sliced one stays below 512 blocks).
 constexpr int64_t kSlicedBelowColumns = int64_t(512) * kAccumulateThreads;
 inline bool sliced_by_default(int64_t F) { return F < kSlicedBelowColumns; }
 
@@ -65,8 +69,9 @@ __global__ void accumulate_products_kernel(const scalar_t* __restrict__ g, const
 // are summed in the column kernel's order, so the results are its bits. Why: at float64 N = 128,
 // T = 64, 512 -> 512 (2 MiB of gradients a sample) the column kernel read its chunks at ~2.2
 // TB/s on an H200 (0.152 of the chunked path's 0.268 ms; bmm alone 0.132), which left that
-// shape at 0.48-0.49 of bmm. Opt-in (GRADVAR_EXT_ACCUMULATE=wide) until timed on a GPU; where it
-// does not fit (accumulate_wide_fits) the column kernel runs.
+// shape at 0.48-0.49 of bmm; with this kernel 0.56 at 128 MiB on an H100 (0.48 with the column
+// kernel in the same run). The default for many columns; where it does not fit
+// (accumulate_wide_fits) the column kernel runs.
 template <typename scalar_t, int kWidth>
 struct alignas(sizeof(scalar_t) * kWidth) Pack {
   scalar_t v[kWidth];
