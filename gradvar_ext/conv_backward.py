@@ -25,8 +25,9 @@ Where: the output of an extended layer that is PyTorch's convolution of exactly 
 (``_convolution_of``), outside torch.func transforms, torch.compile and torch.jit tracing.
 ``GRADVAR_EXT_CONV_BACKWARD=pytorch`` keeps PyTorch's node (read at each forward);
 ``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k`` makes the node's weight gradients k samples a backend call;
-``GRADVAR_EXT_CONV_WEIGHT_MIB=m`` its weight-only calls slices of at most m MiB of operands, on the
-CPU 8 by default, a bound on oneDNN's copies of them (``_weight_call_samples``).
+``GRADVAR_EXT_CONV_WEIGHT_MIB=m`` its weight-only calls slices of at most m MiB of operands, 8 by
+default on every device, a bound on oneDNN's copies of them and cuDNN's workspaces
+(``_weight_call_samples``).
 """
 
 from __future__ import annotations
@@ -169,13 +170,16 @@ def _backend_backward(grad: Tensor, layer_input: Tensor, weight: Tensor, conv: t
     )
 
 
-# The operands (an input and an output gradient, sliced by sample) of one of the node's CPU
-# weight-only gradient calls, by default: oneDNN reorders both into copies, so a whole-batch call
-# held 24 MB of copies at the benchmark CNN's job (b) peak (the 32 -> 64 conv at 32x32, N = 64:
-# 384 KiB a sample); in 8 MiB slices (21 samples), with the products' grouped chunks in 4 MiB
-# (csrc/conv2d_ops.cpp, grouped_product_gradients), the peak fell 116.6 -> 111.0 MB at the same time, below
-# the per-sample loop's 114.3 (benchmarks/RESULTS.md, twenty-fifth session).
-CPU_WEIGHT_CALL_BYTES = 8 << 20
+# The operands (an input and an output gradient, sliced by sample) of one of the node's
+# weight-only gradient calls, by default. CPU: oneDNN reorders both into copies, so a whole-batch
+# call held 24 MB of copies at the benchmark CNN's job (b) peak (the 32 -> 64 conv at 32x32, N =
+# 64: 384 KiB a sample); in 8 MiB slices (21 samples), with the products' grouped chunks in 4 MiB
+# (csrc/conv2d_ops.cpp, grouped_product_gradients), the peak fell 116.6 -> 111.0 MB at the same
+# time, below the per-sample loop's 114.3 (benchmarks/RESULTS.md, twenty-fifth session). GPU: cuDNN
+# runs that layer's weight gradient by FFT, with a workspace that grows with the batch; in 8 MiB
+# slices the job's peak on an H100 fell 298.6 -> 254.5 MB (torch.func 268.4) for 11.99 -> 13.81 ms
+# (torch.func 20.52; 32 MiB slices, i.e. the whole batch there: 298.6; twenty-eighth session).
+WEIGHT_CALL_BYTES = 8 << 20
 
 
 def _whole_number(name: str, meaning: str) -> int | None:
@@ -192,19 +196,15 @@ def _weight_call_samples(layer_input: Tensor, grad: Tensor, by_default: bool = T
     """Samples per backend weight-gradient call. ``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k``: k, in
     every call that computes the weight's gradient (0: the whole batch). Else, for the weight-only
     calls (``by_default``), as many as keep a call's operands within a budget:
-    ``GRADVAR_EXT_CONV_WEIGHT_MIB=m`` MiB on any device (0: the whole batch), by default
-    CPU_WEIGHT_CALL_BYTES on the CPU and the whole batch on a GPU; the no-grad path's one call
-    for all three gradients stays whole, as PyTorch's (splitting it reorders the output gradient
-    twice: 10% of the CNN's job (b) on the CPU). On a GPU the slices are opt-in: on the benchmark
-    CNN's 32 -> 64 conv at 32x32 (N = 64, float32) cuDNN picks an FFT weight gradient whose
-    workspace grows with the batch (214 MB of the 330 MB peak of its job (b) on an H200,
-    twenty-fourth session), but what slicing costs in time there is not measured yet."""
+    ``GRADVAR_EXT_CONV_WEIGHT_MIB=m`` MiB (0: the whole batch), by default WEIGHT_CALL_BYTES, on
+    any device; the no-grad path's one call for all three gradients stays whole, as PyTorch's
+    (splitting it reorders the output gradient twice: 10% of the CNN's job (b) on the CPU)."""
     samples = len(layer_input)
     k = _whole_number("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "samples")
     if k is not None:
         return samples if k == 0 else min(k, samples)
     mib = _whole_number("GRADVAR_EXT_CONV_WEIGHT_MIB", "MiB")
-    budget = mib << 20 if mib is not None else CPU_WEIGHT_CALL_BYTES if layer_input.device.type == "cpu" else 0
+    budget = mib << 20 if mib is not None else WEIGHT_CALL_BYTES
     if not by_default or budget == 0 or samples == 0:
         return samples
     per_sample = (layer_input[0].numel() + grad[0].numel()) * layer_input.element_size()

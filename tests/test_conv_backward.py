@@ -350,20 +350,19 @@ def test_weight_gradients_in_slices_of_the_batch_match_pytorch(make_layer, shape
 
 
 def test_weight_gradient_slices_by_default_and_by_the_knobs(monkeypatch):
-    """Unset: on the CPU, as many samples as keep a call's operands (input and output gradient)
-    within CPU_WEIGHT_CALL_BYTES, but the no-grad path's one call for all three gradients stays
-    whole; off the CPU the whole batch. GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k: slices of k everywhere
-    (0: the whole batch); GRADVAR_EXT_CONV_WEIGHT_MIB=m: the rule with m MiB on any device (0:
-    whole); a bad value is named."""
+    """Unset: on any device, as many samples as keep a call's operands (input and output
+    gradient) within WEIGHT_CALL_BYTES, but the no-grad path's one call for all three gradients
+    stays whole. GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k: slices of k everywhere (0: the whole batch);
+    GRADVAR_EXT_CONV_WEIGHT_MIB=m: the rule with m MiB (0: whole); a bad value is named."""
     x, grad = torch.randn(64, 32, 32, 32), torch.randn(64, 64, 32, 32)  # 384 KiB a sample: the CNN's layer 2
     monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", raising=False)
     monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_MIB", raising=False)
-    assert conv_backward.CPU_WEIGHT_CALL_BYTES == 8 << 20
+    assert conv_backward.WEIGHT_CALL_BYTES == 8 << 20
     assert conv_backward._weight_call_samples(x, grad) == 21  # 8 MiB // 384 KiB
     assert conv_backward._weight_call_samples(x[:8], grad[:8]) == 8  # a small batch: one call
     assert conv_backward._weight_call_samples(x, grad, by_default=False) == 64
     on_meta = torch.empty(64, 32, 32, 32, device="meta"), torch.empty(64, 64, 32, 32, device="meta")
-    assert conv_backward._weight_call_samples(*on_meta) == 64  # a GPU's: whole until measured
+    assert conv_backward._weight_call_samples(*on_meta) == 21  # the same rule off the CPU
     huge = torch.empty(3, 512, 64, 64)  # 8 MiB a sample, so 16 MiB of operands: one at a time
     assert conv_backward._weight_call_samples(huge, huge) == 1
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "0")
@@ -380,10 +379,10 @@ def test_weight_gradient_slices_by_default_and_by_the_knobs(monkeypatch):
     monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES")
     assert conv_backward._weight_call_samples(x, grad) == 10  # 4 MiB // 384 KiB, the weight-only calls
     assert conv_backward._weight_call_samples(x, grad, by_default=False) == 64
-    monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_MIB", "8")
-    assert conv_backward._weight_call_samples(*on_meta) == 21  # the CPU's rule, on any device
+    assert conv_backward._weight_call_samples(*on_meta) == 10
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_MIB", "0")
     assert conv_backward._weight_call_samples(x, grad) == 64
+    assert conv_backward._weight_call_samples(*on_meta) == 64
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_MIB", "8M")
     with pytest.raises(ValueError, match=r"GRADVAR_EXT_CONV_WEIGHT_MIB must be a whole number of MiB .* got '8M'"):
         conv_backward._weight_call_samples(x, grad)
@@ -391,7 +390,7 @@ def test_weight_gradient_slices_by_default_and_by_the_knobs(monkeypatch):
 
 @pytest.mark.parametrize("make_layer,shape", LAYERS, ids=IDS)
 def test_default_weight_slices_match_pytorch(make_layer, shape, monkeypatch):
-    """The default CPU rule with a budget of two samples' operands: the weight-only calls (the
+    """The default rule with a budget of two samples' operands: the weight-only calls (the
     create_graph path's and _InputGradient's) in slices of 2, the no-grad path's one call whole;
     PyTorch's gradients to the second order."""
     monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", raising=False)
@@ -399,7 +398,7 @@ def test_default_weight_slices_match_pytorch(make_layer, shape, monkeypatch):
     model, _ = two_models(make_layer, shape)
     x = torch.randn(shape, dtype=torch.float64)
     output = model[1](x)  # the conv's output (model: tanh, conv, tanh, flatten, linear)
-    monkeypatch.setattr(conv_backward, "CPU_WEIGHT_CALL_BYTES", 2 * (x[0].numel() + output[0].numel()) * 8)
+    monkeypatch.setattr(conv_backward, "WEIGHT_CALL_BYTES", 2 * (x[0].numel() + output[0].numel()) * 8)
     sizes = record_backend_calls(monkeypatch)
     check_second_order(make_layer, shape)
     n = shape[0]

@@ -165,7 +165,7 @@ def test_benchmark_cnn_job_b_peaks_below_the_per_sample_loop(workload, method, m
     leanest peer there), by the benchmark's own measurement; at N = 64 with ``.grad`` too
     (``loss.backward(create_graph=True)`` inside ``collect``). What it takes: the products'
     grouped chunks within the core's 4 MiB (csrc/conv2d_ops.cpp, grouped_product_gradients) and
-    the conv node's weight gradients in 8 MiB slices (conv_backward.CPU_WEIGHT_CALL_BYTES): 111.0
+    the conv node's weight gradients in 8 MiB slices (conv_backward.WEIGHT_CALL_BYTES): 111.0
     MB against the loop's 114.3 at N = 64 (117.9 before; twenty-fifth session); the ReLU and max
     pooling layers' nodes (piecewise_backward.py), no zeros the size of an activation in the
     double backward: 103.0 MB, 28.0 against the loop's 29.0 at N = 16 (30.0 before), and 111.3
