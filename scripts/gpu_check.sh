@@ -23,6 +23,10 @@
 # On the H200's PyTorch 2.11 (twenty-fourth session) the cap moved no method's peak.
 # SKIP_PROFILE=1 skips the profile of job (b) (90 s), SKIP_SWEEP=1 the CNN sweep (~90 s); the sweep runs before job (a), so that a
 # call cut short loses job (a) first. CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
+# On an H100 (twenty-eighth session, PART=core BENCH_SECTIONS="ratios budgets": 484 s): build 26 s,
+# the CUDA tests 336 s (550 + 1 skipped, 6 workers), tensor-core tests 33 s, example 6 s, ratios +
+# budgets 15 s, sanitizers 52 s; PART=bench (a JIT build, then the build, 66 s in all, the profile of one method with
+# --memory 11 s, job (b) on the CNN with 6 methods x 2 rounds 98 s): 183 s.
 # On an H200 (twenty-fourth session, PART=core with sanitizers: 491 s): build 28 s, the CUDA
 # tests 333 s (534 tests, 6 workers), the tensor-core tests 35 s, example 6 s, ratios + breakdown
 # 13 s, sanitizers 57 s; PART=bench with the profile (--memory), job (b) on the CNN (7 methods)
@@ -47,7 +51,8 @@ fi
   2>&1 | tee "$OUT/machine.txt"
 PART=${PART:-all}
 stage build
-if [ "$PART" = bench ] && $PY -c "import gradvar_ext as g, sys; sys.exit(g.backend() != 'prebuilt')" 2>/dev/null; then
+# (loading the carried module alone: importing gradvar_ext without one would JIT-build first)
+if [ "$PART" = bench ] && $PY -c "import glob, torch; torch.ops.load_library(glob.glob('gradvar_ext/_C*.so')[0])" 2>/dev/null; then
   echo "using the carried prebuilt module"
 else
   timeout 200 $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo BUILD FAILED; tail -30 "$OUT/build.log"; exit 1; }
