@@ -270,7 +270,7 @@ def method_environment(method: str) -> dict[str, str]:
     take: 4 MiB on the CPU, 32 on a GPU by default); for "gradvar-wgrad-K",
     GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K (samples per backend weight-gradient call in the conv
     node's backward); for "gradvar-wmib-K", GRADVAR_EXT_CONV_WEIGHT_MIB=K (the node's weight-only
-    calls in slices of at most K MiB of operands: 8 on the CPU by default, whole on a GPU): the
+    calls in slices of at most K MiB of operands: 8 by default): the
     time / peak-memory trade of one knob."""
     for prefix, knob in (
         ("gradvar-chunk-", "GRADVAR_EXT_CHUNK_MIB"),
