@@ -322,7 +322,7 @@ def test_weight_gradients_in_slices_of_the_batch_match_pytorch(make_layer, shape
     """GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k: the node's weight gradients come from backend calls on k
     samples at a time, summed (a bound on cuDNN's FFT workspace, which grows with the batch). The
     same gradients as PyTorch's to the second order, and without create_graph too, where the input
-    and bias gradients stay one call."""
+    gradient is one call and the bias's a sum (no backend call)."""
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", samples)
     sizes = record_backend_calls(monkeypatch)
     check_second_order(make_layer, shape)
@@ -341,12 +341,31 @@ def test_weight_gradients_in_slices_of_the_batch_match_pytorch(make_layer, shape
         assert sizes == [(n, (True, True, bias))]
     else:
         slices = [(min(s + k, n) - s, (False, True, False)) for s in range(0, n, k)]
-        assert sizes == [(n, (True, False, bias)), *slices]
+        assert sizes == [(n, (True, False, False)), *slices]
         if not bias:  # the weight alone: its slices, no call for the input
             sizes.clear()
             (weight_grad,) = torch.autograd.grad(model(x).square().sum(), [model[1].weight])
             assert sizes == slices
             torch.testing.assert_close(weight_grad, theirs[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_a_frozen_weight_gets_no_backend_call_for_the_bias(input_grad, monkeypatch):
+    """Bias-only training (the weight frozen), no create_graph: the input's gradient from the
+    backend's input-only call (none where the input needs none) and the bias's from a sum, not
+    from a backend call with the bias in its mask (oneDNN's computes the weight's gradient for
+    it); the gradients PyTorch's node gives."""
+    make_layer, shape = LAYERS[0]
+    model, plain = two_models(make_layer, shape)
+    for m in (model, plain):
+        m[1].weight.requires_grad_(False)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)  # the node applies: its input needs grad
+    sizes = record_backend_calls(monkeypatch)
+    ours = torch.autograd.grad(model(x * 1.5).square().sum(), [x] * input_grad + [model[1].bias, model[4].weight])
+    assert sizes == [(shape[0], (True, False, False))] * input_grad  # input_grad False: the node skips it
+    theirs = torch.autograd.grad(plain(x * 1.5).square().sum(), [x] * input_grad + [plain[1].bias, plain[4].weight])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_weight_gradient_slices_by_default_and_by_the_knobs(monkeypatch):
