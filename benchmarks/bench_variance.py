@@ -23,7 +23,9 @@ GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K: the conv node's weight gradients K samples pe
 gradvar-wmib-K (GRADVAR_EXT_CONV_WEIGHT_MIB=K: its weight-only calls K MiB of operands each), loop
 (per-sample autograd loop: the ground truth every other method is checked against), torch.func
 (vmap of grad), backpack (when installed), opacus (job a only, when installed). Prints a markdown
-table last and writes JSON to benchmarks/results/.
+table of every method, then one of where ours stand against the peers (the loop, torch.func,
+BackPACK, Opacus: the fastest one's time, the leanest one's peak), and writes JSON to
+benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -385,6 +387,42 @@ def agrees(a, b, rtol=1e-3, atol=1e-5) -> bool:
     return ok
 
 
+# The tools a user would pick instead of ours (the issue's peers).
+PEERS = ("loop", "torch.func", "backpack", "opacus")
+
+
+def standing(measured: dict) -> list[dict]:
+    """Where each of our methods stands on one workload (``measured``: method -> its JSON record):
+    the fastest peer's median time over ours (above 1: we are faster) and our peak extra memory
+    less the leanest peer's (below 0: we are leaner). A method that failed, was not installed or
+    disagrees with the loop counts for neither side; without a peer, no rows."""
+    valid = {m: r for m, r in measured.items() if "error" not in r and r.get("matches_loop") == "yes"}
+    peers = {m: r for m, r in valid.items() if m in PEERS}
+    if not peers:
+        return []
+    fastest = min(peers, key=lambda m: peers[m]["median_ms"])
+    leanest = min(peers, key=lambda m: peers[m]["peak_mb"])
+    return [
+        {
+            "method": m,
+            "fastest_peer": fastest,
+            "speedup": peers[fastest]["median_ms"] / r["median_ms"],
+            "leanest_peer": leanest,
+            "extra_mb": r["peak_mb"] - peers[leanest]["peak_mb"],
+        }
+        for m, r in valid.items()
+        if m.startswith("gradvar")
+    ]
+
+
+def standing_rows(workload: str, rows: list[dict]) -> list[str]:
+    return [
+        f"| {workload} | {r['method']} | {r['speedup']:.2f}x {r['fastest_peer']} | "
+        f"{r['extra_mb']:+.1f} MB vs {r['leanest_peer']} |"
+        for r in rows
+    ]
+
+
 def machine(device: str) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     try:
@@ -497,6 +535,7 @@ def main() -> int:
                     "peak_mb": r["peak_mb"],
                     "matches_loop": ok,
                 }
+    results["standing"] = {w: standing(measured) for w, measured in results["workloads"].items()}
     path = args.json or os.path.join(HERE, "results", f"{args.device}-{args.job}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -505,6 +544,14 @@ def main() -> int:
     print("| workload | method | median time (ms) | peak extra memory (MB) | matches per-sample loop |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
+    print(
+        "\nWhere ours stand: the fastest peer's median time over ours (above 1x: faster), our peak extra "
+        "memory less the leanest peer's (below 0: leaner); peers: the loop, torch.func, BackPACK, Opacus, "
+        "those that ran and matched the loop\n"
+    )
+    print("| workload | method | against the fastest peer | against the leanest peer |")
+    print("|---|---|---|---|")
+    print("\n".join(row for w, r in results["standing"].items() for row in standing_rows(w, r)))
     return 0
 
 

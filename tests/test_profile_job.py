@@ -108,7 +108,7 @@ def test_benchmark_weight_slice_methods_set_the_knob():
     # the 2 conv layers whose input requires grad: _InputGradient's weight gradient, by default in
     # 8 MiB slices (layer 2, 384 KiB a sample: 4 calls of <= 21; layer 3, 128 KiB: 1), in 4 of 16
     # (layer 3: 3 more); the no-grad path's one call for all three gradients (whole by default)
-    # becomes one for input and bias and 4 weight slices (4 more each)
+    # becomes one for the input (the bias's gradient a sum) and 4 weight slices (4 more each)
     assert calls["gradvar-wgrad-16"] == calls["gradvar"] + 3 + 2 * 4, calls
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
     for got, want in zip(results[1][1], results[0][1], strict=True):
@@ -146,3 +146,32 @@ def test_benchmark_chunk_methods_set_the_chunk_budget(monkeypatch):
     assert recorded["CUDNN_CONV_WSCAP_DBG"] == "16" and recorded["GRADVAR_EXT_CHUNK_MIB"] == "8"
     assert recorded["MALLOC_TRIM_THRESHOLD_"] == "4294967296"
     assert "HOME_OF_SOMETHING_ELSE" not in recorded
+
+
+def test_benchmark_standing_against_the_fastest_and_leanest_peers():
+    """bench_variance.standing: each of our methods against the fastest peer's time and the
+    leanest peer's peak, among the peers that ran and matched the loop (an uninstalled BackPACK
+    and an Opacus that disagreed count for nothing, however fast or lean); our methods that
+    disagree get no row; the floor is neither ours nor a peer."""
+    import bench_variance as bv
+
+    def record(ms, mb, matches="yes"):
+        return {"median_ms": ms, "round_ms": [ms], "peak_mb": mb, "matches_loop": matches}
+
+    measured = {
+        "loop": record(300.0, 114.0),
+        "floor": record(50.0, 56.0, "floor (no variance)"),
+        "gradvar": record(150.0, 103.0),
+        "gradvar+grad": record(140.0, 90.0, "NO"),
+        "gradvar-micro-16": record(240.0, 29.5),
+        "torch.func": record(200.0, 179.0),
+        "backpack": {"error": "not installed"},
+        "opacus": record(10.0, 1.0, "NO"),
+    }
+    rows = bv.standing(measured)
+    assert [r["method"] for r in rows] == ["gradvar", "gradvar-micro-16"]
+    assert all(r["fastest_peer"] == "torch.func" and r["leanest_peer"] == "loop" for r in rows)
+    assert rows[0]["speedup"] == pytest.approx(200 / 150) and rows[0]["extra_mb"] == pytest.approx(-11.0)
+    assert rows[1]["speedup"] == pytest.approx(200 / 240) and rows[1]["extra_mb"] == pytest.approx(29.5 - 114)
+    assert bv.standing_rows("cnn", rows[:1]) == ["| cnn | gradvar | 1.33x torch.func | -11.0 MB vs loop |"]
+    assert bv.standing({"gradvar": record(1.0, 1.0), "loop": {"error": "timed out"}}) == []
