@@ -139,7 +139,7 @@ class _ConvolutionBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         layer_input, weight = ctx.saved_tensors
-        if not torch.is_grad_enabled():  # no create_graph: the backend's own call, all gradients at once
+        if not torch.is_grad_enabled():  # no create_graph: the backend's own calls, nothing to differentiate
             need = [_executes(ctx, i) for i in (1, 2, 3)]
             samples = _weight_call_samples(layer_input, grad, by_default=False)
             if need[1] and samples >= len(layer_input):
