@@ -20,7 +20,7 @@ gradvar-micro-K: micro-batches of K, e.g. gradvar-micro-64 on a GPU, where 16 is
 gradvar-chunk-K (gradvar with GRADVAR_EXT_CHUNK_MIB=K: what chunks of per-sample gradients, patches
 and products may take; 4 MiB on the CPU, 32 on a GPU by default), gradvar-wgrad-K (gradvar with
 GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K: the conv node's weight gradients K samples per backend call),
-gradvar-wmib-K (GRADVAR_EXT_CONV_WEIGHT_MIB=K: its weight-only calls K MiB of operands each), loop
+gradvar-wmib-K (GRADVAR_EXT_CONV_WEIGHT_MIB=K: its weight-gradient calls K MiB of operands each), loop
 (per-sample autograd loop: the ground truth every other method is checked against), torch.func
 (vmap of grad), backpack (when installed), opacus (job a only, when installed). Prints a markdown
 table of every method, then one of where ours stand against the peers (the loop, torch.func,
@@ -271,8 +271,9 @@ def method_environment(method: str) -> dict[str, str]:
     GRADVAR_EXT_CHUNK_MIB=K (what the chunks of per-sample gradients, patches and products may
     take: 4 MiB on the CPU, 32 on a GPU by default); for "gradvar-wgrad-K",
     GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K (samples per backend weight-gradient call in the conv
-    node's backward); for "gradvar-wmib-K", GRADVAR_EXT_CONV_WEIGHT_MIB=K (the node's weight-only
-    calls in slices of at most K MiB of operands: 8 by default): the
+    node's backward); for "gradvar-wmib-K", GRADVAR_EXT_CONV_WEIGHT_MIB=K (the node's weight
+    gradients in slices of at most K MiB of operands, the no-grad path's too; unset: the
+    weight-only calls in 8 MiB, the no-grad path's whole): the
     time / peak-memory trade of one knob."""
     for prefix, knob in (
         ("gradvar-chunk-", "GRADVAR_EXT_CHUNK_MIB"),

@@ -26,9 +26,9 @@ Where: the output of an extended layer that is PyTorch's convolution of exactly 
 (``_convolution_of``), outside torch.func transforms, torch.compile and torch.jit tracing.
 ``GRADVAR_EXT_CONV_BACKWARD=pytorch`` keeps PyTorch's node (read at each forward);
 ``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k`` makes the node's weight gradients k samples a backend call;
-``GRADVAR_EXT_CONV_WEIGHT_MIB=m`` its weight-only calls slices of at most m MiB of operands, 8 by
-default on every device, a bound on oneDNN's copies of them and cuDNN's workspaces
-(``_weight_call_samples``).
+``GRADVAR_EXT_CONV_WEIGHT_MIB=m`` all of them slices of at most m MiB of operands; unset, the
+weight-only calls go in slices of 8 MiB on every device, a bound on oneDNN's copies of them and
+cuDNN's workspaces, and the no-grad path's one call stays whole (``_weight_call_samples``).
 """
 
 from __future__ import annotations
@@ -205,10 +205,11 @@ def _whole_number(name: str, meaning: str) -> int | None:
 
 def _weight_call_samples(layer_input: Tensor, grad: Tensor, by_default: bool = True) -> int:
     """Samples per backend weight-gradient call. ``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k``: k, in
-    every call that computes the weight's gradient (0: the whole batch). Else, for the weight-only
-    calls (``by_default``), as many as keep a call's operands within a budget:
-    ``GRADVAR_EXT_CONV_WEIGHT_MIB=m`` MiB (0: the whole batch), by default WEIGHT_CALL_BYTES, on
-    any device; the no-grad path's one call for all three gradients stays whole, as PyTorch's.
+    every call that computes the weight's gradient (0: the whole batch). Else as many as keep a
+    call's operands within a budget: ``GRADVAR_EXT_CONV_WEIGHT_MIB=m`` MiB, when set, in every
+    such call (0: the whole batch); unset, WEIGHT_CALL_BYTES in the weight-only calls
+    (``by_default``), on any device, while the no-grad path's one call for all three gradients
+    stays whole, as PyTorch's.
     (Split, as ``GRADVAR_EXT_CONV_WEIGHT_SAMPLES`` splits it, the input's call, the weight's
     slices and the bias's sum took the same time and peak as that one call on the benchmark CNN's
     job (b), 2 CPU cores; the 10% it cost before was oneDNN computing the weight's gradient twice,
@@ -220,7 +221,7 @@ def _weight_call_samples(layer_input: Tensor, grad: Tensor, by_default: bool = T
         return samples if k == 0 else min(k, samples)
     mib = _whole_number("GRADVAR_EXT_CONV_WEIGHT_MIB", "MiB")
     budget = mib << 20 if mib is not None else WEIGHT_CALL_BYTES
-    if not by_default or budget == 0 or samples == 0:
+    if (mib is None and not by_default) or budget == 0 or samples == 0:
         return samples
     per_sample = (layer_input[0].numel() + grad[0].numel()) * layer_input.element_size()
     return max(1, min(samples, budget // max(1, per_sample)))

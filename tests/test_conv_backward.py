@@ -372,7 +372,8 @@ def test_weight_gradient_slices_by_default_and_by_the_knobs(monkeypatch):
     """Unset: on any device, as many samples as keep a call's operands (input and output
     gradient) within WEIGHT_CALL_BYTES, but the no-grad path's one call for all three gradients
     stays whole. GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k: slices of k everywhere (0: the whole batch);
-    GRADVAR_EXT_CONV_WEIGHT_MIB=m: the rule with m MiB (0: whole); a bad value is named."""
+    GRADVAR_EXT_CONV_WEIGHT_MIB=m: the rule with m MiB in every call, the no-grad path's too
+    (0: whole); a bad value is named."""
     x, grad = torch.randn(64, 32, 32, 32), torch.randn(64, 64, 32, 32)  # 384 KiB a sample: the CNN's layer 2
     monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", raising=False)
     monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_MIB", raising=False)
@@ -396,11 +397,12 @@ def test_weight_gradient_slices_by_default_and_by_the_knobs(monkeypatch):
     with pytest.raises(ValueError, match=r"GRADVAR_EXT_CONV_WEIGHT_SAMPLES must be a whole number .* got '-1'"):
         conv_backward._weight_call_samples(x, grad)
     monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES")
-    assert conv_backward._weight_call_samples(x, grad) == 10  # 4 MiB // 384 KiB, the weight-only calls
-    assert conv_backward._weight_call_samples(x, grad, by_default=False) == 64
+    assert conv_backward._weight_call_samples(x, grad) == 10  # 4 MiB // 384 KiB
+    assert conv_backward._weight_call_samples(x, grad, by_default=False) == 10  # asked for: everywhere
     assert conv_backward._weight_call_samples(*on_meta) == 10
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_MIB", "0")
     assert conv_backward._weight_call_samples(x, grad) == 64
+    assert conv_backward._weight_call_samples(x, grad, by_default=False) == 64
     assert conv_backward._weight_call_samples(*on_meta) == 64
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_MIB", "8M")
     with pytest.raises(ValueError, match=r"GRADVAR_EXT_CONV_WEIGHT_MIB must be a whole number of MiB .* got '8M'"):
