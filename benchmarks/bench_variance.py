@@ -261,7 +261,7 @@ def method_function(method: str):
         raise ValueError(
             f"unknown method {method!r}: one of {', '.join(METHODS)}, gradvar-micro-K (K samples), "
             "gradvar-chunk-K (K MiB chunks), gradvar-wgrad-K (K samples per conv weight-gradient call) or "
-            "gradvar-wmib-K (K MiB of operands per conv weight-only gradient call)"
+            "gradvar-wmib-K (K MiB of operands per conv weight-gradient call)"
         )
     return METHODS[method]
 

@@ -17,7 +17,8 @@ for that layer, where PyTorch's backward of ``conv_transpose2d`` took 27); the w
 backward pass executes the input's node, as PyTorch's nodes skip gradients nobody asked for
 (``collect.backward`` asks for no weight gradient). Without ``create_graph`` there is nothing
 to differentiate: it makes PyTorch's own single ``convolution_backward`` call where that computes
-the weight's gradient (else an input-only call and the bias's sum, ``_bias_gradient``). The benchmark
+the weight's gradient whole (else an input-only call, the weight's slices and the bias's sum,
+``_bias_gradient``). The benchmark
 CNN's job (b): 155 ms and 118 MB peak against 182 ms and 141 MB with PyTorch's node (job (a),
 first order: 1-2% slower, the node's Python cost).
 
@@ -26,9 +27,8 @@ Where: the output of an extended layer that is PyTorch's convolution of exactly 
 (``_convolution_of``), outside torch.func transforms, torch.compile and torch.jit tracing.
 ``GRADVAR_EXT_CONV_BACKWARD=pytorch`` keeps PyTorch's node (read at each forward);
 ``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k`` makes the node's weight gradients k samples a backend call;
-``GRADVAR_EXT_CONV_WEIGHT_MIB=m`` all of them slices of at most m MiB of operands; unset, the
-weight-only calls go in slices of 8 MiB on every device, a bound on oneDNN's copies of them and
-cuDNN's workspaces, and the no-grad path's one call stays whole (``_weight_call_samples``).
+``GRADVAR_EXT_CONV_WEIGHT_MIB=m`` slices of at most m MiB of operands, 8 by default on every
+device, a bound on oneDNN's copies of them and cuDNN's workspaces (``_weight_call_samples``).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class _ConvolutionBackward(torch.autograd.Function):
         layer_input, weight = ctx.saved_tensors
         if not torch.is_grad_enabled():  # no create_graph: the backend's own calls, nothing to differentiate
             need = [_executes(ctx, i) for i in (1, 2, 3)]
-            samples = _weight_call_samples(layer_input, grad, by_default=False)
+            samples = _weight_call_samples(layer_input, grad)
             if need[1] and samples >= len(layer_input):
                 return None, *_backend_backward(grad, layer_input, weight, ctx.conv, need), None
             # the weight's gradient in slices, or none: no backend call for the bias (oneDNN's
@@ -182,14 +182,17 @@ def _bias_gradient(grad: Tensor) -> Tensor:
 
 
 # The operands (an input and an output gradient, sliced by sample) of one of the node's
-# weight-only gradient calls, by default. CPU: oneDNN reorders both into copies, so a whole-batch
+# weight-gradient calls, by default. CPU: oneDNN reorders both into copies, so a whole-batch
 # call held 24 MB of copies at the benchmark CNN's job (b) peak (the 32 -> 64 conv at 32x32, N =
 # 64: 384 KiB a sample); in 8 MiB slices (21 samples), with the products' grouped chunks in 4 MiB
 # (csrc/conv2d_ops.cpp, grouped_product_gradients), the peak fell 116.6 -> 111.0 MB at the same
 # time, below the per-sample loop's 114.3 (benchmarks/RESULTS.md, twenty-fifth session). GPU: cuDNN
 # runs that layer's weight gradient by FFT, with a workspace that grows with the batch; in 8 MiB
 # slices the job's peak on an H100 fell 298.6 -> 254.5 MB (torch.func 268.4) for 11.99 -> 13.81 ms
-# (torch.func 20.52; 32 MiB slices, i.e. the whole batch there: 298.6; twenty-eighth session).
+# (torch.func 20.52; 32 MiB slices, i.e. the whole batch there: 298.6; twenty-eighth session), and
+# with the no-grad path's call split too (an input-only call, the weight's slices, the bias's sum)
+# to 156.8 MB at the same time (10.66 vs 11.55 ms, 3 rounds; the loop 114.4; CPU: 156.0 vs 172.2
+# ms, the same 103.0 MB; thirtieth session).
 WEIGHT_CALL_BYTES = 8 << 20
 
 
@@ -203,25 +206,18 @@ def _whole_number(name: str, meaning: str) -> int | None:
     return int(flag)
 
 
-def _weight_call_samples(layer_input: Tensor, grad: Tensor, by_default: bool = True) -> int:
-    """Samples per backend weight-gradient call. ``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k``: k, in
-    every call that computes the weight's gradient (0: the whole batch). Else as many as keep a
-    call's operands within a budget: ``GRADVAR_EXT_CONV_WEIGHT_MIB=m`` MiB, when set, in every
-    such call (0: the whole batch); unset, WEIGHT_CALL_BYTES in the weight-only calls
-    (``by_default``), on any device, while the no-grad path's one call for all three gradients
-    stays whole, as PyTorch's.
-    (Split, as ``GRADVAR_EXT_CONV_WEIGHT_SAMPLES`` splits it, the input's call, the weight's
-    slices and the bias's sum took the same time and peak as that one call on the benchmark CNN's
-    job (b), 2 CPU cores; the 10% it cost before was oneDNN computing the weight's gradient twice,
-    see _bias_gradient. On a GPU, where the whole call's FFT workspace may set the job's peak, it
-    is not measured yet: twenty-ninth session.)"""
+def _weight_call_samples(layer_input: Tensor, grad: Tensor) -> int:
+    """Samples per backend call that computes the weight's gradient, in every such call (the
+    no-grad path's too). ``GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k``: k (0: the whole batch). Else as
+    many as keep a call's operands (input and output gradient) within a budget on any device:
+    ``GRADVAR_EXT_CONV_WEIGHT_MIB=m`` MiB (0: the whole batch), by default WEIGHT_CALL_BYTES."""
     samples = len(layer_input)
     k = _whole_number("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "samples")
     if k is not None:
         return samples if k == 0 else min(k, samples)
     mib = _whole_number("GRADVAR_EXT_CONV_WEIGHT_MIB", "MiB")
     budget = mib << 20 if mib is not None else WEIGHT_CALL_BYTES
-    if (mib is None and not by_default) or budget == 0 or samples == 0:
+    if budget == 0 or samples == 0:
         return samples
     per_sample = (layer_input[0].numel() + grad[0].numel()) * layer_input.element_size()
     return max(1, min(samples, budget // max(1, per_sample)))

@@ -370,17 +370,15 @@ def test_a_frozen_weight_gets_no_backend_call_for_the_bias(input_grad, monkeypat
 
 def test_weight_gradient_slices_by_default_and_by_the_knobs(monkeypatch):
     """Unset: on any device, as many samples as keep a call's operands (input and output
-    gradient) within WEIGHT_CALL_BYTES, but the no-grad path's one call for all three gradients
-    stays whole. GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k: slices of k everywhere (0: the whole batch);
-    GRADVAR_EXT_CONV_WEIGHT_MIB=m: the rule with m MiB in every call, the no-grad path's too
-    (0: whole); a bad value is named."""
+    gradient) within WEIGHT_CALL_BYTES. GRADVAR_EXT_CONV_WEIGHT_SAMPLES=k: slices of k (0: the
+    whole batch); GRADVAR_EXT_CONV_WEIGHT_MIB=m: the rule with m MiB (0: whole); a bad value is
+    named."""
     x, grad = torch.randn(64, 32, 32, 32), torch.randn(64, 64, 32, 32)  # 384 KiB a sample: the CNN's layer 2
     monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", raising=False)
     monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_MIB", raising=False)
     assert conv_backward.WEIGHT_CALL_BYTES == 8 << 20
     assert conv_backward._weight_call_samples(x, grad) == 21  # 8 MiB // 384 KiB
     assert conv_backward._weight_call_samples(x[:8], grad[:8]) == 8  # a small batch: one call
-    assert conv_backward._weight_call_samples(x, grad, by_default=False) == 64
     on_meta = torch.empty(64, 32, 32, 32, device="meta"), torch.empty(64, 64, 32, 32, device="meta")
     assert conv_backward._weight_call_samples(*on_meta) == 21  # the same rule off the CPU
     huge = torch.empty(3, 512, 64, 64)  # 8 MiB a sample, so 16 MiB of operands: one at a time
@@ -389,7 +387,6 @@ def test_weight_gradient_slices_by_default_and_by_the_knobs(monkeypatch):
     assert conv_backward._weight_call_samples(x, grad) == 64
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "4")
     assert conv_backward._weight_call_samples(x, grad) == 4
-    assert conv_backward._weight_call_samples(x, grad, by_default=False) == 4  # asked for: everywhere
     assert conv_backward._weight_call_samples(*on_meta) == 4
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_MIB", "4")  # the samples knob wins
     assert conv_backward._weight_call_samples(x, grad) == 4
@@ -398,11 +395,9 @@ def test_weight_gradient_slices_by_default_and_by_the_knobs(monkeypatch):
         conv_backward._weight_call_samples(x, grad)
     monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES")
     assert conv_backward._weight_call_samples(x, grad) == 10  # 4 MiB // 384 KiB
-    assert conv_backward._weight_call_samples(x, grad, by_default=False) == 10  # asked for: everywhere
     assert conv_backward._weight_call_samples(*on_meta) == 10
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_MIB", "0")
     assert conv_backward._weight_call_samples(x, grad) == 64
-    assert conv_backward._weight_call_samples(x, grad, by_default=False) == 64
     assert conv_backward._weight_call_samples(*on_meta) == 64
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_MIB", "8M")
     with pytest.raises(ValueError, match=r"GRADVAR_EXT_CONV_WEIGHT_MIB must be a whole number of MiB .* got '8M'"):
@@ -411,12 +406,13 @@ def test_weight_gradient_slices_by_default_and_by_the_knobs(monkeypatch):
 
 @pytest.mark.parametrize("make_layer,shape", LAYERS, ids=IDS)
 def test_default_weight_slices_match_pytorch(make_layer, shape, monkeypatch):
-    """The default rule with a budget of two samples' operands: the weight-only calls (the
-    create_graph path's and _InputGradient's) in slices of 2, the no-grad path's one call whole;
-    PyTorch's gradients to the second order."""
+    """The default rule with a budget of two samples' operands: every weight-gradient call (the
+    create_graph path's, _InputGradient's, the no-grad path's) in slices of 2, the no-grad path's
+    input gradient one call and its bias gradient a sum; PyTorch's gradients to the second order
+    and without create_graph."""
     monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", raising=False)
     monkeypatch.delenv("GRADVAR_EXT_CONV_WEIGHT_MIB", raising=False)
-    model, _ = two_models(make_layer, shape)
+    model, plain = two_models(make_layer, shape)
     x = torch.randn(shape, dtype=torch.float64)
     output = model[1](x)  # the conv's output (model: tanh, conv, tanh, flatten, linear)
     monkeypatch.setattr(conv_backward, "WEIGHT_CALL_BYTES", 2 * (x[0].numel() + output[0].numel()) * 8)
@@ -428,5 +424,11 @@ def test_default_weight_slices_match_pytorch(make_layer, shape, monkeypatch):
     assert all(size == n for size, need in sizes if need != (False, True, False))
     sizes.clear()
     x.requires_grad_(True)
-    torch.autograd.grad(model(x).square().sum(), [x, *model.parameters()])  # no create_graph
-    assert sizes == [(n, (True, True, model[1].bias is not None))]
+    ours = torch.autograd.grad(model(x).square().sum(), [x, *model.parameters()])  # no create_graph
+    if n > 2:
+        assert sizes == [(n, (True, False, False))] + [(min(2, n - s), (False, True, False)) for s in range(0, n, 2)]
+    else:  # one slice: the backend's one call for all three
+        assert sizes == [(n, (True, True, model[1].bias is not None))]
+    theirs = torch.autograd.grad(plain(x).square().sum(), [x, *plain.parameters()])
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -676,9 +676,9 @@ def test_cuda_piecewise_nodes_match_pytorch_to_the_second_order(make_model, shap
 def test_cuda_conv_weight_gradients_in_slices_of_the_batch(monkeypatch):
     """GRADVAR_EXT_CONV_WEIGHT_SAMPLES=10 on cuDNN, the benchmark CNN's 32 -> 64 conv at 32 x 32,
     N = 64, float64: the node's weight gradients in 7 calls (6 of 10 samples, one of 4), the input
-    gradient one call; the same gradients as PyTorch's node to the second order. Unset, the
-    weight-only calls go by operand bytes (8 MiB, the default rule on every device) and the
-    no-grad path's one call stays whole; GRADVAR_EXT_CONV_WEIGHT_MIB=0: every call whole."""
+    gradient one call; the same gradients as PyTorch's node to the second order. Unset, every
+    weight-gradient call goes by operand bytes (8 MiB, the default rule on every device), the
+    no-grad path's too; GRADVAR_EXT_CONV_WEIGHT_MIB=0: every call whole."""
     from test_conv_backward import first_and_second_order, record_backend_calls, two_models
 
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_SAMPLES", "10")
@@ -703,7 +703,7 @@ def test_cuda_conv_weight_gradients_in_slices_of_the_batch(monkeypatch):
     sizes.clear()
     again = first_and_second_order(model, x.detach(), y)
     weight_calls = [size for size, need in sizes if need == (False, True, False)]
-    assert weight_calls == ([10] * 6 + [4]) * 2 and (64, (True, True, True)) in sizes, sizes  # no-grad: whole
+    assert weight_calls == ([10] * 6 + [4]) * 3 and (64, (True, False, False)) in sizes, sizes  # no-grad: split
     for a, b in zip(again[0] + again[1], theirs[0] + theirs[1]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     monkeypatch.setenv("GRADVAR_EXT_CONV_WEIGHT_MIB", "0")
