@@ -272,9 +272,8 @@ def method_environment(method: str) -> dict[str, str]:
     take: 4 MiB on the CPU, 32 on a GPU by default); for "gradvar-wgrad-K",
     GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K (samples per backend weight-gradient call in the conv
     node's backward); for "gradvar-wmib-K", GRADVAR_EXT_CONV_WEIGHT_MIB=K (the node's weight
-    gradients in slices of at most K MiB of operands, the no-grad path's too; unset: the
-    weight-only calls in 8 MiB, the no-grad path's whole): the
-    time / peak-memory trade of one knob."""
+    gradients in slices of at most K MiB of operands: 8 by default): the time / peak-memory
+    trade of one knob."""
     for prefix, knob in (
         ("gradvar-chunk-", "GRADVAR_EXT_CHUNK_MIB"),
         ("gradvar-wgrad-", "GRADVAR_EXT_CONV_WEIGHT_SAMPLES"),
