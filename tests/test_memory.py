@@ -3,7 +3,7 @@
 Each measurement runs in a fresh interpreter and reads the process's peak resident memory
 (ru_maxrss) around one call, so the number is what the call adds on top of its inputs. The
 per-sample gradients of these layers are hundreds of MB at N = 512: materialising them would show.
-- the statistic itself: extra memory stays flat in N (the chunk budget, 4 MiB on the CPU, plus the result);
+- the statistic itself: extra memory stays flat in N (the chunk budget, at most 4 MiB on the CPU, plus the result);
 - its backward returns input-sized gradients, which must grow with N: the growth stays within a
   few input-sized tensors, far below the per-sample gradients."""
 
@@ -113,6 +113,46 @@ def test_chunk_budget_knob_bounds_the_scratch(op, monkeypatch):
     assert peaks[8] > 2 * peaks[1], peaks  # the knob does take more samples per chunk
 
 
+def _linear_moments_scratch_mib(n: int, t: int, features: int, dtype: str, chunk_flag: str | None, monkeypatch):
+    """The scratch of one linear_moments call (profiled peak less the two weight-shaped results)
+    under GRADVAR_EXT_CHUNK_MIB=chunk_flag (None: unset), its values checked against forced
+    1 MiB chunks; and one sample's per-sample gradient, in MiB."""
+    import torch
+
+    import gradvar_ext
+
+    torch.manual_seed(0)
+    x = torch.randn(n, t, features, dtype=getattr(torch, dtype))
+    go = torch.randn(n, t, features, dtype=getattr(torch, dtype))
+    run = lambda: gradvar_ext.linear_moments(x, go)  # noqa: E731
+    monkeypatch.setenv("GRADVAR_EXT_CHUNK_MIB", "1")
+    small_chunks = run()
+    if chunk_flag is None:
+        monkeypatch.delenv("GRADVAR_EXT_CHUNK_MIB")
+    else:
+        monkeypatch.setenv("GRADVAR_EXT_CHUNK_MIB", chunk_flag)
+    torch.testing.assert_close(run(), small_chunks)
+    results_mib = 2 * features * features * x.element_size() / 2**20  # moment and sum
+    return _profiled_peak_mb(run) - results_mib, features * features * x.element_size() / 2**20
+
+
+@pytest.mark.parametrize(
+    "n, t, features, scratch_mib",
+    [
+        (64, 4, 256, 4),  # 0.25 MiB a sample, 16 MiB for the batch: 4 MiB chunks (the cap)
+        (16, 4, 256, 2),  # 4 MiB for the batch: half of it
+        (6, 4, 256, 1),  # 1.5 MiB for the batch: half is below the 1 MiB floor
+        (3, 4, 256, 0.75),  # 0.75 MiB for the batch: all of it in one chunk
+    ],
+)
+def test_cpu_chunk_rule(n, t, features, scratch_mib, monkeypatch):
+    """The CPU's chunk rule (csrc/outer_product_stats.cpp chunk_bytes): half of what the whole
+    batch would form, within 1-4 MiB, so that a small batch is not held whole (the seed's MNIST
+    CNN, job (a): 2.2 MB in one chunk, BackPACK 1.6, ours 1.5 in two)."""
+    scratch, per_sample = _linear_moments_scratch_mib(n, t, features, "float32", None, monkeypatch)
+    assert scratch_mib - per_sample <= scratch <= scratch_mib + 0.5, (scratch, scratch_mib)
+
+
 @pytest.mark.parametrize(
     "n, t, features, dtype, scratch_mib",
     [
@@ -126,21 +166,8 @@ def test_gpu_chunk_rule_on_the_cpu(n, t, features, dtype, scratch_mib, monkeypat
     """GRADVAR_EXT_CHUNK_MIB=gpu: the GPU's chunk rule (csrc/outer_product_stats.cpp chunk_bytes)
     on the CPU: chunks of at least 16 samples where one forms more than 2 MiB (up to 128 MiB, at
     most half the batch), else half the batch within 4-32 MiB. The chunked moments' scratch is the
-    chunk's per-sample gradients; same values as the CPU's 4 MiB chunks."""
-    import torch
-
-    import gradvar_ext
-
-    torch.manual_seed(0)
-    x = torch.randn(n, t, features, dtype=getattr(torch, dtype))
-    go = torch.randn(n, t, features, dtype=getattr(torch, dtype))
-    run = lambda: gradvar_ext.linear_moments(x, go)  # noqa: E731
-    default = run()
-    monkeypatch.setenv("GRADVAR_EXT_CHUNK_MIB", "gpu")
-    torch.testing.assert_close(run(), default)
-    results_mib = 2 * features * features * x.element_size() / 2**20  # moment and sum
-    scratch = _profiled_peak_mb(run) - results_mib
-    per_sample = features * features * x.element_size() / 2**20
+    chunk's per-sample gradients; same values as in 1 MiB chunks."""
+    scratch, per_sample = _linear_moments_scratch_mib(n, t, features, dtype, "gpu", monkeypatch)
     assert scratch_mib - per_sample <= scratch <= scratch_mib + 0.5, (scratch, scratch_mib)
 
 
