@@ -189,7 +189,7 @@ GradientChunks grouped_gradients(const at::Tensor& input, const at::Tensor& grad
 }
 
 // The products' (the moments' backward) g_n on the grouped path, in chunks of the core's budget
-// (4 MiB on the CPU), not the moments' 16 MiB: they run in the double backward, at the job's peak,
+// (at most 4 MiB on the CPU), not the moments' 16 MiB: they run in the double backward, at the job's peak,
 // beside their input-sized results, where 16 MiB chunks held ~8 MB of oneDNN's reorders (the
 // benchmark CNN's job (b), N = 64: peak 117.9 -> 111.0 MB with the conv node's sliced weight
 // gradients, at the same time; benchmarks/RESULTS.md, twenty-fifth session).

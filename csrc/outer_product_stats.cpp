@@ -17,8 +17,8 @@ namespace {
 
 // Scratch budget (kChunkBytes) for everything formed per chunk of samples (per-sample gradients,
 // Gram matrices, unfolded patches, weighted products). Extra memory stays under it whatever N
-// is. CPU 4 MiB (on 2 cores as fast as 8 MiB on the benchmark jobs, 10-45% faster than 32 MiB;
-// the sequence layer's job (b) peaks 4 MB lower), GPU up to 32 MiB (larger batched GEMMs fill
+// is. CPU at most 4 MiB (on 2 cores as fast as 8 MiB on the benchmark jobs, 10-45% faster than
+// 32 MiB; the sequence layer's job (b) peaks 4 MB lower), GPU up to 32 MiB (larger batched GEMMs fill
 // the device; the size validated on an H200), but no more than half of what the whole batch
 // would form (at least 4 MiB): a batch whose scratch fits the 32 MiB at once would otherwise
 // hold all its per-sample gradients, as much as the methods that materialise them (the sequence
