@@ -23,6 +23,10 @@
 # On the H200's PyTorch 2.11 (twenty-fourth session) the cap moved no method's peak.
 # SKIP_PROFILE=1 skips the profile of job (b) (90 s), SKIP_SWEEP=1 the CNN sweep (~90 s); the sweep runs before job (a), so that a
 # call cut short loses job (a) first. CONV_ALGOS=1 adds the two conv algorithms' timing (measured: unfold wins on CUDA).
+# On an H100 (thirtieth session, 790 s of device time in three calls): PART=core KERNEL_CHECKS=0 with a
+# TEST_FILTER of 16 tests, build 33 s, tests 24 s, example 6 s; PART=bench, the CNN's profile of two
+# methods with --memory 11 s and job (b) on the CNN, 6 methods x 3 rounds, 129 s; job (b) on all six
+# workloads, 7 methods, one round: 279 s; the sweep does not fit after a 3-round job (b) of two workloads.
 # On an H100 (twenty-eighth session, PART=core BENCH_SECTIONS="ratios budgets": 484 s): build 26 s,
 # the CUDA tests 336 s (550 + 1 skipped, 6 workers), tensor-core tests 33 s, example 6 s, ratios +
 # budgets 15 s, sanitizers 52 s; PART=bench (a JIT build, then the build, 66 s in all, the profile of one method with
