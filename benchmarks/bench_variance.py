@@ -244,10 +244,10 @@ def environment(values: dict[str, str]):
                 os.environ[name] = old
 
 
-def _sized(method: str, prefix: str) -> int | None:
-    """K of a method named prefix + K (K a positive integer), else None."""
+def _sized(method: str, prefix: str, least: int = 1) -> int | None:
+    """K of a method named prefix + K (K a whole number, at least ``least``), else None."""
     size = method[len(prefix) :] if method.startswith(prefix) else ""
-    return int(size) if size.isdigit() and int(size) > 0 else None
+    return int(size) if size.isdigit() and int(size) >= least else None
 
 
 def method_function(method: str):
@@ -262,7 +262,7 @@ def method_function(method: str):
         raise ValueError(
             f"unknown method {method!r}: one of {', '.join(METHODS)}, gradvar-micro-K (K samples), "
             "gradvar-chunk-K (K MiB chunks), gradvar-wgrad-K (K samples per conv weight-gradient call) or "
-            "gradvar-wmib-K (K MiB of operands per conv weight-gradient call)"
+            "gradvar-wmib-K (K MiB of operands per conv weight-gradient call; for these two 0: the whole batch)"
         )
     return METHODS[method]
 
@@ -271,16 +271,16 @@ def method_environment(method: str) -> dict[str, str]:
     """The knobs a method's worker runs under: METHOD_ENV's; for "gradvar-chunk-K",
     GRADVAR_EXT_CHUNK_MIB=K (what the chunks of per-sample gradients, patches and products may
     take: by default half the batch's, within 1-4 MiB on the CPU, 4-32 on a GPU); for
-    "gradvar-wgrad-K", GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K (samples per backend weight-gradient call in the conv
-    node's backward); for "gradvar-wmib-K", GRADVAR_EXT_CONV_WEIGHT_MIB=K (the node's weight
-    gradients in slices of at most K MiB of operands: 8 by default): the time / peak-memory
-    trade of one knob."""
-    for prefix, knob in (
-        ("gradvar-chunk-", "GRADVAR_EXT_CHUNK_MIB"),
-        ("gradvar-wgrad-", "GRADVAR_EXT_CONV_WEIGHT_SAMPLES"),
-        ("gradvar-wmib-", "GRADVAR_EXT_CONV_WEIGHT_MIB"),
+    "gradvar-wgrad-K", GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K (samples per backend weight-gradient
+    call in the conv node's backward); for "gradvar-wmib-K", GRADVAR_EXT_CONV_WEIGHT_MIB=K (the node's weight
+    gradients in slices of at most K MiB of operands: 8 by default; for these two, K = 0: the
+    whole batch a call, as PyTorch's node): the time / peak-memory trade of one knob."""
+    for prefix, knob, least in (
+        ("gradvar-chunk-", "GRADVAR_EXT_CHUNK_MIB", 1),
+        ("gradvar-wgrad-", "GRADVAR_EXT_CONV_WEIGHT_SAMPLES", 0),
+        ("gradvar-wmib-", "GRADVAR_EXT_CONV_WEIGHT_MIB", 0),
     ):
-        if (size := _sized(method, prefix)) is not None:
+        if (size := _sized(method, prefix, least)) is not None:
             return {knob: str(size)}
     return METHOD_ENV.get(method, {})
 

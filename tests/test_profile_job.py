@@ -102,8 +102,11 @@ def test_benchmark_weight_slice_methods_set_the_knob():
     assert bv.method_function("gradvar-wgrad-16") is bv.run_gradvar
     assert bv.method_environment("gradvar-wmib-32") == {"GRADVAR_EXT_CONV_WEIGHT_MIB": "32"}
     assert bv.method_function("gradvar-wmib-32") is bv.run_gradvar
-    with pytest.raises(ValueError, match="gradvar-wgrad-K"):
-        bv.method_function("gradvar-wgrad-0")
+    assert bv.method_environment("gradvar-wmib-0") == {"GRADVAR_EXT_CONV_WEIGHT_MIB": "0"}  # whole batch
+    assert bv.method_function("gradvar-wgrad-0") is bv.run_gradvar
+    for bad in ("gradvar-wgrad--1", "gradvar-wmib-", "gradvar-wmib-2.5"):
+        with pytest.raises(ValueError, match="gradvar-wgrad-K"):
+            bv.method_function(bad)
     calls, results = run_methods("cnn", ("gradvar", "gradvar-wgrad-16"), "aten::convolution_backward")
     # the 2 conv layers whose input requires grad: _InputGradient's weight gradient, by default in
     # 8 MiB slices (layer 2, 384 KiB a sample: 4 calls of <= 21; layer 3, 128 KiB: 1), in 4 of 16
