@@ -18,9 +18,8 @@ backward pass executes the input's node, as PyTorch's nodes skip gradients nobod
 (``collect.backward`` asks for no weight gradient). Without ``create_graph`` there is nothing
 to differentiate: it makes PyTorch's own single ``convolution_backward`` call where that computes
 the weight's gradient whole (else an input-only call, the weight's slices and the bias's sum,
-``_bias_gradient``). The benchmark
-CNN's job (b): 155 ms and 118 MB peak against 182 ms and 141 MB with PyTorch's node (job (a),
-first order: 1-2% slower, the node's Python cost).
+``_bias_gradient``). The benchmark CNN's job (b): 155 ms and 118 MB peak against 182 ms and 141
+MB with PyTorch's node (job (a), first order: 1-2% slower, the node's Python cost).
 
 Where: the output of an extended layer that is PyTorch's convolution of exactly the layer's input
 (which requires grad: else there is no input gradient to differentiate), weight and bias
