@@ -272,9 +272,9 @@ def method_environment(method: str) -> dict[str, str]:
     GRADVAR_EXT_CHUNK_MIB=K (what the chunks of per-sample gradients, patches and products may
     take: by default half the batch's, within 1-4 MiB on the CPU, 4-32 on a GPU); for
     "gradvar-wgrad-K", GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K (samples per backend weight-gradient
-    call in the conv node's backward); for "gradvar-wmib-K", GRADVAR_EXT_CONV_WEIGHT_MIB=K (the node's weight
-    gradients in slices of at most K MiB of operands: 8 by default; for these two, K = 0: the
-    whole batch a call, as PyTorch's node): the time / peak-memory trade of one knob."""
+    call in the conv node's backward); for "gradvar-wmib-K", GRADVAR_EXT_CONV_WEIGHT_MIB=K (the
+    node's weight gradients in slices of at most K MiB of operands: 8 by default; for these two,
+    K = 0: the whole batch a call, as PyTorch's node): the time / peak-memory trade of one knob."""
     for prefix, knob, least in (
         ("gradvar-chunk-", "GRADVAR_EXT_CHUNK_MIB", 1),
         ("gradvar-wgrad-", "GRADVAR_EXT_CONV_WEIGHT_SAMPLES", 0),

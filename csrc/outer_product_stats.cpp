@@ -37,16 +37,17 @@ namespace {
 // On the CPU the same half, within 1-4 MiB: the seed's MNIST CNN (N = 32, 1.8 MB of unfolded
 // patches) peaked in job (a) at 2.2 MB in one chunk against BackPACK's 1.6, at 1.5 in two, with
 // the same time (thirtieth session); larger batches keep their 4 MiB chunks.
-constexpr int64_t kMinChunkBytes = int64_t(4) << 20, kCpuLeastChunkBytes = int64_t(1) << 20;
-constexpr int64_t kGpuChunkBytes = int64_t(32) << 20, kGpuMostChunkBytes = int64_t(128) << 20;
+constexpr int64_t kCpuLeastChunkBytes = int64_t(1) << 20, kCpuChunkBytes = int64_t(4) << 20;
+constexpr int64_t kGpuLeastChunkBytes = int64_t(4) << 20, kGpuChunkBytes = int64_t(32) << 20;
+constexpr int64_t kGpuMostChunkBytes = int64_t(128) << 20;
 constexpr int64_t kGpuFewestChunkSamples = 16;
 constexpr int64_t kGpuChunkRule = -1;  // forced_chunk_bytes() for GRADVAR_EXT_CHUNK_MIB=gpu
 
 int64_t chunk_bytes(const at::TensorOptions& options, int64_t sample_bytes, int64_t samples, bool gpu_rule) {
   const int64_t half_batch = sample_bytes * samples / 2;
-  if (options.device().is_cpu() && !gpu_rule) return std::clamp(half_batch, kCpuLeastChunkBytes, kMinChunkBytes);
+  if (options.device().is_cpu() && !gpu_rule) return std::clamp(half_batch, kCpuLeastChunkBytes, kCpuChunkBytes);
   const int64_t several_samples = std::min({kGpuFewestChunkSamples * sample_bytes, kGpuMostChunkBytes, half_batch});
-  return std::max(std::clamp<int64_t>(half_batch, kMinChunkBytes, kGpuChunkBytes), several_samples);
+  return std::max(std::clamp<int64_t>(half_batch, kGpuLeastChunkBytes, kGpuChunkBytes), several_samples);
 }
 
 int64_t forced_chunk_bytes() {  // GRADVAR_EXT_CHUNK_MIB in bytes, 0 when unset, kGpuChunkRule for "gpu"

@@ -122,8 +122,7 @@ def test_benchmark_chunk_methods_set_the_chunk_budget(monkeypatch):
     """bench_variance.py's "gradvar-chunk-K": the front end under GRADVAR_EXT_CHUNK_MIB=K (the
     workers' environment), the same numbers as the per-sample loop at 4 MiB chunks (the job then
     makes 5 bmm calls where the default, half the batch's 1.8 MB within 1-4 MiB, makes 8); the
-    table's machine record lists
-    the knobs the shell set."""
+    table's machine record lists the knobs the shell set."""
     import bench_variance as bv
 
     assert bv.method_environment("gradvar-chunk-8") == {"GRADVAR_EXT_CHUNK_MIB": "8"}
