@@ -252,7 +252,7 @@ def _sized(method: str, prefix: str, least: int = 1) -> int | None:
 
 def method_function(method: str):
     """METHODS[method]; "gradvar-micro-K": total_variance in micro-batches of K samples;
-    "gradvar-chunk-K" / "gradvar-wgrad-K" / "gradvar-wmib-K": gradvar under a knob
+    "gradvar-chunk-K" / "gradvar-wgrad-K" / "gradvar-wmib-K" / "gradvar-partials-K": gradvar under a knob
     (method_environment)."""
     if (size := _sized(method, "gradvar-micro-")) is not None:
         return functools.partial(run_gradvar_micro, micro_batch_size=size)
@@ -262,7 +262,8 @@ def method_function(method: str):
         raise ValueError(
             f"unknown method {method!r}: one of {', '.join(METHODS)}, gradvar-micro-K (K samples), "
             "gradvar-chunk-K (K MiB chunks), gradvar-wgrad-K (K samples per conv weight-gradient call) or "
-            "gradvar-wmib-K (K MiB of operands per conv weight-gradient call; for these two 0: the whole batch)"
+            "gradvar-wmib-K (K MiB of operands per conv weight-gradient call; for these two 0: the whole batch) "
+            "or gradvar-partials-K (K MiB of CUDA's fused split partials)"
         )
     return METHODS[method]
 
@@ -274,11 +275,14 @@ def method_environment(method: str) -> dict[str, str]:
     "gradvar-wgrad-K", GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K (samples per backend weight-gradient
     call in the conv node's backward); for "gradvar-wmib-K", GRADVAR_EXT_CONV_WEIGHT_MIB=K (the
     node's weight gradients in slices of at most K MiB of operands: 8 by default; for these two,
-    K = 0: the whole batch a call, as PyTorch's node): the time / peak-memory trade of one knob."""
+    K = 0: the whole batch a call, as PyTorch's node); for "gradvar-partials-K",
+    GRADVAR_EXT_FUSED_PARTIALS_MIB=K (CUDA's fused moments split over blocks with up to K MiB of
+    partials; 64: the rule before the thirty-first session): the time / peak-memory trade of one knob."""
     for prefix, knob, least in (
         ("gradvar-chunk-", "GRADVAR_EXT_CHUNK_MIB", 1),
         ("gradvar-wgrad-", "GRADVAR_EXT_CONV_WEIGHT_SAMPLES", 0),
         ("gradvar-wmib-", "GRADVAR_EXT_CONV_WEIGHT_MIB", 0),
+        ("gradvar-partials-", "GRADVAR_EXT_FUSED_PARTIALS_MIB", 1),
     ):
         if (size := _sized(method, prefix, least)) is not None:
             return {knob: str(size)}

@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
@@ -29,6 +30,19 @@ inline const char* env_choice(const char* name, std::initializer_list<const char
   TORCH_CHECK_VALUE(known, "gradvar", op != nullptr ? "." : "", op != nullptr ? op : "", ": ", name, " must be ",
                     allowed_text, ", got '", value, "'");
   return value;
+}
+
+// A knob in MiB: environment variable `name` as bytes, 0 when unset or empty; else a whole number
+// of MiB from 1 to 2^20, or a ValueError "gradvar: <name> must be a whole number of MiB from 1 to
+// 1048576<more>, got '<value>'" (`more`: the other values the caller takes, which it reads first).
+inline int64_t env_mib(const char* name, const char* more = "") {
+  const char* flag = std::getenv(name);
+  if (flag == nullptr || *flag == '\0') return 0;
+  char* end = nullptr;
+  const long long mib = std::strtoll(flag, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && mib > 0 && mib <= (1LL << 20), "gradvar: ", name,
+                    " must be a whole number of MiB from 1 to 1048576", more, ", got '", flag, "'");
+  return static_cast<int64_t>(mib) << 20;
 }
 
 // float32 / float64 only (the Python layer promotes half precision), same dtype and device as `like`.

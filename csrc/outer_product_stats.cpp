@@ -52,14 +52,8 @@ int64_t chunk_bytes(const at::TensorOptions& options, int64_t sample_bytes, int6
 
 int64_t forced_chunk_bytes() {  // GRADVAR_EXT_CHUNK_MIB in bytes, 0 when unset, kGpuChunkRule for "gpu"
   const char* flag = std::getenv("GRADVAR_EXT_CHUNK_MIB");
-  if (flag == nullptr || *flag == '\0') return 0;
-  if (std::strcmp(flag, "gpu") == 0) return kGpuChunkRule;
-  char* end = nullptr;
-  const long long mib = std::strtoll(flag, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && mib > 0 && mib <= (1LL << 20),
-                    "gradvar: GRADVAR_EXT_CHUNK_MIB must be a whole number of MiB from 1 to 1048576 or gpu, got '",
-                    flag, "'");
-  return static_cast<int64_t>(mib) << 20;
+  if (flag != nullptr && std::strcmp(flag, "gpu") == 0) return kGpuChunkRule;
+  return env_mib("GRADVAR_EXT_CHUNK_MIB", " or gpu");
 }
 
 int64_t chunk_samples(int64_t elems_per_sample, const at::TensorOptions& options, int64_t samples,

@@ -633,6 +633,42 @@ def test_cuda_chunk_holds_sixteen_samples_of_large_gradients(monkeypatch):
     assert 15 * 8 <= scratch_mb <= 16 * 8 + 1, scratch_mb
 
 
+@pytest.mark.parametrize("n,fan_in,fan_out", [(128, 784, 512), (128, 512, 512), (32, 784, 10)])
+def test_cuda_fused_walk_partials_stay_within_its_factors(n, fan_in, fan_out, monkeypatch):
+    """The fused walk splits the samples over blocks only as far as the splits' partials take no
+    more than the factors it reads (csrc/cuda/moment_walk.cuh partials_budget): the benchmark
+    MLP's layers and the seed's Linear(784, 10), fused by default (one position), hold no more
+    than their (input, grad_output) again beside the results. GRADVAR_EXT_FUSED_PARTIALS_MIB=64
+    (the rule before) splits them to fill the GPU: more memory, the same values up to rounding."""
+    for name in ("GRADVAR_EXT_FUSED_CUDA", "GRADVAR_EXT_FUSED_PARTIALS_MIB", "GRADVAR_EXT_CHUNK_MIB"):
+        monkeypatch.delenv(name, raising=False)
+    x = torch.randn(n, fan_in, device="cuda")
+    g = torch.randn(n, fan_out, device="cuda")
+    results = 2 * fan_out * fan_in * 4  # moment and sum, float32
+
+    def moments_and_scratch():
+        torch.ops.gradvar.linear_moments(x, g)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = torch.ops.gradvar.linear_moments(x, g)
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - base - results
+
+    out, scratch = moments_and_scratch()
+    assert scratch <= n * (fan_in + fan_out) * 4, scratch
+    monkeypatch.setenv("GRADVAR_EXT_FUSED_PARTIALS_MIB", "64")
+    before, scratch_before = moments_and_scratch()
+    for part, part_before in zip(out, before):
+        torch.testing.assert_close(part, part_before, rtol=1e-5, atol=1e-5)
+    tiles = -(-fan_in // 128) * -(-fan_out // 128)  # 128 x 128 float32 tiles
+    if torch.cuda.get_device_properties(0).multi_processor_count // tiles >= 2:  # the old rule split it
+        assert scratch_before >= 2 * results > scratch, (scratch_before, scratch)
+    monkeypatch.setenv("GRADVAR_EXT_FUSED_PARTIALS_MIB", "lots")
+    with pytest.raises(ValueError, match="GRADVAR_EXT_FUSED_PARTIALS_MIB must be a whole number of MiB from 1 to"):
+        torch.ops.gradvar.linear_moments(x, g)
+
+
 def test_cuda_float64_conv_moments_scratch_stays_within_128_mib(monkeypatch):
     """The float64 conv moments' default on CUDA (shifted kernel rows) takes chunks of up to 128
     MiB: on the benchmark CNN's 32 -> 64 conv at 32x32 (1.25 MiB of scratch a sample) the

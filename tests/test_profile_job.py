@@ -118,6 +118,18 @@ def test_benchmark_weight_slice_methods_set_the_knob():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
+def test_benchmark_partials_methods_set_the_knob():
+    """bench_variance.py's "gradvar-partials-K": the front end under GRADVAR_EXT_FUSED_PARTIALS_MIB=K
+    (CUDA's fused moments: K MiB of split partials; the A/B of the thirty-first session's rule)."""
+    import bench_variance as bv
+
+    assert bv.method_environment("gradvar-partials-64") == {"GRADVAR_EXT_FUSED_PARTIALS_MIB": "64"}
+    assert bv.method_function("gradvar-partials-64") is bv.run_gradvar
+    for bad in ("gradvar-partials-0", "gradvar-partials-", "gradvar-partials-x"):
+        with pytest.raises(ValueError, match="gradvar-partials-K"):
+            bv.method_function(bad)
+
+
 def test_benchmark_chunk_methods_set_the_chunk_budget(monkeypatch):
     """bench_variance.py's "gradvar-chunk-K": the front end under GRADVAR_EXT_CHUNK_MIB=K (the
     workers' environment), the same numbers as the per-sample loop at 4 MiB chunks (the job then

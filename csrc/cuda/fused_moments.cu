@@ -316,8 +316,8 @@ void fused_moments_cuda(at::Tensor& moment, at::Tensor& sum, const at::Tensor& X
   const int device = X.get_device();
   const DeviceFacts facts = device_facts(device);
   auto run = [&](auto kernel, int threads, int side, auto start) {
-    run_moments_walk(kernel, threads, /*smem_bytes=*/0, side, moment, sum, samples, groups, I, O, accumulate, device,
-                     facts, start);
+    run_moments_walk(kernel, threads, /*smem_bytes=*/0, side, moment, sum, samples, groups, I, O,
+                     factor_bytes(samples, groups, T, I, O, cross, X.element_size()), accumulate, device, facts, start);
   };
   if (facts.major >= 8 && fused_cuda_on_tensor_cores(T, cross)) {  // 3xTF32 for float32, DMMA for float64
     return walk::fused_moments_mma_cuda(moment, sum, x, g, xb, gb, cross, samples, groups, T, I, O, accumulate,

@@ -415,7 +415,8 @@ void run_on_tensor_cores(at::Tensor& moment, at::Tensor& sum, const Operand& x, 
     with_variant(cross, sum.defined(), [&](auto kCross, auto kSum) {
       if constexpr (!(kPatches && decltype(kCross)::value)) {
         const auto kernel = fused_moments_mma_kernel<Mma, decltype(kCross)::value, decltype(kSum)::value, kPatches>;
-        run_moments_walk(kernel, threads, smem, kTile, moment, sum, samples, groups, I, O, accumulate, device, facts,
+        run_moments_walk(kernel, threads, smem, kTile, moment, sum, samples, groups, I, O,
+                         factor_bytes(samples, groups, T, I, O, cross, sizeof(scalar_t)), accumulate, device, facts,
                          [&](dim3 grid, at::Tensor& m_out, at::Tensor& s_out, int64_t splits, bool add) {
                            scalar_t* s_ptr = sum.defined() ? s_out.mutable_data_ptr<scalar_t>() : nullptr;
                            kernel<<<grid, threads, smem, stream>>>(x, g, xb, gb, m_out.mutable_data_ptr<scalar_t>(),

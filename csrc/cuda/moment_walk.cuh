@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include "../checks.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <map>
@@ -97,19 +99,41 @@ WalkGrid walk_grid(Kernel kernel, int threads, size_t smem_bytes, int64_t side, 
   return {grid, splits};
 }
 
+// The bytes of the factors a walk reads: [S * groups, T, I] and [S * groups, T, O], twice with a
+// cross pair (an implicit-patches walk: its patches as if unfolded).
+inline int64_t factor_bytes(int64_t samples, int64_t groups, int64_t T, int64_t I, int64_t O, bool cross,
+                            int64_t element_size) {
+  return samples * groups * T * (I + O) * element_size * (cross ? 2 : 1);
+}
+
+// The splits' partials [splits, groups, O, I] (and the sum's) may take at most the bytes of the
+// factors the walk reads, or GRADVAR_EXT_FUSED_PARTIALS_MIB: a layer's statistics then hold at
+// most its (input, grad_output) once more. Until the thirty-first session they filled the GPU
+// up to 64 MiB, which by our count set the peak of the jobs where the fused walk is the default
+// (one position, N x I x O <= 2^26): on an H100 (132 SMs, one block each) the MLP's 512 x 512
+// layer walked in 8 splits, 16.8 MB of partials beside its 2.1 MB result, where job (b) peaked
+// at 18.8 MB (BackPACK 14.1); the seed's Linear(784, 10) at N = 32 in 18 splits, 1.1 MB, its
+// job's peak (BackPACK 0.3). Both now walk unsplit (their factors take 0.5 and 0.1 MB): more GPU
+// time, in jobs bound by the host.
+inline int64_t partials_budget(int64_t bytes_read) {
+  const int64_t forced = env_mib("GRADVAR_EXT_FUSED_PARTIALS_MIB");
+  return forced > 0 ? forced : bytes_read;
+}
+
 // Launches a moments walk over [groups] x O x I (start(grid, moment_out, sum_out, splits, add)
 // launches the kernel, with smem_bytes of dynamic shared memory). Samples are split over
-// gridDim.z so that the tiles fill one wave of resident blocks (partials [splits, groups, O, I],
-// at most 64 MiB); the partials are then reduced in a fixed order, straight into the result
-// (at::sum_out) unless an earlier chunk's values are there to add to (accumulate).
+// gridDim.z so that the tiles fill one wave of resident blocks, as far as the partials
+// [splits, groups, O, I] stay within partials_budget(bytes_read); they are then reduced in a
+// fixed order, straight into the result (at::sum_out) unless an earlier chunk's values are there
+// to add to (accumulate).
 template <typename Kernel, typename Start>
 void run_moments_walk(Kernel kernel, int threads, size_t smem_bytes, int side, at::Tensor& moment, at::Tensor& sum,
-                      int64_t samples, int64_t groups, int64_t I, int64_t O, bool accumulate, int device,
-                      const DeviceFacts& facts, Start&& start) {
+                      int64_t samples, int64_t groups, int64_t I, int64_t O, int64_t bytes_read, bool accumulate,
+                      int device, const DeviceFacts& facts, Start&& start) {
   const int64_t per_split_bytes = groups * O * I * int64_t(moment.element_size()) * (sum.defined() ? 2 : 1);
-  const auto [grid, splits] = walk_grid(kernel, threads, smem_bytes, side, groups, I, O, samples,
-                                        (int64_t(64) << 20) / std::max<int64_t>(per_split_bytes, 1), device, facts,
-                                        "moments");
+  const auto [grid, splits] =
+      walk_grid(kernel, threads, smem_bytes, side, groups, I, O, samples,
+                partials_budget(bytes_read) / std::max<int64_t>(per_split_bytes, 1), device, facts, "moments");
   at::Tensor moment_out = moment, sum_out = sum;
   if (splits > 1) {
     moment_out = at::empty({splits, groups, O, I}, moment.options());
