@@ -104,13 +104,18 @@ at::Tensor gradient_buffer(at::Tensor& buf, int64_t count, int64_t O, int64_t I,
 }
 
 // G_n^T X_n for a chunk, into gradient_buffer.
-// x_chunk / g_chunk, when given, receive the factors' chunks (for callers that reuse them).
+// x_chunk / g_chunk, when given, receive the factors' chunks (for callers that reuse them); the
+// previous chunk's are let go before the next is formed, so that formed factors (unfolded conv
+// patches) take one chunk's memory, not two (the benchmark CNN's job (b) products held two
+// chunks of 16 samples' patches, 18 MB each, at its peak until the thirty-first session).
 GradientChunks outer_products(const Factors& X, const Factors& G, at::Tensor* x_chunk, at::Tensor* g_chunk) {
   const int64_t groups = X.groups, O = G.features, I = X.features;
   auto buf = std::make_shared<at::Tensor>();
   return GradientChunks{
       X.samples, groups, O, I, X.options, groups * O * I + formed(X) + formed(G), X.samples,
       [X, G, groups, O, I, buf, x_chunk, g_chunk](int64_t start, int64_t n) {
+        if (x_chunk != nullptr) x_chunk->reset();
+        if (g_chunk != nullptr) g_chunk->reset();
         auto g = gradient_buffer(*buf, n * groups, O, I, X.options);
         const auto Xc = X.chunk(start, n), Gc = G.chunk(start, n);
         at::bmm_out(g, Gc.transpose(1, 2), Xc);
