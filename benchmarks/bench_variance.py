@@ -18,7 +18,7 @@ and max pooling, GRADVAR_EXT_PIECEWISE_BACKWARD=pytorch, the A/B of gradvar_ext/
 gradvar-micro (gradvar_ext.total_variance in micro-batches of 16: memory bounded by 16 samples;
 gradvar-micro-K: micro-batches of K, e.g. gradvar-micro-64 on a GPU, where 16 is launch-bound),
 gradvar-chunk-K (gradvar with GRADVAR_EXT_CHUNK_MIB=K: what chunks of per-sample gradients, patches
-and products may take; by default half the batch's, within 1-4 MiB on the CPU, 4-32 on a GPU),
+and products may take; by default half the batch's, within 1-4 MiB on the CPU, 1-32 on a GPU),
 gradvar-wgrad-K (gradvar with GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K: the conv node's weight gradients
 K samples per backend call),
 gradvar-wmib-K (GRADVAR_EXT_CONV_WEIGHT_MIB=K: its weight-gradient calls K MiB of operands each), loop
@@ -271,7 +271,7 @@ def method_function(method: str):
 def method_environment(method: str) -> dict[str, str]:
     """The knobs a method's worker runs under: METHOD_ENV's; for "gradvar-chunk-K",
     GRADVAR_EXT_CHUNK_MIB=K (what the chunks of per-sample gradients, patches and products may
-    take: by default half the batch's, within 1-4 MiB on the CPU, 4-32 on a GPU); for
+    take: by default half the batch's, within 1-4 MiB on the CPU, 1-32 on a GPU); for
     "gradvar-wgrad-K", GRADVAR_EXT_CONV_WEIGHT_SAMPLES=K (samples per backend weight-gradient
     call in the conv node's backward); for "gradvar-wmib-K", GRADVAR_EXT_CONV_WEIGHT_MIB=K (the
     node's weight gradients in slices of at most K MiB of operands: 8 by default; for these two,

@@ -20,7 +20,7 @@ namespace {
 // is. CPU at most 4 MiB (on 2 cores as fast as 8 MiB on the benchmark jobs, 10-45% faster than
 // 32 MiB; the sequence layer's job (b) peaks 4 MB lower), GPU up to 32 MiB (larger batched GEMMs fill
 // the device; the size validated on an H200), but no more than half of what the whole batch
-// would form (at least 4 MiB): a batch whose scratch fits the 32 MiB at once would otherwise
+// would form (at least 1 MiB): a batch whose scratch fits the budget at once would otherwise
 // hold all its per-sample gradients, as much as the methods that materialise them (the sequence
 // layer's job (b) on an H100: 25.0 MB against torch.func's 24.8; 21 MB with the half, the same
 // peak as with the CPU's 4 MiB, measured on the CPU with its budget raised to 32 MiB).
@@ -34,20 +34,22 @@ namespace {
 // included): a knob for tuning and for tight memory (more samples per chunk: fewer launches,
 // more scratch); =gpu applies the GPU's rule below on any device to chunks without a budget of
 // their own (the CPU's grouped conv path keeps its 16 MiB): the CPU tests check the rule.
-// On the CPU the same half, within 1-4 MiB: the seed's MNIST CNN (N = 32, 1.8 MB of unfolded
-// patches) peaked in job (a) at 2.2 MB in one chunk against BackPACK's 1.6, at 1.5 in two, with
-// the same time (thirtieth session); larger batches keep their 4 MiB chunks.
-constexpr int64_t kCpuLeastChunkBytes = int64_t(1) << 20, kCpuChunkBytes = int64_t(4) << 20;
-constexpr int64_t kGpuLeastChunkBytes = int64_t(4) << 20, kGpuChunkBytes = int64_t(32) << 20;
-constexpr int64_t kGpuMostChunkBytes = int64_t(128) << 20;
+// The 1 MiB floor: the seed's MNIST CNN (N = 32, 1.8 MB of unfolded patches) peaked in job (a)
+// on the CPU at 2.2 MB in one chunk against BackPACK's 1.6, at 1.5 in two, with the same time
+// (thirtieth session). A GPU's floor was 4 MiB until the thirty-first session, which held the
+// batch's patches in one chunk there (its job (b) peaked at 3.2 MB on an H100, BackPACK 2.7; 2.4
+// in two chunks by the rule run on the CPU, GRADVAR_EXT_CHUNK_MIB=gpu). Batches that form more
+// than 8 MiB keep their chunks; smaller ones go in two (a few more launches).
+constexpr int64_t kLeastChunkBytes = int64_t(1) << 20, kCpuChunkBytes = int64_t(4) << 20;
+constexpr int64_t kGpuChunkBytes = int64_t(32) << 20, kGpuMostChunkBytes = int64_t(128) << 20;
 constexpr int64_t kGpuFewestChunkSamples = 16;
 constexpr int64_t kGpuChunkRule = -1;  // forced_chunk_bytes() for GRADVAR_EXT_CHUNK_MIB=gpu
 
 int64_t chunk_bytes(const at::TensorOptions& options, int64_t sample_bytes, int64_t samples, bool gpu_rule) {
   const int64_t half_batch = sample_bytes * samples / 2;
-  if (options.device().is_cpu() && !gpu_rule) return std::clamp(half_batch, kCpuLeastChunkBytes, kCpuChunkBytes);
+  if (options.device().is_cpu() && !gpu_rule) return std::clamp(half_batch, kLeastChunkBytes, kCpuChunkBytes);
   const int64_t several_samples = std::min({kGpuFewestChunkSamples * sample_bytes, kGpuMostChunkBytes, half_batch});
-  return std::max(std::clamp<int64_t>(half_batch, kGpuLeastChunkBytes, kGpuChunkBytes), several_samples);
+  return std::max(std::clamp<int64_t>(half_batch, kLeastChunkBytes, kGpuChunkBytes), several_samples);
 }
 
 int64_t forced_chunk_bytes() {  // GRADVAR_EXT_CHUNK_MIB in bytes, 0 when unset, kGpuChunkRule for "gpu"
@@ -136,8 +138,10 @@ GradientChunks outer_products(const Factors& X, const Factors& G, at::Tensor* x_
 // each baddbmm reads and writes the accumulated [n, O, I] (2 O I per sample) besides its K
 // positions of factors (K (O + I)), and slabs of K = 64-224 ran 1.05-1.5x slower than chunks of
 // samples (64 -> 64 channels at 16x16, float32 and float64; float64 32 -> 64: K = 160, level).
-// Plan: samples per chunk such that their gradients take at most half the budget, then as many
-// rows per slab as the rest holds; used on CUDA, for the moments of one pair (not cross moments),
+// Plan: the budget the GPU's (32 MiB, at most half of what the whole batch's gradients and
+// patches take, at least 1 MiB: since the thirty-first session, when the seed's MNIST CNN's
+// moments on a GPU held all 1.8 MB of its patches in one slab), samples per chunk such that
+// their gradients take at most half of it, then as many rows per slab as the rest holds; used on CUDA, for the moments of one pair (not cross moments),
 // where a sample's patches are at least twice its gradient, the chunk holds the whole batch and
 // a slab's positions K >= 6 O I / (O + I) (factor traffic >= 3x the accumulator's).
 // GRADVAR_EXT_CONV_SLABS=k (k >= 1) forces slabs of at most k rows on any device (the CPU tests
@@ -170,7 +174,9 @@ SlabPlan slab_plan(const Factors& X, const Factors& G) {
   const int64_t rows_total = X.positions / X.slab_width;
   if (!forced && rows_total * row < 2 * gradient) return {};
   const int64_t forced_budget = forced_chunk_bytes();
-  const int64_t budget = forced_budget > 0 ? forced_budget : kGpuChunkBytes;
+  const int64_t whole_batch = X.samples * (gradient + rows_total * row);  // all gradients and patches at once
+  const int64_t budget = forced_budget > 0 ? forced_budget
+                                           : std::clamp<int64_t>(whole_batch / 2, kLeastChunkBytes, kGpuChunkBytes);
   const int64_t samples = std::clamp<int64_t>(budget / 2 / gradient, 1, X.samples);
   const int64_t rows = std::clamp<int64_t>((budget - samples * gradient) / (samples * row), 1, rows_total);
   if (forced) return {samples, std::min(forced_rows, rows_total), budget};

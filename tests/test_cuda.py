@@ -591,7 +591,7 @@ def test_cuda_default_moment_path_by_positions(dtype, monkeypatch):
 @pytest.mark.parametrize("op", ["linear_moments", "weighted_gradient_products"])
 def test_cuda_chunk_scratch_is_at_most_half_the_per_sample_gradients(op, monkeypatch):
     """The GPU's chunk budget (up to 32 MiB) is capped at half of what the whole batch would form
-    (at least 4 MiB): the sequence layer's [32, 128, 256] -> 256 per-sample gradients are 8 MiB,
+    (at least 1 MiB): the sequence layer's [32, 128, 256] -> 256 per-sample gradients are 8 MiB,
     all of which fit 32 MiB, so without the cap the call would hold them all at once, as much as
     torch.func does (csrc/outer_product_stats.cpp chunk_bytes)."""
     monkeypatch.setenv("GRADVAR_EXT_FUSED_CUDA", "0")  # the chunked path (T = 128 takes it anyway)

@@ -188,14 +188,15 @@ def test_cpu_chunk_rule(n, t, features, scratch_mib, monkeypatch):
     [
         (32, 4, 1024, "float64", 16 * 8),  # 8 MiB a sample: 16 samples a chunk (128 MiB, the cap)
         (24, 4, 1024, "float64", 12 * 8),  # ... but at most half the batch
-        (64, 16, 256, "float32", 8),  # 0.25 MiB a sample: half the batch, 8 MiB (within 4-32 MiB)
-        (16, 16, 256, "float32", 4),  # half the batch is 2 MiB: the 4 MiB floor (all 16 samples)
+        (64, 16, 256, "float32", 8),  # 0.25 MiB a sample: half the batch, 8 MiB (within 1-32 MiB)
+        (16, 16, 256, "float32", 2),  # half the batch, 2 MiB (the floor was 4 MiB: all 16 samples)
+        (3, 16, 256, "float32", 0.75),  # 0.75 MiB for the batch: below the 1 MiB floor, all of it
     ],
 )
 def test_gpu_chunk_rule_on_the_cpu(n, t, features, dtype, scratch_mib, monkeypatch):
     """GRADVAR_EXT_CHUNK_MIB=gpu: the GPU's chunk rule (csrc/outer_product_stats.cpp chunk_bytes)
     on the CPU: chunks of at least 16 samples where one forms more than 2 MiB (up to 128 MiB, at
-    most half the batch), else half the batch within 4-32 MiB. The chunked moments' scratch is the
+    most half the batch), else half the batch within 1-32 MiB. The chunked moments' scratch is the
     chunk's per-sample gradients; same values as in 1 MiB chunks."""
     scratch, per_sample = _linear_moments_scratch_mib(n, t, features, dtype, "gpu", monkeypatch)
     assert scratch_mib - per_sample <= scratch <= scratch_mib + 0.5, (scratch, scratch_mib)
