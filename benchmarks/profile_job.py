@@ -10,9 +10,14 @@ launch-bound proxy) and the top ops by self time (CUDA: device time; CPU: host t
 benchmark sizes the GPU jobs are bound by launches and the host's dispatch, so the kernel count
 is what to cut (benchmarks/RESULTS.md).
 
---memory (CUDA): one more call with the allocator's history recorded, then what was alive at the
-call's peak, by where it was allocated (the innermost Python frame outside torch's package, and
-the innermost frame): what to cut when a method's peak is above another's.
+--memory: one more call, then where its memory peaks: what to cut when a method's peak is above
+another's. CUDA: the allocator's history recorded, what was alive at the call's peak, by where it
+was allocated (the innermost Python frame outside torch's package, and the innermost frame).
+CPU: the profiler's allocation events (the benchmark's peak), the ops running at the peak and the
+large allocations inside the outermost one. With GRADVAR_EXT_CHUNK_MIB=gpu,
+GRADVAR_EXT_CONV_ALGORITHM=unfold and GRADVAR_EXT_CONV_SLABS=auto the CPU runs a GPU's chunks,
+conv path and slabs: on the benchmark CNN's job (b) it read 155.8 MB where the H100 measured
+156.8 (thirty-first session).
 
 Backends as bench_variance.py's workers set them: true float32, cuDNN's TF32 off (which picks
 other cuDNN algorithms, with other workspaces: the twenty-first session's profile, TF32 on,
@@ -124,6 +129,47 @@ def print_memory_at_peak(call, label: str, top: int) -> None:
         print(f"{size / 2**20:8.2f} MB in {count:3d} blocks: {site}")
 
 
+def print_cpu_memory_at_peak(call, label: str, top: int) -> None:
+    """One more call under the profiler with its allocation events (bench_variance.cpu_peak_bytes's
+    peak): the ops running at the peak, and the allocations of at least 256 KiB (+) and frees (-)
+    inside the outermost ATen / gradvar op running then, each with the live total after it and
+    the innermost op that made it. The events carry no address, so what is alive at the peak is
+    read from that sequence, not listed block by block as on CUDA."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events = list(prof.profiler.kineto_results.events())
+    ops = [e for e in events if e.name() != "[memory]"]
+    allocations = sorted(
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    )
+    live, after = 0, []
+    for _, nbytes in allocations:
+        live += nbytes
+        after.append(live)
+    peak = max(after, default=0)
+    print(f"\n## memory, {label}: {peak / 2**20:.2f} MB of tensors allocated during the call at its peak")
+    if peak <= 0:
+        return
+    # the first moment within 64 KiB of the peak: the large allocation that made it, not a scalar's after it
+    peak_ns = next(start for (start, _), total in zip(allocations, after) if total >= peak - (64 << 10))
+
+    def running(ns: int) -> list:
+        return sorted((e for e in ops if e.start_ns() <= ns <= e.end_ns()), key=lambda e: (e.start_ns(), -e.end_ns()))
+
+    at_peak = running(peak_ns)
+    print("running at the peak:", " > ".join(e.name() for e in at_peak) or "(no op)")
+    outer = next((e for e in at_peak if e.name().startswith(("aten::", "gradvar::"))), None)
+    if outer is None:
+        return
+    print(f"allocations of 256 KiB or more inside {outer.name()} (MB, live after):")
+    shown = 0
+    for (start, nbytes), total in zip(allocations, after):
+        if outer.start_ns() <= start <= outer.end_ns() and abs(nbytes) >= 256 << 10 and shown < 2 * top:
+            inner = running(start)
+            print(f"{nbytes / 2**20:+9.2f} {total / 2**20:9.2f}  {inner[-1].name() if inner else ''}")
+            shown += 1
+
+
 def profile_one(workload: str, method: str, device: str, job: str, top: int, memory: bool = False) -> None:
     model, x, y, lossfunc = bv.make_workload(workload, device)
     fn = bv.method_function(method)
@@ -131,7 +177,7 @@ def profile_one(workload: str, method: str, device: str, job: str, top: int, mem
     with bv.environment(bv.method_environment(method)):
         _profile(call, label, device, top)
         if memory:  # the same warm model
-            print_memory_at_peak(call, label, top)
+            (print_memory_at_peak if device == "cuda" else print_cpu_memory_at_peak)(call, label, top)
 
 
 def _profile(call, label: str, device: str, top: int) -> None:
@@ -163,11 +209,9 @@ def main() -> int:
     parser.add_argument("--workloads", nargs="+", default=["mlp", "cnn", "seq"])
     parser.add_argument("--methods", nargs="+", default=["gradvar", "torch.func"])
     parser.add_argument("--top", type=int, default=12, help="rows of the op table")
-    parser.add_argument("--memory", action="store_true", help="CUDA: what is alive at each call's peak")
+    parser.add_argument("--memory", action="store_true", help="where each call's memory peaks (CUDA: what is alive)")
     parser.add_argument("--tf32", action="store_true", help="keep PyTorch's TF32 defaults (not the benchmark's)")
     args = parser.parse_args()
-    if args.memory and args.device != "cuda":
-        parser.error("--memory reads the CUDA allocator's history: use it with --device cuda")
     if not args.tf32:
         bv.exact_float32()
     print(bv.machine(args.device), "(cuDNN TF32 allowed)" if args.tf32 else "(true float32: cuDNN TF32 off)")

@@ -1,6 +1,7 @@
 """The benchmarks' helpers: profile_job.py's replay of a CUDA allocator trace (--memory), on made-up
 traces (the peak and what was alive at it, by allocation site; the CUDA run itself needs a GPU),
-and bench_variance.py's environments (a method's knobs, the shell's, the machine record)."""
+its CPU peak from the profiler's allocation events, and bench_variance.py's environments (a
+method's knobs, the shell's, the machine record)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,25 @@ def test_live_at_peak_of_an_empty_trace_is_zero():
     assert profile_job.live_at_peak([]) == (0, [])
     assert profile_job._site([]) == "(no Python frame)"
     assert profile_job._site([TORCH_FRAME]) == "functional.py:5 conv2d"  # no frame of ours: the innermost
+
+
+def test_cpu_memory_at_peak_names_the_op_and_its_allocations(capsys):
+    """--memory on the CPU: the peak of one call's live tensor bytes (4 + 2 MiB here: x * 2 while
+    x is alive, then x freed), the op running at it, and the large allocations inside that op."""
+    x = torch.ones(1024, 1024)
+
+    def call():
+        y = torch.ones(1024, 1024)  # 4 MiB
+        z = (x + y).mul_(2)  # 4 MiB more: the peak, 8 MiB
+        del y
+        return z.sum()
+
+    call()
+    profile_job.print_cpu_memory_at_peak(call, "made-up", top=4)
+    out = capsys.readouterr().out
+    assert "## memory, made-up: 8.00 MB of tensors allocated during the call at its peak" in out
+    assert "running at the peak: aten::add" in out
+    assert "allocations of 256 KiB or more inside aten::add (MB, live after):\n    +4.00      8.00" in out
 
 
 def test_benchmark_environment_puts_back_what_the_shell_set(monkeypatch):
