@@ -431,20 +431,18 @@ void apply_weighted_gradients(const GradientChunks& g, const at::Tensor& W, cons
 
 // out_n = Z_n h_n (transposed: Z_n h_n^T) -> sink as [n * groups, T, features], or positions last
 // [n * groups, features, T]; `reuse`, when given, already holds Z's chunk. Written straight into
-// the sink's view when it has one, else into a buffer kept across chunks.
+// the sink's view when it has one, else into a buffer of the chunk's own, let go once the sink
+// has it (so that it can take the memory of the factors' chunk let go before it: apply_weighted).
 static WeightedConsumer multiply_by_factors(const Factors& Z, const at::Tensor* reuse, const Sink& sink,
                                             bool transposed, int64_t features, bool positions_last) {
   const int64_t groups = Z.groups, T = Z.positions;
-  auto buf = std::make_shared<at::Tensor>();
   return WeightedConsumer{
       (sink.into ? 0 : groups * T * features) + (reuse != nullptr ? 0 : formed(Z)),
-      [Z, reuse, &sink, transposed, features, positions_last, groups, T, buf](int64_t start, int64_t n,
-                                                                              const at::Tensor& h) {
-        if (!sink.into && (!buf->defined() || buf->size(0) < n * groups)) {
-          *buf = positions_last ? at::empty({n * groups, features, T}, Z.options)
-                                : at::empty({n * groups, T, features}, Z.options);
-        }
-        auto out = sink.into ? sink.into(start, n) : buf->narrow(0, 0, n * groups);
+      [Z, reuse, &sink, transposed, features, positions_last, groups, T](int64_t start, int64_t n,
+                                                                         const at::Tensor& h) {
+        at::Tensor out = sink.into                ? sink.into(start, n)
+                         : positions_last ? at::empty({n * groups, features, T}, Z.options)
+                                          : at::empty({n * groups, T, features}, Z.options);
         const auto Zc = reuse != nullptr ? *reuse : Z.chunk(start, n);
         const auto hz = transposed ? h.transpose(1, 2) : h;  // [.., Z's features, features]
         if (positions_last) {
@@ -516,16 +514,29 @@ static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P
   }
 #endif
   // T > 1: h_n = Q_n^T P_n by bmm; the chunks of Q and P are kept for Z and Z2 when they are the
-  // same factors (formed once); then one bmm per product.
+  // same factors (formed once); then one bmm per product. The products that read a kept chunk go
+  // first, then the chunk is let go, then the others, whose buffers (col2im's columns) can take
+  // its memory: a conv's unfolded patches and the columns of its product towards the input are
+  // the same size, and until the thirty-first session both were alive (the benchmark CNN's job
+  // (b) under the GPU's rule: 2 x 18 MB a chunk of 16 samples at the peak; now 18).
   at::Tensor p_chunk, q_chunk;
-  const auto h = outer_products(P, Q, &p_chunk, &q_chunk);
-  std::vector<WeightedConsumer> consumers{
-      multiply_by_factors(Z, &Z == &Q ? &q_chunk : nullptr, sink, /*transposed=*/false, b, positions_last)};
+  const bool z_reuses = &Z == &Q, z2_reuses = Z2 != nullptr && Z2 == &P;
+  const auto h = outer_products(P, Q, z2_reuses ? &p_chunk : nullptr, z_reuses ? &q_chunk : nullptr);
+  std::vector<WeightedConsumer> reading, others;
+  (z_reuses ? reading : others)
+      .push_back(multiply_by_factors(Z, z_reuses ? &q_chunk : nullptr, sink, /*transposed=*/false, b, positions_last));
   if (Z2 != nullptr) {
-    consumers.push_back(
-        multiply_by_factors(*Z2, Z2 == &P ? &p_chunk : nullptr, *sink2, /*transposed=*/true, a, positions_last));
+    (z2_reuses ? reading : others)
+        .push_back(
+            multiply_by_factors(*Z2, z2_reuses ? &p_chunk : nullptr, *sink2, /*transposed=*/true, a, positions_last));
   }
-  apply_weighted_gradients(h, W, center, consumers);
+  const WeightedConsumer let_go{0, [&p_chunk, &q_chunk](int64_t, int64_t, const at::Tensor&) {
+                                  p_chunk.reset();
+                                  q_chunk.reset();
+                                }};
+  reading.push_back(let_go);
+  reading.insert(reading.end(), others.begin(), others.end());
+  apply_weighted_gradients(h, W, center, reading);
 }
 
 void weighted_outer_product_apply(const Factors& Z, const Factors& P, const Factors& Q, const at::Tensor& W,
