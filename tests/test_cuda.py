@@ -633,6 +633,34 @@ def test_cuda_chunk_holds_sixteen_samples_of_large_gradients(monkeypatch):
     assert 15 * 8 <= scratch_mb <= 16 * 8 + 1, scratch_mb
 
 
+def test_cuda_conv_products_hold_one_block_of_patches_a_chunk(monkeypatch):
+    """Both backward products of the benchmark CNN's 32 -> 64 conv at 32x32 (N = 64, float32,
+    unfolded: CUDA's default) under the GPU's rule: chunks of 16 samples (2.4 MB of scratch
+    counted a sample), of which one block of unfolded patches (18 MiB) is alive at a time, the
+    columns towards the input taking its memory (csrc/outer_product_stats.cpp apply_weighted).
+    Until the thirty-first session: the previous chunk's patches, this chunk's and the columns,
+    54 MiB (counted on the CPU under GRADVAR_EXT_CHUNK_MIB=gpu; test_memory.py has the CPU's twin)."""
+    for name in ("GRADVAR_EXT_CONV_ALGORITHM", "GRADVAR_EXT_CHUNK_MIB", "GRADVAR_EXT_CONV_SLABS"):
+        monkeypatch.delenv(name, raising=False)
+    torch.manual_seed(41)
+    x = torch.randn(64, 32, 32, 32, device="cuda")
+    go = torch.randn(64, 64, 32, 32, device="cuda")
+    weight, center = torch.randn(64, 32, 3, 3, device="cuda"), torch.randn(64, 32, 3, 3, device="cuda")
+    conv = ([3, 3], [1, 1], [1, 1], [1, 1], 1)
+    run = lambda: torch.ops.gradvar.conv2d_weighted_gradient_products(go, x, x, go, weight, center, *conv)  # noqa: E731
+    expected = run()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = run()
+    torch.cuda.synchronize()
+    scratch_mib = (torch.cuda.max_memory_allocated() - base - (x.numel() + go.numel()) * 4) / 2**20
+    patches_mib = 16 * 32 * 9 * 32 * 32 * 4 / 2**20  # 18 MiB: 16 samples' [1024, 288] patches
+    assert patches_mib <= scratch_mib <= patches_mib + 4, scratch_mib
+    for got, want in zip(out, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("n,fan_in,fan_out", [(128, 784, 512), (128, 512, 512), (32, 784, 10)])
 def test_cuda_fused_walk_partials_stay_within_its_factors(n, fan_in, fan_out, monkeypatch):
     """The fused walk splits the samples over blocks only as far as the splits' partials take no
