@@ -138,11 +138,11 @@ GradientChunks outer_products(const Factors& X, const Factors& G, at::Tensor* x_
 // each baddbmm reads and writes the accumulated [n, O, I] (2 O I per sample) besides its K
 // positions of factors (K (O + I)), and slabs of K = 64-224 ran 1.05-1.5x slower than chunks of
 // samples (64 -> 64 channels at 16x16, float32 and float64; float64 32 -> 64: K = 160, level).
-// Plan: the budget the GPU's (32 MiB, at most half of what the whole batch's gradients and
-// patches take, at least 1 MiB: since the thirty-first session, when the seed's MNIST CNN's
-// moments on a GPU held all 1.8 MB of its patches in one slab), samples per chunk such that
-// their gradients take at most half of it, then as many rows per slab as the rest holds; used on CUDA, for the moments of one pair (not cross moments),
-// where a sample's patches are at least twice its gradient, the chunk holds the whole batch and
+// Plan: the budget the GPU's 32 MiB, at most half of what the whole batch's gradients and
+// patches take, at least 1 MiB (the half since the thirty-first session: the seed's MNIST CNN's
+// moments on a GPU held all 1.8 MB of its patches in one slab); samples per chunk such that
+// their gradients take at most half of it, then as many rows per slab as the rest holds. Used
+// on CUDA, for the moments of one pair (not cross moments), where a sample's patches are at least twice its gradient, the chunk holds the whole batch and
 // a slab's positions K >= 6 O I / (O + I) (factor traffic >= 3x the accumulator's).
 // GRADVAR_EXT_CONV_SLABS=k (k >= 1) forces slabs of at most k rows on any device (the CPU tests
 // run it), =0 turns them off, =auto applies CUDA's rule on any device (the CPU tests check it).
@@ -440,9 +440,9 @@ static WeightedConsumer multiply_by_factors(const Factors& Z, const at::Tensor* 
       (sink.into ? 0 : groups * T * features) + (reuse != nullptr ? 0 : formed(Z)),
       [Z, reuse, &sink, transposed, features, positions_last, groups, T](int64_t start, int64_t n,
                                                                          const at::Tensor& h) {
-        at::Tensor out = sink.into                ? sink.into(start, n)
-                         : positions_last ? at::empty({n * groups, features, T}, Z.options)
-                                          : at::empty({n * groups, T, features}, Z.options);
+        const std::vector<int64_t> shape = positions_last ? std::vector<int64_t>{n * groups, features, T}
+                                                          : std::vector<int64_t>{n * groups, T, features};
+        at::Tensor out = sink.into ? sink.into(start, n) : at::empty(shape, Z.options);
         const auto Zc = reuse != nullptr ? *reuse : Z.chunk(start, n);
         const auto hz = transposed ? h.transpose(1, 2) : h;  // [.., Z's features, features]
         if (positions_last) {
@@ -517,8 +517,9 @@ static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P
   // same factors (formed once); then one bmm per product. The products that read a kept chunk go
   // first, then the chunk is let go, then the others, whose buffers (col2im's columns) can take
   // its memory: a conv's unfolded patches and the columns of its product towards the input are
-  // the same size, and until the thirty-first session both were alive (the benchmark CNN's job
-  // (b) under the GPU's rule: 2 x 18 MB a chunk of 16 samples at the peak; now 18).
+  // the same size. Until the thirty-first session both were alive at once, and the previous
+  // chunk's patches too (outer_products): 3 x 18 MB at the benchmark CNN's job (b) peak under the
+  // GPU's rule (chunks of 16 samples), now one.
   at::Tensor p_chunk, q_chunk;
   const bool z_reuses = &Z == &Q, z2_reuses = Z2 != nullptr && Z2 == &P;
   const auto h = outer_products(P, Q, z2_reuses ? &p_chunk : nullptr, z_reuses ? &q_chunk : nullptr);
