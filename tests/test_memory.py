@@ -1,7 +1,9 @@
 """Memory of the fast paths against batch size N (not a timed test).
 
 Each measurement runs in a fresh interpreter and reads the process's peak resident memory
-(ru_maxrss) around one call, so the number is what the call adds on top of its inputs. The
+around one call (Linux: the peak reset to the current RSS just before it, /proc/self/clear_refs;
+else ru_maxrss, which an earlier spike at start-up could hide: the grouped conv path once read
+1.8 MB at N = 32 where it adds 13.9), so the number is what the call adds on top of its inputs. The
 per-sample gradients of these layers are hundreds of MB at N = 512: materialising them would show.
 - the statistic itself: extra memory stays flat in N (the chunk budget, at most 4 MiB on the CPU, plus the result);
 - its backward returns input-sized gradients, which must grow with N: the growth stays within a
@@ -24,23 +26,34 @@ MEASURE = textwrap.dedent(
     import json, resource, sys, torch, gradvar_ext
     torch.set_num_threads(1)
     kind, n, part = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    def peak_mb():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    def status_mb(field):  # VmRSS (now) or VmHWM (the peak since the last reset)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 2**10
+    def reset_peak():  # Linux: the peak back to the current RSS; else (None) the process's peak so far
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return status_mb("VmRSS")
+        except OSError:
+            return None
+    def peak_mb(reset):
+        return status_mb("VmHWM") if reset is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     if kind == "linear":   # Linear(512, 512) on [N, 4, 512]: per-sample gradients 1 MB each
         x = torch.randn(n, 4, 512, requires_grad=True); go = torch.randn(n, 4, 512, requires_grad=True)
         run = lambda: torch.ops.gradvar.linear_variance(x, go)
     else:                  # Conv2d(128, 128, 3, padding=1) on 8x8: per-sample gradients 0.6 MB each
         x = torch.randn(n, 128, 8, 8, requires_grad=True); go = torch.randn(n, 128, 8, 8, requires_grad=True)
         run = lambda: torch.ops.gradvar.conv2d_variance(x, go, [3, 3], [1, 1], [1, 1], [1, 1], 1)
+    if part != "forward":
+        var = run()
+    reset = reset_peak()
+    before = reset if reset is not None else peak_mb(None)
     if part == "forward":
-        before = peak_mb()
         var = run()
     else:
-        var = run()
-        before = peak_mb()
         torch.autograd.grad(var.sum(), (x, go))
     print(json.dumps({
-        "extra_mb": peak_mb() - before,
+        "extra_mb": peak_mb(reset) - before,
         "per_sample_grads_mb": n * var.numel() * 4 / 2**20,
         "inputs_mb": (x.numel() + go.numel()) * 4 / 2**20,
     }))
