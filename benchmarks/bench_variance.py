@@ -290,23 +290,28 @@ def method_environment(method: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- one measurement (child process)
-def cpu_peak_bytes(fn) -> int:
-    """Peak of live tensor bytes that one call of fn adds, from the profiler's allocation events
-    (+size at malloc, -size at free, every allocation of ATen's CPU allocator in time order).
-    Exact where RSS is not: no allocator caching, no earlier high-water mark, no one-time
-    initialisation (fn is warm). Memory that bypasses ATen's allocator (BLAS / oneDNN internal
-    buffers) is not seen."""
+def cpu_allocations(fn) -> tuple[list, list]:
+    """One call of fn under the profiler with its allocation events: all its events, and
+    (start ns, +size at malloc / -size at free) of every allocation of ATen's CPU allocator, in
+    time order."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    events = list(prof.profiler.kineto_results.events())
+    allocations = sorted(
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
     )
+    return events, allocations
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Peak of live tensor bytes that one call of fn adds, from the profiler's allocation events
+    (cpu_allocations). Exact where RSS is not: no allocator caching, no earlier high-water mark,
+    no one-time initialisation (fn is warm). Memory that bypasses ATen's allocator (BLAS / oneDNN
+    internal buffers) is not seen."""
     live = peak = 0
-    for _, nbytes in events:
+    for _, nbytes in cpu_allocations(fn)[1]:
         live += nbytes
         peak = max(peak, live)
     return peak

@@ -130,18 +130,13 @@ def print_memory_at_peak(call, label: str, top: int) -> None:
 
 
 def print_cpu_memory_at_peak(call, label: str, top: int) -> None:
-    """One more call under the profiler with its allocation events (bench_variance.cpu_peak_bytes's
-    peak): the ops running at the peak, and the allocations of at least 256 KiB (+) and frees (-)
-    inside the outermost ATen / gradvar op running then, each with the live total after it and
-    the innermost op that made it. The events carry no address, so what is alive at the peak is
-    read from that sequence, not listed block by block as on CUDA."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
-    events = list(prof.profiler.kineto_results.events())
+    """One more call under the profiler with its allocation events (bench_variance.cpu_allocations,
+    whose peak the benchmark reports): the ops running at the peak, and the allocations of at
+    least 256 KiB (+) and frees (-) inside the outermost ATen / gradvar op running then, each with
+    the live total after it and the innermost op that made it. The events carry no address, so
+    what is alive at the peak is read from that sequence, not listed block by block as on CUDA."""
+    events, allocations = bv.cpu_allocations(call)
     ops = [e for e in events if e.name() != "[memory]"]
-    allocations = sorted(
-        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
-    )
     live, after = 0, []
     for _, nbytes in allocations:
         live += nbytes
