@@ -45,11 +45,17 @@ constexpr int64_t kGpuChunkBytes = int64_t(32) << 20, kGpuMostChunkBytes = int64
 constexpr int64_t kGpuFewestChunkSamples = 16;
 constexpr int64_t kGpuChunkRule = -1;  // forced_chunk_bytes() for GRADVAR_EXT_CHUNK_MIB=gpu
 
+// Half of what the whole batch would form (batch_bytes), within kLeastChunkBytes and `most`.
+int64_t half_the_batch(int64_t batch_bytes, int64_t most) {
+  return std::clamp<int64_t>(batch_bytes / 2, kLeastChunkBytes, most);
+}
+
 int64_t chunk_bytes(const at::TensorOptions& options, int64_t sample_bytes, int64_t samples, bool gpu_rule) {
-  const int64_t half_batch = sample_bytes * samples / 2;
-  if (options.device().is_cpu() && !gpu_rule) return std::clamp(half_batch, kLeastChunkBytes, kCpuChunkBytes);
-  const int64_t several_samples = std::min({kGpuFewestChunkSamples * sample_bytes, kGpuMostChunkBytes, half_batch});
-  return std::max(std::clamp<int64_t>(half_batch, kLeastChunkBytes, kGpuChunkBytes), several_samples);
+  const int64_t batch_bytes = sample_bytes * samples;
+  if (options.device().is_cpu() && !gpu_rule) return half_the_batch(batch_bytes, kCpuChunkBytes);
+  const int64_t several_samples =
+      std::min({kGpuFewestChunkSamples * sample_bytes, kGpuMostChunkBytes, batch_bytes / 2});
+  return std::max(half_the_batch(batch_bytes, kGpuChunkBytes), several_samples);
 }
 
 int64_t forced_chunk_bytes() {  // GRADVAR_EXT_CHUNK_MIB in bytes, 0 when unset, kGpuChunkRule for "gpu"
@@ -175,8 +181,7 @@ SlabPlan slab_plan(const Factors& X, const Factors& G) {
   if (!forced && rows_total * row < 2 * gradient) return {};
   const int64_t forced_budget = forced_chunk_bytes();
   const int64_t whole_batch = X.samples * (gradient + rows_total * row);  // all gradients and patches at once
-  const int64_t budget = forced_budget > 0 ? forced_budget
-                                           : std::clamp<int64_t>(whole_batch / 2, kLeastChunkBytes, kGpuChunkBytes);
+  const int64_t budget = forced_budget > 0 ? forced_budget : half_the_batch(whole_batch, kGpuChunkBytes);
   const int64_t samples = std::clamp<int64_t>(budget / 2 / gradient, 1, X.samples);
   const int64_t rows = std::clamp<int64_t>((budget - samples * gradient) / (samples * row), 1, rows_total);
   if (forced) return {samples, std::min(forced_rows, rows_total), budget};
