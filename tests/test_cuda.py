@@ -588,6 +588,18 @@ def test_cuda_default_moment_path_by_positions(dtype, monkeypatch):
         assert torch.equal(cross, call("linear_cross_moment", x, g, 2 * x, g)), (n, t, fan_out, "cross")
 
 
+def _result_and_peak_mib(run):
+    """run() once to warm up (cuBLAS's workspace, the allocator's blocks), then again: that call's
+    result and how many MiB the allocator's peak rose above what was allocated before it."""
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = run()
+    torch.cuda.synchronize()
+    return out, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 @pytest.mark.parametrize("op", ["linear_moments", "weighted_gradient_products"])
 def test_cuda_chunk_scratch_is_at_most_half_the_per_sample_gradients(op, monkeypatch):
     """The GPU's chunk budget (up to 32 MiB) is capped at half of what the whole batch would form
@@ -601,13 +613,8 @@ def test_cuda_chunk_scratch_is_at_most_half_the_per_sample_gradients(op, monkeyp
     w = torch.randn(features, features, device="cuda")
     args = (x, g) if op == "linear_moments" else (g, x, x, g, w, w)
     results_mb = (2 * features * features if op == "linear_moments" else 2 * n * t * features) * 4 / 2**20
-    getattr(torch.ops.gradvar, op)(*args)  # warm-up: cuBLAS workspace
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = getattr(torch.ops.gradvar, op)(*args)
-    torch.cuda.synchronize()
-    scratch_mb = (torch.cuda.max_memory_allocated() - base) / 2**20 - results_mb
+    out, peak_mb = _result_and_peak_mib(lambda: getattr(torch.ops.gradvar, op)(*args))
+    scratch_mb = peak_mb - results_mb
     per_sample_grads_mb = n * features * features * 4 / 2**20  # 8 MiB
     assert scratch_mb <= per_sample_grads_mb / 2 + 0.5, (scratch_mb, out[0].shape)
 
@@ -623,13 +630,7 @@ def test_cuda_chunk_holds_sixteen_samples_of_large_gradients(monkeypatch):
     x = torch.randn(n, t, features, device="cuda", dtype=torch.float64)
     g = torch.randn(n, t, features, device="cuda", dtype=torch.float64)
     results_mb = 2 * features * features * 8 / 2**20  # moment and sum
-    torch.ops.gradvar.linear_moments(x, g)  # warm-up: cuBLAS workspace
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    torch.ops.gradvar.linear_moments(x, g)
-    torch.cuda.synchronize()
-    scratch_mb = (torch.cuda.max_memory_allocated() - base) / 2**20 - results_mb
+    scratch_mb = _result_and_peak_mib(lambda: torch.ops.gradvar.linear_moments(x, g))[1] - results_mb
     assert 15 * 8 <= scratch_mb <= 16 * 8 + 1, scratch_mb
 
 
@@ -648,13 +649,9 @@ def test_cuda_conv_products_hold_one_block_of_patches_a_chunk(monkeypatch):
     weight, center = torch.randn(64, 32, 3, 3, device="cuda"), torch.randn(64, 32, 3, 3, device="cuda")
     conv = ([3, 3], [1, 1], [1, 1], [1, 1], 1)
     run = lambda: torch.ops.gradvar.conv2d_weighted_gradient_products(go, x, x, go, weight, center, *conv)  # noqa: E731
-    expected = run()  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = run()
-    torch.cuda.synchronize()
-    scratch_mib = (torch.cuda.max_memory_allocated() - base - (x.numel() + go.numel()) * 4) / 2**20
+    expected = run()
+    out, peak_mib = _result_and_peak_mib(run)
+    scratch_mib = peak_mib - (x.numel() + go.numel()) * 4 / 2**20
     patches_mib = 16 * 32 * 9 * 32 * 32 * 4 / 2**20  # 18 MiB: 16 samples' [1024, 288] patches
     assert patches_mib <= scratch_mib <= patches_mib + 4, scratch_mib
     for got, want in zip(out, expected, strict=True):
@@ -672,26 +669,21 @@ def test_cuda_fused_walk_partials_stay_within_its_factors(n, fan_in, fan_out, mo
         monkeypatch.delenv(name, raising=False)
     x = torch.randn(n, fan_in, device="cuda")
     g = torch.randn(n, fan_out, device="cuda")
-    results = 2 * fan_out * fan_in * 4  # moment and sum, float32
+    results_mib = 2 * fan_out * fan_in * 4 / 2**20  # moment and sum, float32
 
-    def moments_and_scratch():
-        torch.ops.gradvar.linear_moments(x, g)  # warm-up
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = torch.ops.gradvar.linear_moments(x, g)
-        torch.cuda.synchronize()
-        return out, torch.cuda.max_memory_allocated() - base - results
+    def moments_and_scratch_mib():
+        out, peak_mib = _result_and_peak_mib(lambda: torch.ops.gradvar.linear_moments(x, g))
+        return out, peak_mib - results_mib
 
-    out, scratch = moments_and_scratch()
-    assert scratch <= n * (fan_in + fan_out) * 4, scratch
+    out, scratch = moments_and_scratch_mib()
+    assert scratch <= n * (fan_in + fan_out) * 4 / 2**20, scratch
     monkeypatch.setenv("GRADVAR_EXT_FUSED_PARTIALS_MIB", "64")
-    before, scratch_before = moments_and_scratch()
+    before, scratch_before = moments_and_scratch_mib()
     for part, part_before in zip(out, before):
         torch.testing.assert_close(part, part_before, rtol=1e-5, atol=1e-5)
     tiles = -(-fan_in // 128) * -(-fan_out // 128)  # 128 x 128 float32 tiles
     if torch.cuda.get_device_properties(0).multi_processor_count // tiles >= 2:  # the old rule split it
-        assert scratch_before >= 2 * results > scratch, (scratch_before, scratch)
+        assert scratch_before >= 2 * results_mib > scratch, (scratch_before, scratch)
     monkeypatch.setenv("GRADVAR_EXT_FUSED_PARTIALS_MIB", "lots")
     with pytest.raises(ValueError, match="GRADVAR_EXT_FUSED_PARTIALS_MIB must be a whole number of MiB from 1 to"):
         torch.ops.gradvar.linear_moments(x, g)
@@ -708,13 +700,9 @@ def test_cuda_float64_conv_moments_scratch_stays_within_128_mib(monkeypatch):
     for n in (256, 512):
         x = torch.randn(n, 32, 32, 32, device="cuda", dtype=torch.float64)
         go = torch.randn(n, 64, 32, 32, device="cuda", dtype=torch.float64)
-        torch.ops.gradvar.conv2d_variance(x, go, [3, 3], [1, 1], [1, 1], [1, 1], 1)  # warm-up
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        torch.ops.gradvar.conv2d_variance(x, go, [3, 3], [1, 1], [1, 1], [1, 1], 1)
-        torch.cuda.synchronize()
-        scratch[n] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        scratch[n] = _result_and_peak_mib(
+            lambda x=x, go=go: torch.ops.gradvar.conv2d_variance(x, go, [3, 3], [1, 1], [1, 1], [1, 1], 1)
+        )[1]
         del x, go
     assert scratch[256] <= 129 and abs(scratch[512] - scratch[256]) <= 8, scratch
 
