@@ -433,15 +433,55 @@ def standing_rows(workload: str, rows: list[dict]) -> list[str]:
     ]
 
 
-def machine(device: str) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+def cpu_fields(path: str = "/proc/cpuinfo") -> dict:
+    """/proc/cpuinfo's model name, and its family / model / stepping: "AMD EPYC" alone names
+    generations as far apart as the 2-core VMs of this project's runs (the thirty-second
+    session's, family 25 model 1, AVX2, ~125 GFLOP/s float32 GEMM on 2 threads; earlier sessions'
+    oneDNN convolutions ran at ~340, which takes AVX-512)."""
+    fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
+        with open(path) as f:
+            for line in f:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key in ("model name", "cpu family", "model", "stepping") and key not in fields:
+                    fields[key] = value
+                if not key:  # the first processor's block ends
+                    break
+    except OSError:
+        pass
+    info = {"cpu": fields.get("model name") or platform.processor()}
+    if "cpu family" in fields:
+        info["cpu_id"] = " ".join(
+            f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields
+        )
+    return info
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
+    """float32 GEMM throughput of this CPU now, GFLOP/s (best of `repeats` [size, size] products,
+    ~0.1 s): the CPU jobs are FLOP-bound, so their times only compare between runs whose machines
+    read alike (a slow hour of a VM shows here too)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return round(2 * size**3 / best / 1e9, 1)
+
+
+def machine(device: str) -> dict:
+    """What the run was measured on: Python, torch, threads, the CPU (model, family / model /
+    stepping, the vector instructions PyTorch's CPU kernels use, its GEMM rate now) or the GPU,
+    and the environment variables that change what a run measures."""
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    info.update(cpu_fields())
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", ...
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+    else:
+        info["cpu_matmul_gflops"] = matmul_gflops()
     info["environment"] = measured_environment()
     return info
 

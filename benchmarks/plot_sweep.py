@@ -36,7 +36,8 @@ def plot(path: str) -> str:
     with open(path) as f:
         results = json.load(f)
     machine = results.get("machine", {})
-    where = machine.get("gpu") or f"{machine.get('cpu', 'CPU')}, {machine.get('threads', '?')} threads"
+    cpu = " ".join(filter(None, (machine.get("cpu", "CPU"), machine.get("cpu_capability"))))  # "AMD EPYC AVX2"
+    where = machine.get("gpu") or f"{cpu}, {machine.get('threads', '?')} threads"
     by_method = points(results)
     floor = {n: mb for n, _, mb in by_method.get("floor", [])}
     panels = 3 if floor else 2

@@ -183,6 +183,29 @@ def test_benchmark_chunk_methods_set_the_chunk_budget(monkeypatch):
     assert "HOME_OF_SOMETHING_ELSE" not in recorded
 
 
+def test_benchmark_records_the_cpu_it_ran_on(monkeypatch, tmp_path):
+    """bench_variance.machine: the CPU's name with its family / model / stepping (the name alone,
+    "AMD EPYC", did not tell apart two generations whose CNN ratios differ), the vector
+    instructions PyTorch uses and a GEMM rate read now (CPU runs only)."""
+    import bench_variance as bv
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+        "stepping\t: 1\n\nprocessor\t: 1\ncpu family\t: 99\nmodel\t\t: 99\n"
+    )
+    assert bv.cpu_fields(str(cpuinfo)) == {
+        "cpu": "AMD EPYC",
+        "cpu_id": "family 25 model 17 stepping 1",
+    }  # the first CPU's
+    rate = bv.matmul_gflops(size=64, repeats=2)
+    assert 0.01 < rate < 1e5  # a rate measured, not a constant
+    monkeypatch.setattr(bv, "matmul_gflops", lambda: 42.0)
+    info = bv.machine("cpu")
+    assert info["cpu"] == bv.cpu_fields()["cpu"] and info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["cpu_matmul_gflops"] == 42.0
+
+
 def test_benchmark_standing_against_the_fastest_and_leanest_peers():
     """bench_variance.standing: each of our methods against the fastest peer's time and the
     leanest peer's peak, among the peers that ran and matched the loop (an uninstalled BackPACK
