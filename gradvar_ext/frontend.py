@@ -27,6 +27,7 @@ every ReLU, LeakyReLU, Hardtanh / ReLU6 and (adaptive) max pooling layer does so
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 import weakref
@@ -140,7 +141,11 @@ class _Collector:
                 "backward per collect block (micro-batches: one block each)"
             )
         calls = self.records.pop(module)
-        with torch.set_grad_enabled(any(go.requires_grad for _, go in calls)):  # no create_graph: no graph kept
+        differentiable = any(go.requires_grad for _, go in calls)  # create_graph: the statistics join the graph
+        # Otherwise no graph is kept, and the ops run below autograd: their autograd wrappers (Python,
+        # torch.library's, 4-15 us a call) would only find that nothing needs a gradient.
+        below_autograd = contextlib.nullcontext() if differentiable else torch._C._AutoDispatchBelowAutograd()
+        with torch.set_grad_enabled(differentiable), below_autograd:
             data = layer_data(module, calls, self.loss_reduction)
             self.check_batch(module, data.input.shape[0])
             self.results[module] = statistics(module, data, [ext.savefield for ext in self.extensions])
