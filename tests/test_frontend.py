@@ -418,6 +418,35 @@ def test_results_without_create_graph_hold_no_graph():
             assert getattr(p, name).grad_fn is None and not getattr(p, name).requires_grad
 
 
+def test_statistics_without_create_graph_run_below_autograd(monkeypatch):
+    """Without create_graph nothing joins a graph, so the block calls the ops with autograd's
+    dispatch keys excluded: no autograd wrapper a call (torch.library's, in Python). Seen from
+    the op calls themselves; the values are those of the per-sample loop."""
+    from gradvar_ext import ops
+
+    calls, real = [], ops._ops
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*args):
+                excluded = torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality)
+                calls.append((name, excluded))
+                return getattr(real, name)(*args)
+
+            return call
+
+    monkeypatch.setattr(ops, "_ops", Spy())
+    model = gv.extend(nn.Sequential(nn.Linear(4, 3, bias=False), nn.Tanh(), nn.Linear(3, 2, bias=False)).double())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with gv.collect(gv.Variance(), gv.SumGradSquared()):
+        model(x).pow(2).sum().backward()
+    assert sorted(calls) == sorted([("linear_variance", True), ("linear_second_moment", True)] * 2)
+    grads = per_sample_grads(model, x, torch.zeros(5, 2, dtype=torch.float64), lambda out, _: out.pow(2).sum())
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.variance, g.var(0, unbiased=False), **TOL[torch.float64])
+        torch.testing.assert_close(p.sum_grad_squared, g.pow(2).sum(0), **TOL[torch.float64])
+
+
 def test_repeated_collects_leave_no_stale_results_and_free_graphs():
     model, x, y, lossfunc = build("digits-cnn", torch.float64)
     collect_all(model, lossfunc(model(x), y), create_graph=True)
