@@ -436,7 +436,7 @@ def standing_rows(workload: str, rows: list[dict]) -> list[str]:
 def cpu_fields(path: str = "/proc/cpuinfo") -> dict:
     """/proc/cpuinfo's model name, and its family / model / stepping: "AMD EPYC" alone names
     generations as far apart as the 2-core VMs of this project's runs (the thirty-second
-    session's, family 25 model 1, AVX2, ~125 GFLOP/s float32 GEMM on 2 threads; earlier sessions'
+    session's, family 25 model 1, AVX2, 87-163 GFLOP/s float32 GEMM on 2 threads; earlier sessions'
     oneDNN convolutions ran at ~340, which takes AVX-512)."""
     fields = {}
     try:
