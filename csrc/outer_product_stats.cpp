@@ -148,8 +148,9 @@ GradientChunks outer_products(const Factors& X, const Factors& G, at::Tensor* x_
 // patches take, at least 1 MiB (the half since the thirty-first session: the seed's MNIST CNN's
 // moments on a GPU held all 1.8 MB of its patches in one slab); samples per chunk such that
 // their gradients take at most half of it, then as many rows per slab as the rest holds. Used
-// on CUDA, for the moments of one pair (not cross moments), where a sample's patches are at least twice its gradient, the chunk holds the whole batch and
-// a slab's positions K >= 6 O I / (O + I) (factor traffic >= 3x the accumulator's).
+// on CUDA, for the moments of one pair (not cross moments), where a sample's patches are at
+// least twice its gradient, the chunk holds the whole batch and a slab's positions
+// K >= 6 O I / (O + I) (factor traffic >= 3x the accumulator's).
 // GRADVAR_EXT_CONV_SLABS=k (k >= 1) forces slabs of at most k rows on any device (the CPU tests
 // run it), =0 turns them off, =auto applies CUDA's rule on any device (the CPU tests check it).
 struct SlabPlan {
