@@ -271,6 +271,27 @@ bool use_fused_products_cuda(const Factors& P) {
 }
 #endif
 
+// CPU layers of at most kSmallWork multiply-adds a call (samples x groups x positions x in x
+// out; the seed's Linear(2, 1) on 3 samples: 6) take small_moments_cpu: one serial pass, one
+// allocation a result, where the ATen path below runs ~10 ops (views, squares, two bmm, the
+// variance's three in-place passes) whose dispatch costs more than their arithmetic:
+// linear_variance on [3, 2] x [3, 1] 19.9 -> 6.7 us a call (tight loop, the two alternated), the
+// seed's job (a) 8% faster; at 2^12 (several shapes) 9-26 us against the ATen path's 21-46; at
+// 2^14 no faster than it (benchmarks/RESULTS.md, thirty-fourth session).
+constexpr int64_t kSmallWork = int64_t(1) << 12;
+
+static bool small_moments_fit(const Factors& X, const Factors& G) {
+  if (!X.options.device().is_cpu()) return false;
+  forced_chunk_bytes();  // a bad GRADVAR_EXT_CHUNK_MIB is named whatever the layer's size
+  int64_t work = 1;
+  for (const int64_t size : {X.samples, X.groups, X.positions, X.features, G.features}) {
+    if (size > kSmallWork) return false;  // and no overflow below
+    work *= std::max<int64_t>(size, 1);   // an empty side: the other's elements still bounded
+    if (work > kSmallWork) return false;
+  }
+  return true;
+}
+
 // moment = sum_n (G_n^T X_n) * (Gb_n^T Xb_n), sum = sum_n G_n^T X_n.
 // T == 1: batched GEMMs over all samples, (G*Gb)^T (X*Xb) and G^T X; extra memory O(N (I + O)).
 // T > 1: per chunk of c samples, bmm -> [c*groups, O, I] (twice if the pairs differ), then a
@@ -278,10 +299,14 @@ bool use_fused_products_cuda(const Factors& P) {
 //        few positions, the fused kernel instead (use_fused_cuda): no [c, O, I] at all; for
 //        T == 1 while small, both GEMMs in one pass over the factors. Conv patches with a
 //        PatchSource (GRADVAR_EXT_CONV_ALGORITHM=implicit, CUDA, sm_80+): the tensor-core kernel
-//        reads them from the image, no unfolding at all.
+//        reads them from the image, no unfolding at all. Tiny CPU layers (small_moments_fit): one
+//        serial loop, small_moments_cpu.
 std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const Factors& G, const Factors* Xb,
                                                          const Factors* Gb, bool with_sum) {
   const bool same = Xb == nullptr;
+  if (same && small_moments_fit(X, G)) {
+    return small_moments_cpu(X.chunk(0, X.samples), G.chunk(0, G.samples), X.groups, with_sum, 0);
+  }
 #ifdef GRADVAR_WITH_CUDA
   // GRADVAR_EXT_CONV_ALGORITHM=implicit on sm_80+ (below: as unfold)
   if (same && X.patches != nullptr && X.options.device().is_cuda() &&
@@ -360,6 +385,9 @@ static at::Tensor variance_from(at::Tensor moment, const at::Tensor& sum, int64_
 at::Tensor variance_from_moments(const Factors& X, const Factors& G) {
   const int64_t N = X.samples;
   if (N == 1) return at::zeros({X.groups, G.features, X.features}, X.options);
+  if (small_moments_fit(X, G)) {
+    return std::get<0>(small_moments_cpu(X.chunk(0, N), G.chunk(0, N), X.groups, /*with_sum=*/false, N));
+  }
   auto [moment, sum] = reduce_outer_products(X, G, nullptr, nullptr, /*with_sum=*/true);
   return variance_from(moment, sum, N);
 }

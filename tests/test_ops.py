@@ -8,7 +8,15 @@ import torch
 import gradvar_ext
 from gradvar_ext import ops, reference
 
-from helpers import assert_matches, call, check_uniform_weight, check_variance_and_its_gradients, expected, scale_for
+from helpers import (
+    assert_matches,
+    call,
+    check_uniform_weight,
+    check_variance_and_its_gradients,
+    expected,
+    ops_run,
+    scale_for,
+)
 from samples import ALL_CASES, GRAD_CASES, MIDDLES, MULTI_CHUNK_CASES, N_VALUES, OPS, Case
 
 DTYPES = (torch.float64, torch.float32)
@@ -185,6 +193,42 @@ def test_results_are_deterministic():
     x, g = Case(150, (3,), 200, 180).args("linear_variance", torch.float32)
     for op in ("linear_variance", "linear_batch_l2"):
         assert torch.equal(call(op, x, g), call(op, x, g))
+
+
+# Tiny CPU layers (samples x positions x in x out <= 2**12 multiply-adds) take the core's direct
+# loop, larger ones its ATen path (bmm): pairs on both sides of that bound.
+TINY_BOUND_CASES = [
+    (Case(64, (), 8, 8), True),
+    (Case(65, (), 8, 8), False),
+    (Case(2, (2, 4), 16, 16, contiguous=False), True),
+    (Case(3, (2, 4), 16, 16, contiguous=False), False),
+    (Case(4, (32,), 32, 1), True),
+    (Case(4, (33,), 32, 1), False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case,direct", TINY_BOUND_CASES, ids=str)
+@pytest.mark.parametrize("op", ("linear_second_moment", "linear_variance", "linear_moments"))
+def test_tiny_layers_match_reference_on_both_sides_of_the_direct_loops_bound(op, case, direct, dtype):
+    torch.manual_seed(case.n)
+    args = case.args(op, dtype)
+    out = []
+    names = ops_run(lambda: out.append(call(op, *args)))
+    assert_matches(out[0], expected(op, *args), dtype, scale_for(op, args))
+    if gradvar_ext.backend() != "reference":
+        assert ("aten::bmm" not in names) == direct, names
+
+
+def test_tiny_layers_variance_never_negative_and_exact_for_identical_samples():
+    """The direct loop's variance (float32 in, double accumulators): clamped at 0 under
+    cancellation, 0 for identical samples."""
+    torch.manual_seed(8)
+    x = 1000 + torch.randn(16, 9) * 1e-3
+    g = 1000 + torch.randn(16, 7) * 1e-3
+    assert gradvar_ext.linear_variance(x, g).min().item() >= 0
+    x, g = torch.randn(1, 9).expand(16, 9), torch.randn(1, 7).expand(16, 7)
+    assert gradvar_ext.linear_variance(x, g).max().item() <= 1e-7 * gradvar_ext.linear_second_moment(x, g).max().item()
 
 
 # ---------------------------------------------------------------- variance from the one-pass moments

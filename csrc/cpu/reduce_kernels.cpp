@@ -1,9 +1,14 @@
 // CPU kernels for the core's elementwise reductions, parallel over columns / rows.
+#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "../outer_product_stats.h"
 
@@ -49,6 +54,57 @@ void rowwise_dot_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) 
       }
     });
   });
+}
+
+// The moments of layers too small for ATen's per-op cost to pay (small_moments_fit): per row s
+// of X [S, T, I] and G [S, T, O] (S = samples * groups, group s % groups), each row of
+// g_s[o, :] = sum_t G[s, t, o] X[s, t, :] formed in a buffer of I and reduced at once:
+// moment = sum g_s**2, sum = sum g_s over each group's rows, accumulated in double for float
+// input in two [groups, O, I] buffers; serial (the work is at most a few thousand multiply-adds).
+// variance_samples > 0: the first result is moment / N - (sum / N)**2 clamped at 0 instead.
+std::tuple<at::Tensor, at::Tensor> small_moments_cpu(const at::Tensor& X_any, const at::Tensor& G_any,
+                                                     int64_t groups, bool with_sum, int64_t variance_samples) {
+  const auto X = X_any.contiguous(), G = G_any.contiguous();
+  const int64_t rows = X.size(0), T = X.size(1), I = X.size(2), O = G.size(2);
+  at::Tensor first = at::empty({groups, O, I}, X.options());
+  at::Tensor sum = with_sum ? at::empty({groups, O, I}, X.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "small_moments_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+    const scalar_t* x = X.const_data_ptr<scalar_t>();
+    const scalar_t* g = G.const_data_ptr<scalar_t>();
+    std::vector<acc_t> moment_acc(groups * O * I, acc_t(0)), sum_acc(groups * O * I, acc_t(0)), row(I);
+    for (int64_t s = 0; s < rows; ++s) {
+      const scalar_t* xs = x + s * T * I;
+      const scalar_t* gs = g + s * T * O;
+      for (int64_t o = 0; o < O; ++o) {
+        std::fill(row.begin(), row.end(), acc_t(0));
+        for (int64_t t = 0; t < T; ++t) {
+          const acc_t coefficient = gs[t * O + o];
+          const scalar_t* __restrict__ xt = xs + t * I;
+          for (int64_t i = 0; i < I; ++i) row[i] += coefficient * acc_t(xt[i]);
+        }
+        acc_t* __restrict__ m = moment_acc.data() + ((s % groups) * O + o) * I;
+        acc_t* __restrict__ total = sum_acc.data() + ((s % groups) * O + o) * I;
+        for (int64_t i = 0; i < I; ++i) {
+          m[i] += row[i] * row[i];
+          total[i] += row[i];
+        }
+      }
+    }
+    scalar_t* first_ptr = first.mutable_data_ptr<scalar_t>();
+    scalar_t* sum_ptr = with_sum ? sum.mutable_data_ptr<scalar_t>() : nullptr;
+    const acc_t n = acc_t(variance_samples);
+    for (size_t j = 0; j < moment_acc.size(); ++j) {
+      if (variance_samples > 0) {
+        const acc_t mean = sum_acc[j] / n;
+        first_ptr[j] = scalar_t(std::max(moment_acc[j] / n - mean * mean, acc_t(0)));
+      } else {
+        first_ptr[j] = scalar_t(moment_acc[j]);
+      }
+      if (with_sum) sum_ptr[j] = scalar_t(sum_acc[j]);
+    }
+  });
+  return {first, sum};
 }
 
 }  // namespace gradvar
