@@ -61,7 +61,8 @@ void rowwise_dot_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) 
 // g_s[o, :] = sum_t G[s, t, o] X[s, t, :] formed in a buffer of I and reduced at once:
 // moment = sum g_s**2, sum = sum g_s over each group's rows, accumulated in double for float
 // input in two [groups, O, I] buffers; serial (the work is at most a few thousand multiply-adds).
-// variance_samples > 0: the first result is moment / N - (sum / N)**2 clamped at 0 instead.
+// variance_samples > 0: the first result is moment / N - (sum / N)**2 clamped at 0 instead
+// (variance_from's formula in outer_product_stats.cpp, here in the loop: not its three ATen passes).
 std::tuple<at::Tensor, at::Tensor> small_moments_cpu(const at::Tensor& X_any, const at::Tensor& G_any,
                                                      int64_t groups, bool with_sum, int64_t variance_samples) {
   const auto X = X_any.contiguous(), G = G_any.contiguous();
