@@ -277,8 +277,13 @@ bool use_fused_products_cuda(const Factors& P) {
 // variance's three in-place passes) whose dispatch costs more than their arithmetic:
 // linear_variance on [3, 2] x [3, 1] 19.9 -> 6.7 us a call (tight loop, the two alternated), the
 // seed's job (a) 8% faster; at 2^12 (several shapes) 9-26 us against the ATen path's 21-46; at
-// 2^14 no faster than it (benchmarks/RESULTS.md, thirty-fourth session).
+// 2^14 no faster than it (benchmarks/RESULTS.md, thirty-fourth session). Their weighted
+// products (the backward's) likewise take small_weighted_products_cpu (apply_weighted).
 constexpr int64_t kSmallWork = int64_t(1) << 12;
+// ... and of at most kSmallRows samples x groups: the loops' cost a sample (~20 ns) outweighs
+// ATen's dispatch beyond (paired, float32: linear_variance on [4096, 1] x [4096, 1] 92 us
+// against 63, [256, 4] x [256, 4] 28 against 47; the products likewise; thirty-fifth session).
+constexpr int64_t kSmallRows = 512;
 
 static bool small_moments_fit(const Factors& X, const Factors& G) {
   if (!X.options.device().is_cpu()) return false;
@@ -289,7 +294,7 @@ static bool small_moments_fit(const Factors& X, const Factors& G) {
     work *= std::max<int64_t>(size, 1);   // an empty side: the other's elements still bounded
     if (work > kSmallWork) return false;
   }
-  return true;
+  return X.samples * X.groups <= kSmallRows;
 }
 
 // moment = sum_n (G_n^T X_n) * (Gb_n^T Xb_n), sum = sum_n G_n^T X_n.
@@ -494,11 +499,30 @@ static WeightedConsumer multiply_by_factors(const Factors& Z, const at::Tensor* 
 // ([c*groups, a, b]), h *= W, out_c = Z_c h ([c*groups, T, b]) to the sink; scratch <= kChunkBytes.
 // With Z2 ([T, b]), also out2_n = Z2_n h_n^T ([T, a]) from the same h: both vector-Jacobian
 // products of a statistic for one pass over Q^T P (T == 1: out2 = Q * ((Z2 * P) W^T)). A defined
-// center [groups, a, b] is subtracted from every h_n (the variance's mean term).
+// center [groups, a, b] is subtracted from every h_n (the variance's mean term). Tiny CPU layers
+// (small_moments_fit): one serial loop, small_weighted_products_cpu.
 static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P, const Factors& Q,
                            const at::Tensor& W, const at::Tensor& center, const Sink& sink, const Sink* sink2,
                            bool positions_last) {
   const int64_t N = P.samples, groups = P.groups, T = P.positions, a = Q.features, b = P.features;
+  if (small_moments_fit(P, Q)) {  // tiny CPU layers: one serial loop, no chunks (small_weighted_products_cpu)
+    const auto p = P.chunk(0, N), q = Q.chunk(0, N);
+    // Written in place into a Linear layer's result, else formed (positions last: transposed) and delivered.
+    auto target = [&](const Sink& to, int64_t features) {
+      if (to.into && !positions_last) return to.into(0, N);
+      return positions_last ? at::empty({N * groups, features, T}, P.options).transpose(1, 2)
+                            : at::empty({N * groups, T, features}, P.options);
+    };
+    const at::Tensor out = target(sink, b), out2 = Z2 != nullptr ? target(*sink2, a) : at::Tensor();
+    small_weighted_products_cpu(out, out2, &Z == &Q ? q : Z.chunk(0, N),
+                                Z2 == nullptr ? at::Tensor() : (Z2 == &P ? p : Z2->chunk(0, N)), p, q, W, center,
+                                groups);
+    if (!(sink.into && !positions_last)) sink.deliver(0, N, positions_last ? out.transpose(1, 2) : out);
+    if (Z2 != nullptr && !(sink2->into && !positions_last)) {
+      sink2->deliver(0, N, positions_last ? out2.transpose(1, 2) : out2);
+    }
+    return;
+  }
   if (T == 1) {
     // out = P * ((Z * Q) W) - Z center, [groups, N, b]: a GEMM, then the center's GEMM (alpha = -1)
     // and the product with P accumulated into the result (4 kernels). Written straight into the

@@ -116,6 +116,13 @@ void accumulate_products_cpu(at::Tensor& moment, at::Tensor& sum, const at::Tens
 // the moment.
 std::tuple<at::Tensor, at::Tensor> small_moments_cpu(const at::Tensor& X, const at::Tensor& G, int64_t groups,
                                                      bool with_sum, int64_t variance_samples);
+// The weighted products of tiny CPU layers in one serial pass (apply_weighted's small case):
+// out[s] = Z_s (W[g] * (Q_s^T P_s) - C[g]) and out2[s] = Z2_s (...)^T for each row s of Z, Q
+// [S * groups, T, a] and P, Z2 [S * groups, T, b]; out [.., T, b], out2 [.., T, a] written in place
+// (any strides); out2 / Z2 and C may be undefined.
+void small_weighted_products_cpu(const at::Tensor& out, const at::Tensor& out2, const at::Tensor& Z,
+                                 const at::Tensor& Z2, const at::Tensor& P, const at::Tensor& Q, const at::Tensor& W,
+                                 const at::Tensor& C, int64_t groups);
 // out[k] = sum_j a[k, j] * b[k, j]. a, b: [k, F]; out: [k] (contiguous view allowed).
 void rowwise_dot_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 // cols [N, C*kh*kw, out_height*out_width] = unfold(image [N, C, H, W]), as at::im2col, parallel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,12 @@ class ConvCase:
             (self.hw[d] + 2 * self.padding[d] - self.dilation[d] * (self.kernel[d] - 1) - 1) // self.stride[d] + 1
             for d in range(2)
         )
+
+    @property
+    def work(self) -> tuple:
+        """(samples x groups, positions, in, out) per group: the sizes of the core's outer products."""
+        in_per_group = self.c_in // self.groups * self.kernel[0] * self.kernel[1]
+        return (self.n * self.groups, math.prod(self.out_hw), in_per_group, self.c_out // self.groups)
 
     def _randn(self, shape, dtype, device, requires_grad):
         if self.contiguous:

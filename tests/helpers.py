@@ -9,6 +9,20 @@ from gradvar_ext import reference
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
 
+# CPU layers of at most TINY_WORK multiply-adds (samples x groups x positions x in x out, sizes of
+# 0 counted as 1) and TINY_ROWS samples x groups take the core's direct loops, no bmm (kSmallWork,
+# kSmallRows: csrc/outer_product_stats.cpp).
+TINY_WORK, TINY_ROWS = 2**12, 512
+
+
+def is_tiny(rows: int, *sizes: int) -> bool:
+    """Whether a CPU layer of ``rows`` = samples x groups and these other sizes (positions, in,
+    out) takes the core's direct loops."""
+    work = 1
+    for size in (rows, *sizes):
+        work *= max(size, 1)
+    return work <= TINY_WORK and rows <= TINY_ROWS
+
 
 def call(op: str, *args):
     return getattr(torch.ops.gradvar, op)(*args)
@@ -45,7 +59,7 @@ def scale_for(op: str, args) -> float | None:
     return (reference.linear_second_moment(x, g) / x.shape[0]).max().item()
 
 
-__all__ = ["assert_matches", "call", "expected", "gradvar_ext", "scale_for"]
+__all__ = ["assert_matches", "call", "expected", "gradvar_ext", "is_tiny", "scale_for"]
 
 
 def check_variance_and_its_gradients(ours_fn, ref_fn, inputs, second_order: bool) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 import gradvar_ext
 from gradvar_ext import conv_ops, reference
 
-from helpers import assert_matches, call, check_uniform_weight, check_variance_and_its_gradients, ops_run
+from helpers import assert_matches, call, check_uniform_weight, check_variance_and_its_gradients, is_tiny, ops_run
 
 DTYPES = (torch.float64, torch.float32)
 
@@ -214,7 +214,9 @@ def test_products_by_shifted_kernel_rows(op, case, unfold, monkeypatch):
     "case",
     [
         ConvCase(5, 3, 4, (3, 3)),
+        ConvCase(5, 12, 16, (3, 3)),
         ConvCase(4, 4, 6, (4, 3), kernel=(4, 3), groups=2),
+        ConvCase(4, 16, 24, (4, 3), kernel=(4, 3), groups=2),
         ConvCase(3, 2, 3, (5, 6), padding=(1, 2)),
     ],
     ids=str,
@@ -222,12 +224,42 @@ def test_products_by_shifted_kernel_rows(op, case, unfold, monkeypatch):
 def test_products_of_a_uniform_weight_equal_the_dense_weights(case, conv_algorithm):
     """A conv weight of one value expanded (stride 0: the gradient of ``variance.sum()`` and the
     squared norms' weight of ones) gives the dense weight's products; on one output pixel (T = 1,
-    rank-one g_n) the unfolding path forms each product with a row sum instead of its GEMM."""
+    rank-one g_n) the unfolding path forms each product with a row sum instead of its GEMM (tiny
+    layers: no GEMM either way, the direct loop)."""
     torch.manual_seed(14)
     unfolded = conv_algorithm.startswith("unfold")
-    saved = 1 if unfolded and case.out_hw == (1, 1) else 0
+    saved = 1 if unfolded and case.out_hw == (1, 1) and not is_tiny(*case.work) else 0
     for op, at in (("conv2d_weighted_gradient_products", 4), ("conv2d_weighted_gradient_product", 3)):
         check_uniform_weight(op, case.args(op, torch.float64), at, 2 * saved if op.endswith("products") else saved)
+
+
+# Tiny conv layers' products (samples x groups x positions x in x out <= 2**12 multiply-adds)
+# take the core's direct loop, written positions last to col2im; pairs on both sides of the bound.
+@pytest.mark.parametrize(
+    "case,direct",
+    [
+        (ConvCase(2, 4, 4, (4, 4), groups=2), True),  # 2 x 2 x 4 x 18 x 2 = 576
+        (ConvCase(2, 4, 4, (4, 4), groups=2, to_input=False), True),
+        (ConvCase(8, 4, 8, (4, 4), padding=(1, 1)), False),  # 8 x 16 x 36 x 8 = 36864
+        (ConvCase(3, 2, 3, (4, 5), stride=(2, 1), contiguous=False), True),
+        (ConvCase(3, 2, 3, (4, 5), stride=(2, 1), contiguous=False, to_input=False), True),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("op", ["conv2d_weighted_gradient_product", "conv2d_weighted_gradient_products"])
+def test_tiny_conv_products_match_reference_on_both_sides_of_the_direct_loops_bound(
+    op, case, direct, dtype, monkeypatch
+):
+    monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
+    assert is_tiny(*case.work) == direct
+    torch.manual_seed(case.n)
+    args = case.args(op, dtype)
+    out = []
+    names = ops_run(lambda: out.append(call(op, *args)))
+    assert_matches(out[0], reference.OPS[op](*(a.double() if torch.is_tensor(a) else a for a in args)), dtype)
+    if gradvar_ext.backend() != "reference":
+        assert ("aten::bmm" not in names) == direct, names
 
 
 @pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the slabs are the compiled kernels'")

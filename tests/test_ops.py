@@ -14,6 +14,7 @@ from helpers import (
     check_uniform_weight,
     check_variance_and_its_gradients,
     expected,
+    is_tiny,
     ops_run,
     scale_for,
 )
@@ -195,11 +196,13 @@ def test_results_are_deterministic():
         assert torch.equal(call(op, x, g), call(op, x, g))
 
 
-# Tiny CPU layers (samples x positions x in x out <= 2**12 multiply-adds) take the core's direct
-# loop, larger ones its ATen path (bmm): pairs on both sides of that bound.
+# Tiny CPU layers (samples x positions x in x out <= 2**12 multiply-adds, samples <= 512) take the
+# core's direct loops, larger ones its ATen path (bmm): pairs on both sides of those bounds.
 TINY_BOUND_CASES = [
     (Case(64, (), 8, 8), True),
     (Case(65, (), 8, 8), False),
+    (Case(512, (), 2, 4), True),
+    (Case(513, (), 2, 3), False),
     (Case(2, (2, 4), 16, 16, contiguous=False), True),
     (Case(3, (2, 4), 16, 16, contiguous=False), False),
     (Case(4, (32,), 32, 1), True),
@@ -209,8 +212,18 @@ TINY_BOUND_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case,direct", TINY_BOUND_CASES, ids=str)
-@pytest.mark.parametrize("op", ("linear_second_moment", "linear_variance", "linear_moments"))
+@pytest.mark.parametrize(
+    "op",
+    (
+        "linear_second_moment",
+        "linear_variance",
+        "linear_moments",
+        "weighted_gradient_product",
+        "weighted_gradient_products",
+    ),
+)
 def test_tiny_layers_match_reference_on_both_sides_of_the_direct_loops_bound(op, case, direct, dtype):
+    assert is_tiny(case.n, *case.middle, case.fin, case.fout) == direct
     torch.manual_seed(case.n)
     args = case.args(op, dtype)
     out = []
@@ -261,12 +274,24 @@ def test_variance_from_moments_equals_the_variance_op_with_its_gradients(case):
 
 # ---------------------------------------------------------------- a uniform weight: variance.sum()'s gradient
 @pytest.mark.parametrize("centered", [True, False], ids=["center", "no-center"])
-@pytest.mark.parametrize("case", [Case(6, (), 5, 4), Case(5, (), 4, 3, contiguous=False), Case(4, (3,), 5, 4)], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(6, (), 5, 4),
+        Case(6, (), 50, 40),
+        Case(5, (), 4, 3, contiguous=False),
+        Case(5, (), 40, 30, contiguous=False),
+        Case(4, (3,), 5, 4),
+        Case(4, (3,), 40, 30),
+    ],
+    ids=str,
+)
 def test_products_of_a_uniform_weight_equal_the_dense_weights(case, centered):
     """A weight of one value expanded (stride 0) gives the dense weight's products; without middle
-    dims (rank-one g_n) each product is a row sum instead of its GEMM."""
+    dims (rank-one g_n) each product is a row sum instead of its GEMM (tiny layers: no GEMM either
+    way, the direct loop)."""
     torch.manual_seed(12)
-    saved = 0 if case.middle else 1
+    saved = 0 if case.middle or is_tiny(case.n, case.fin, case.fout) else 1
     for op, at in (("weighted_gradient_products", 4), ("weighted_gradient_product", 3)):
         args = case.args(op, torch.float64)
         if not centered:
