@@ -278,7 +278,9 @@ bool use_fused_products_cuda(const Factors& P) {
 // linear_variance on [3, 2] x [3, 1] 19.9 -> 6.7 us a call (tight loop, the two alternated), the
 // seed's job (a) 8% faster; at 2^12 (several shapes) 9-26 us against the ATen path's 21-46; at
 // 2^14 no faster than it (benchmarks/RESULTS.md, thirty-fourth session). Their weighted
-// products (the backward's) likewise take small_weighted_products_cpu (apply_weighted).
+// products (the backward's, apply_weighted) and squared norms likewise take
+// small_weighted_products_cpu and small_squared_norms_cpu: 1.2-1.8x and 1.6-1.9x faster than
+// the ATen ops at the shapes tried (thirty-fifth session).
 constexpr int64_t kSmallWork = int64_t(1) << 12;
 // ... and of at most kSmallRows samples x groups: the loops' cost a sample (~20 ns) outweighs
 // ATen's dispatch beyond (paired, float32: linear_variance on [4096, 1] x [4096, 1] 92 us
@@ -407,9 +409,12 @@ at::Tensor variance_of_gradients(const GradientChunks& g) {
 // T == 1: ||x_n||^2 ||g_n||^2 per group. T > 1: whichever is cheaper per sample, the ghost norm
 // <X_n X_n^T, G_n G_n^T> (T^2 (I + O) flops, [T, T] scratch) or the direct ||G_n^T X_n||^2
 // (T I O flops, [O, I] scratch; on CUDA on request the fused kernel: no [O, I] at all); chunked
-// so scratch <= kChunkBytes.
+// so scratch <= kChunkBytes. Tiny CPU layers (small_moments_fit): one serial loop, small_squared_norms_cpu.
 at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G) {
   const int64_t N = X.samples, groups = X.groups, T = X.positions, I = X.features, O = G.features;
+  if (small_moments_fit(X, G)) {
+    return small_squared_norms_cpu(X.chunk(0, N), G.chunk(0, N), groups);
+  }
   if (T == 1) {
     return (by_group(X).square().sum(2) * by_group(G).square().sum(2)).sum(0);
   }

@@ -116,6 +116,9 @@ void accumulate_products_cpu(at::Tensor& moment, at::Tensor& sum, const at::Tens
 // the moment.
 std::tuple<at::Tensor, at::Tensor> small_moments_cpu(const at::Tensor& X, const at::Tensor& G, int64_t groups,
                                                      bool with_sum, int64_t variance_samples);
+// ||G_s^T X_s||^2 summed over each sample's groups for tiny CPU layers, one serial pass: X [S * groups,
+// T, I], G [S * groups, T, O] (any strides) -> [S].
+at::Tensor small_squared_norms_cpu(const at::Tensor& X, const at::Tensor& G, int64_t groups);
 // The weighted products of tiny CPU layers in one serial pass (apply_weighted's small case):
 // out[s] = Z_s (W[g] * (Q_s^T P_s) - C[g]) and out2[s] = Z2_s (...)^T for each row s of Z, Q
 // [S * groups, T, a] and P, Z2 [S * groups, T, b]; out [.., T, b], out2 [.., T, a] written in place

@@ -85,6 +85,17 @@ def ops_run(fn) -> list[str]:
     return [e.name for e in prof.events()]
 
 
+# The ATen arithmetic that the core's paths run and its direct loops for tiny layers don't.
+ATEN_ARITHMETIC = frozenset(
+    ("aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::mm", "aten::sum", "aten::mul", "aten::mul_", "aten::square")
+)
+
+
+def ran_aten_arithmetic(names: list[str]) -> bool:
+    """Whether ops_run's ``names`` include ATen arithmetic (the core's ATen path ran, not its loops)."""
+    return not ATEN_ARITHMETIC.isdisjoint(names)
+
+
 def check_uniform_weight(op: str, args: tuple, at: int, gemms_saved: int | None) -> None:
     """A products op given, as its weight (``args[at]``), one value expanded (stride 0: what the
     gradient of ``variance.sum()`` is): the results of the same weight made dense, and, where the

@@ -19,7 +19,15 @@ from torch import nn
 import gradvar_ext
 from gradvar_ext import conv_ops, reference
 
-from helpers import assert_matches, call, check_uniform_weight, check_variance_and_its_gradients, is_tiny, ops_run
+from helpers import (
+    assert_matches,
+    call,
+    check_uniform_weight,
+    check_variance_and_its_gradients,
+    is_tiny,
+    ops_run,
+    ran_aten_arithmetic,
+)
 
 DTYPES = (torch.float64, torch.float32)
 
@@ -233,8 +241,9 @@ def test_products_of_a_uniform_weight_equal_the_dense_weights(case, conv_algorit
         check_uniform_weight(op, case.args(op, torch.float64), at, 2 * saved if op.endswith("products") else saved)
 
 
-# Tiny conv layers' products (samples x groups x positions x in x out <= 2**12 multiply-adds)
-# take the core's direct loop, written positions last to col2im; pairs on both sides of the bound.
+# Tiny conv layers' products and squared norms (samples x groups x positions x in x out <= 2**12
+# multiply-adds) take the core's direct loops (the products written positions last to col2im);
+# pairs on both sides of the bound.
 @pytest.mark.parametrize(
     "case,direct",
     [
@@ -247,10 +256,10 @@ def test_products_of_a_uniform_weight_equal_the_dense_weights(case, conv_algorit
     ids=str,
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("op", ["conv2d_weighted_gradient_product", "conv2d_weighted_gradient_products"])
-def test_tiny_conv_products_match_reference_on_both_sides_of_the_direct_loops_bound(
-    op, case, direct, dtype, monkeypatch
-):
+@pytest.mark.parametrize(
+    "op", ["conv2d_weighted_gradient_product", "conv2d_weighted_gradient_products", "conv2d_batch_l2"]
+)
+def test_tiny_conv_layers_match_reference_on_both_sides_of_the_direct_loops_bound(op, case, direct, dtype, monkeypatch):
     monkeypatch.setenv("GRADVAR_EXT_CONV_ALGORITHM", "unfold")
     assert is_tiny(*case.work) == direct
     torch.manual_seed(case.n)
@@ -259,7 +268,7 @@ def test_tiny_conv_products_match_reference_on_both_sides_of_the_direct_loops_bo
     names = ops_run(lambda: out.append(call(op, *args)))
     assert_matches(out[0], reference.OPS[op](*(a.double() if torch.is_tensor(a) else a for a in args)), dtype)
     if gradvar_ext.backend() != "reference":
-        assert ("aten::bmm" not in names) == direct, names
+        assert ran_aten_arithmetic(names) != direct, names
 
 
 @pytest.mark.skipif(gradvar_ext.backend() == "reference", reason="the slabs are the compiled kernels'")

@@ -124,6 +124,45 @@ static acc_t dot_of(const X* __restrict__ x, int64_t dx, const Y* __restrict__ y
   return (s0 + s1) + (s2 + s3);
 }
 
+// The squared norms of tiny CPU layers' per-sample gradients (small_moments_fit), one serial pass:
+// l2[n] = sum over groups of ||G_s^T X_s||^2 for rows s = n * groups + group of X [S, T, I] and
+// G [S, T, O] (any strides); T == 1: ||x_s||^2 ||g_s||^2, else each row of g_s formed in a buffer
+// of I, as small_moments_cpu. Double accumulators for float input. The ATen path runs 5-8 ops.
+at::Tensor small_squared_norms_cpu(const at::Tensor& X_any, const at::Tensor& G_any, int64_t groups) {
+  const auto X = X_any.contiguous(), G = G_any.contiguous();
+  const int64_t rows = X.size(0), T = X.size(1), I = X.size(2), O = G.size(2);
+  at::Tensor out = at::empty({rows / groups}, X.options());
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "small_squared_norms_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+    const scalar_t* x = X.const_data_ptr<scalar_t>();
+    const scalar_t* g = G.const_data_ptr<scalar_t>();
+    scalar_t* l2 = out.mutable_data_ptr<scalar_t>();
+    std::vector<acc_t> row(I);
+    for (int64_t n = 0; n < rows / groups; ++n) {
+      acc_t total = 0;
+      for (int64_t s = n * groups; s < (n + 1) * groups; ++s) {
+        const scalar_t* xs = x + s * T * I;
+        const scalar_t* gs = g + s * T * O;
+        if (T == 1) {
+          total += dot_of<acc_t>(xs, 1, xs, 1, I) * dot_of<acc_t>(gs, 1, gs, 1, O);
+          continue;
+        }
+        for (int64_t o = 0; o < O; ++o) {
+          std::fill(row.begin(), row.end(), acc_t(0));
+          for (int64_t t = 0; t < T; ++t) {
+            const acc_t coefficient = gs[t * O + o];
+            const scalar_t* __restrict__ xt = xs + t * I;
+            for (int64_t i = 0; i < I; ++i) row[i] += coefficient * acc_t(xt[i]);
+          }
+          total += dot_of<acc_t>(row.data(), 1, row.data(), 1, I);
+        }
+      }
+      l2[n] = scalar_t(total);
+    }
+  });
+  return out;
+}
+
 // The weighted products of tiny CPU layers (small_moments_fit), one serial pass: per row s of
 // Q, Z [S, T, a], P, Z2 [S, T, b] (S = samples * groups, group s % groups), with
 // h_s = W[g] * (Q_s^T P_s) - C[g]: out[s] = Z_s h_s [T, b] and out2[s] = Z2_s h_s^T [T, a].
