@@ -56,6 +56,19 @@ void rowwise_dot_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) 
   });
 }
 
+// Row o of one per-sample gradient, g_s[o, :] = sum_t G_s[t, o] X_s[t, :], into row [I]: X_s [T, I],
+// G_s [T, O] contiguous; the inner loop runs along X's contiguous rows.
+template <typename scalar_t, typename acc_t>
+static void gradient_row(std::vector<acc_t>& row, const scalar_t* xs, const scalar_t* gs, int64_t T, int64_t I,
+                         int64_t O, int64_t o) {
+  std::fill(row.begin(), row.end(), acc_t(0));
+  for (int64_t t = 0; t < T; ++t) {
+    const acc_t coefficient = gs[t * O + o];
+    const scalar_t* __restrict__ xt = xs + t * I;
+    for (int64_t i = 0; i < I; ++i) row[i] += coefficient * acc_t(xt[i]);
+  }
+}
+
 // The moments of layers too small for ATen's per-op cost to pay (small_moments_fit): per row s
 // of X [S, T, I] and G [S, T, O] (S = samples * groups, group s % groups), each row of
 // g_s[o, :] = sum_t G[s, t, o] X[s, t, :] formed in a buffer of I and reduced at once:
@@ -78,12 +91,7 @@ std::tuple<at::Tensor, at::Tensor> small_moments_cpu(const at::Tensor& X_any, co
       const scalar_t* xs = x + s * T * I;
       const scalar_t* gs = g + s * T * O;
       for (int64_t o = 0; o < O; ++o) {
-        std::fill(row.begin(), row.end(), acc_t(0));
-        for (int64_t t = 0; t < T; ++t) {
-          const acc_t coefficient = gs[t * O + o];
-          const scalar_t* __restrict__ xt = xs + t * I;
-          for (int64_t i = 0; i < I; ++i) row[i] += coefficient * acc_t(xt[i]);
-        }
+        gradient_row(row, xs, gs, T, I, O, o);
         acc_t* __restrict__ m = moment_acc.data() + ((s % groups) * O + o) * I;
         acc_t* __restrict__ total = sum_acc.data() + ((s % groups) * O + o) * I;
         for (int64_t i = 0; i < I; ++i) {
@@ -148,12 +156,7 @@ at::Tensor small_squared_norms_cpu(const at::Tensor& X_any, const at::Tensor& G_
           continue;
         }
         for (int64_t o = 0; o < O; ++o) {
-          std::fill(row.begin(), row.end(), acc_t(0));
-          for (int64_t t = 0; t < T; ++t) {
-            const acc_t coefficient = gs[t * O + o];
-            const scalar_t* __restrict__ xt = xs + t * I;
-            for (int64_t i = 0; i < I; ++i) row[i] += coefficient * acc_t(xt[i]);
-          }
+          gradient_row(row, xs, gs, T, I, O, o);
           total += dot_of<acc_t>(row.data(), 1, row.data(), 1, I);
         }
       }
