@@ -513,19 +513,21 @@ static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P
   if (small_moments_fit(P, Q)) {  // tiny CPU layers: one serial loop, no chunks (small_weighted_products_cpu)
     const auto p = P.chunk(0, N), q = Q.chunk(0, N);
     // Written in place into a Linear layer's result, else formed (positions last: transposed) and delivered.
+    auto in_place = [&](const Sink& to) { return to.into && !positions_last; };
     auto target = [&](const Sink& to, int64_t features) {
-      if (to.into && !positions_last) return to.into(0, N);
+      if (in_place(to)) return to.into(0, N);
       return positions_last ? at::empty({N * groups, features, T}, P.options).transpose(1, 2)
                             : at::empty({N * groups, T, features}, P.options);
+    };
+    auto deliver = [&](const Sink& to, const at::Tensor& values) {
+      if (!in_place(to)) to.deliver(0, N, positions_last ? values.transpose(1, 2) : values);
     };
     const at::Tensor out = target(sink, b), out2 = Z2 != nullptr ? target(*sink2, a) : at::Tensor();
     small_weighted_products_cpu(out, out2, &Z == &Q ? q : Z.chunk(0, N),
                                 Z2 == nullptr ? at::Tensor() : (Z2 == &P ? p : Z2->chunk(0, N)), p, q, W, center,
                                 groups);
-    if (!(sink.into && !positions_last)) sink.deliver(0, N, positions_last ? out.transpose(1, 2) : out);
-    if (Z2 != nullptr && !(sink2->into && !positions_last)) {
-      sink2->deliver(0, N, positions_last ? out2.transpose(1, 2) : out2);
-    }
+    deliver(sink, out);
+    if (Z2 != nullptr) deliver(*sink2, out2);
     return;
   }
   if (T == 1) {
