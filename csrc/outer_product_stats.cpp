@@ -287,7 +287,7 @@ constexpr int64_t kSmallWork = int64_t(1) << 12;
 // against 63, [256, 4] x [256, 4] 28 against 47; the products likewise; thirty-fifth session).
 constexpr int64_t kSmallRows = 512;
 
-static bool small_moments_fit(const Factors& X, const Factors& G) {
+static bool small_layer_fits(const Factors& X, const Factors& G) {
   if (!X.options.device().is_cpu()) return false;
   forced_chunk_bytes();  // a bad GRADVAR_EXT_CHUNK_MIB is named whatever the layer's size
   int64_t work = 1;
@@ -306,12 +306,12 @@ static bool small_moments_fit(const Factors& X, const Factors& G) {
 //        few positions, the fused kernel instead (use_fused_cuda): no [c, O, I] at all; for
 //        T == 1 while small, both GEMMs in one pass over the factors. Conv patches with a
 //        PatchSource (GRADVAR_EXT_CONV_ALGORITHM=implicit, CUDA, sm_80+): the tensor-core kernel
-//        reads them from the image, no unfolding at all. Tiny CPU layers (small_moments_fit): one
+//        reads them from the image, no unfolding at all. Tiny CPU layers (small_layer_fits): one
 //        serial loop, small_moments_cpu.
 std::tuple<at::Tensor, at::Tensor> reduce_outer_products(const Factors& X, const Factors& G, const Factors* Xb,
                                                          const Factors* Gb, bool with_sum) {
   const bool same = Xb == nullptr;
-  if (same && small_moments_fit(X, G)) {
+  if (same && small_layer_fits(X, G)) {
     return small_moments_cpu(X.chunk(0, X.samples), G.chunk(0, G.samples), X.groups, with_sum, 0);
   }
 #ifdef GRADVAR_WITH_CUDA
@@ -392,7 +392,7 @@ static at::Tensor variance_from(at::Tensor moment, const at::Tensor& sum, int64_
 at::Tensor variance_from_moments(const Factors& X, const Factors& G) {
   const int64_t N = X.samples;
   if (N == 1) return at::zeros({X.groups, G.features, X.features}, X.options);
-  if (small_moments_fit(X, G)) {
+  if (small_layer_fits(X, G)) {
     return std::get<0>(small_moments_cpu(X.chunk(0, N), G.chunk(0, N), X.groups, /*with_sum=*/false, N));
   }
   auto [moment, sum] = reduce_outer_products(X, G, nullptr, nullptr, /*with_sum=*/true);
@@ -409,10 +409,10 @@ at::Tensor variance_of_gradients(const GradientChunks& g) {
 // T == 1: ||x_n||^2 ||g_n||^2 per group. T > 1: whichever is cheaper per sample, the ghost norm
 // <X_n X_n^T, G_n G_n^T> (T^2 (I + O) flops, [T, T] scratch) or the direct ||G_n^T X_n||^2
 // (T I O flops, [O, I] scratch; on CUDA on request the fused kernel: no [O, I] at all); chunked
-// so scratch <= kChunkBytes. Tiny CPU layers (small_moments_fit): one serial loop, small_squared_norms_cpu.
+// so scratch <= kChunkBytes. Tiny CPU layers (small_layer_fits): one serial loop, small_squared_norms_cpu.
 at::Tensor outer_product_squared_norms(const Factors& X, const Factors& G) {
   const int64_t N = X.samples, groups = X.groups, T = X.positions, I = X.features, O = G.features;
-  if (small_moments_fit(X, G)) {
+  if (small_layer_fits(X, G)) {
     return small_squared_norms_cpu(X.chunk(0, N), G.chunk(0, N), groups);
   }
   if (T == 1) {
@@ -505,12 +505,12 @@ static WeightedConsumer multiply_by_factors(const Factors& Z, const at::Tensor* 
 // With Z2 ([T, b]), also out2_n = Z2_n h_n^T ([T, a]) from the same h: both vector-Jacobian
 // products of a statistic for one pass over Q^T P (T == 1: out2 = Q * ((Z2 * P) W^T)). A defined
 // center [groups, a, b] is subtracted from every h_n (the variance's mean term). Tiny CPU layers
-// (small_moments_fit): one serial loop, small_weighted_products_cpu.
+// (small_layer_fits): one serial loop, small_weighted_products_cpu.
 static void apply_weighted(const Factors& Z, const Factors* Z2, const Factors& P, const Factors& Q,
                            const at::Tensor& W, const at::Tensor& center, const Sink& sink, const Sink* sink2,
                            bool positions_last) {
   const int64_t N = P.samples, groups = P.groups, T = P.positions, a = Q.features, b = P.features;
-  if (small_moments_fit(P, Q)) {  // tiny CPU layers: one serial loop, no chunks (small_weighted_products_cpu)
+  if (small_layer_fits(P, Q)) {  // tiny CPU layers: one serial loop, no chunks (small_weighted_products_cpu)
     const auto p = P.chunk(0, N), q = Q.chunk(0, N);
     // Written in place into a Linear layer's result, else formed (positions last: transposed) and delivered.
     auto in_place = [&](const Sink& to) { return to.into && !positions_last; };

@@ -110,7 +110,7 @@ void apply_weighted_gradients(const GradientChunks& g, const at::Tensor& W, cons
 // ---- device kernels for the reduction steps (cpu/, cuda/) ----
 // moment[j] += sum_k g[k, j] * gb[k, j]; sum[j] += sum_k g[k, j] (sum may be undefined). g, gb: [k, F].
 void accumulate_products_cpu(at::Tensor& moment, at::Tensor& sum, const at::Tensor& g, const at::Tensor& gb);
-// The moments of tiny CPU layers in one serial pass (small_moments_fit in outer_product_stats.cpp):
+// The moments of tiny CPU layers in one serial pass (small_layer_fits in outer_product_stats.cpp):
 // X [S * groups, T, I], G [S * groups, T, O] (any strides) -> (moment, sum) [groups, O, I], sum
 // undefined unless with_sum; variance_samples > 0: the variance over that many samples in place of
 // the moment.

@@ -69,7 +69,7 @@ static void gradient_row(std::vector<acc_t>& row, const scalar_t* xs, const scal
   }
 }
 
-// The moments of layers too small for ATen's per-op cost to pay (small_moments_fit): per row s
+// The moments of layers too small for ATen's per-op cost to pay (small_layer_fits): per row s
 // of X [S, T, I] and G [S, T, O] (S = samples * groups, group s % groups), each row of
 // g_s[o, :] = sum_t G[s, t, o] X[s, t, :] formed in a buffer of I and reduced at once:
 // moment = sum g_s**2, sum = sum g_s over each group's rows, accumulated in double for float
@@ -132,7 +132,7 @@ static acc_t dot_of(const X* __restrict__ x, int64_t dx, const Y* __restrict__ y
   return (s0 + s1) + (s2 + s3);
 }
 
-// The squared norms of tiny CPU layers' per-sample gradients (small_moments_fit), one serial pass:
+// The squared norms of tiny CPU layers' per-sample gradients (small_layer_fits), one serial pass:
 // l2[n] = sum over groups of ||G_s^T X_s||^2 for rows s = n * groups + group of X [S, T, I] and
 // G [S, T, O] (any strides); T == 1: ||x_s||^2 ||g_s||^2, else each row of g_s formed in a buffer
 // of I, as small_moments_cpu. Double accumulators for float input. The ATen path runs 5-8 ops.
@@ -166,7 +166,7 @@ at::Tensor small_squared_norms_cpu(const at::Tensor& X_any, const at::Tensor& G_
   return out;
 }
 
-// The weighted products of tiny CPU layers (small_moments_fit), one serial pass: per row s of
+// The weighted products of tiny CPU layers (small_layer_fits), one serial pass: per row s of
 // Q, Z [S, T, a], P, Z2 [S, T, b] (S = samples * groups, group s % groups), with
 // h_s = W[g] * (Q_s^T P_s) - C[g]: out[s] = Z_s h_s [T, b] and out2[s] = Z2_s h_s^T [T, a].
 // T == 1 (rank one, no h_s): out_j = p_j sum_i (z_i q_i) W_ij - sum_i z_i C_ij, likewise out2;
